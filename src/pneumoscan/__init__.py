@@ -1,0 +1,5 @@
+"""pneumoscan: pneumonia triage on pediatric frontal chest X-rays."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

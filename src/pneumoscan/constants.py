@@ -1,0 +1,30 @@
+"""Project-wide constants: classes, defaults and file names in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: Class names in output order; index 1 (PNEUMONIA) is the positive class.
+CLASSES: tuple[str, str] = ("NORMAL", "PNEUMONIA")
+POSITIVE_CLASS = "PNEUMONIA"
+POSITIVE_INDEX = 1
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpeg", ".jpg", ".png"})
+
+DEFAULT_IMAGE_SIZE: tuple[int, int] = (224, 224)
+DEFAULT_SEED = 42
+DEFAULT_VAL_FRACTION = 0.10
+#: A val/ folder smaller than this is merged into train and a patient-grouped split carved
+#: instead (the public Kaggle val/ holds 16 images: far too few to select or calibrate on).
+MIN_VAL_IMAGES = 100
+DEFAULT_THRESHOLD = 0.5
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+ASSETS_DIR = PACKAGE_DIR / "assets"
+DEFAULT_MODEL_NAME = "seed-res224-kermany"
+DEFAULT_MODEL_PATH = ASSETS_DIR / "models" / f"{DEFAULT_MODEL_NAME}.keras"
+SAMPLES_DIR = ASSETS_DIR / "samples"
+
+#: Member of the .keras zip that carries pneumoscan's metadata.
+METADATA_MEMBER = "pneumoscan.json"

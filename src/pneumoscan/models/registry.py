@@ -1,0 +1,105 @@
+"""A registry of architectures whose spec carries preprocessing and training recipe.
+
+Modelled on timm's ``@register_model``: a model is looked up by name, and its spec says which
+input it expects, so the preprocessing stored in a trained model always matches training.
+Keras is imported by the builders only, so listing the registry stays cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pneumoscan.preprocess import PreprocessConfig
+
+if TYPE_CHECKING:
+    import keras
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Default training recipe of an architecture (every field can be overridden by the CLI).
+
+    Attributes:
+        optimizer: Keras optimizer name.
+        learning_rate: Initial learning rate; ``None`` keeps the optimizer's default.
+        loss: Keras loss name applied to the one-hot softmax output.
+        batch_size: Images per step.
+        epochs: Passes over the training split.
+        class_weight: ``balanced`` weights classes inversely to their counts; ``none`` does not.
+        restore_best: Keep the epoch with the best validation AUC instead of the last one.
+    """
+
+    optimizer: str = "rmsprop"
+    learning_rate: float | None = None
+    loss: str = "binary_crossentropy"
+    batch_size: int = 16
+    epochs: int = 3
+    class_weight: str = "none"
+    restore_best: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build and feed one registered architecture."""
+
+    name: str
+    builder: Callable[..., keras.Model]
+    description: str
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    recipe: Recipe = field(default_factory=Recipe)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(
+    name: str,
+    description: str,
+    preprocess: PreprocessConfig | None = None,
+    recipe: Recipe | None = None,
+) -> Callable[[Callable[..., keras.Model]], Callable[..., keras.Model]]:
+    """Decorator that registers a model builder ``fn(input_shape, num_classes) -> keras.Model``."""
+
+    def decorate(builder: Callable[..., keras.Model]) -> Callable[..., keras.Model]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = ModelSpec(
+            name=name,
+            builder=builder,
+            description=description,
+            preprocess=preprocess or PreprocessConfig(),
+            recipe=recipe or Recipe(),
+        )
+        return builder
+
+    return decorate
+
+
+def list_models() -> list[str]:
+    """Names of the registered architectures, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """Return the spec of a registered architecture.
+
+    Raises:
+        KeyError: Unknown name; the message lists the known ones.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown architecture {name!r}; choose one of {list_models()}") from None
+
+
+def create_model(name: str, num_classes: int = 2) -> keras.Model:
+    """Build an untrained model of a registered architecture at its spec's input size."""
+    spec = get_spec(name)
+    height, width = spec.preprocess.image_size
+    return spec.builder(input_shape=(height, width, spec.preprocess.channels), num_classes=num_classes)
