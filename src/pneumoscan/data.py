@@ -30,7 +30,17 @@ from pneumoscan.constants import (
 )
 from pneumoscan.errors import DatasetError
 
-COLUMNS = ["path", "label", "split", "patient_id", "subtype", "width", "height", "channels", "error"]
+COLUMNS = [
+    "path",
+    "label",
+    "split",
+    "patient_id",
+    "subtype",
+    "width",
+    "height",
+    "channels",
+    "error",
+]
 
 _PERSON = re.compile(r"^(person\d+)_", re.IGNORECASE)
 _IM = re.compile(r"^((?:[A-Za-z0-9]+-)?IM-\d+)-", re.IGNORECASE)
@@ -243,7 +253,7 @@ def assign_validation_split(
 def patients_in_several_splits(table: pd.DataFrame) -> dict[str, list[str]]:
     """Return ``{patient_id: [splits]}`` for patients that appear in more than one split."""
     splits = table.groupby("patient_id")["split"].agg(lambda s: sorted(set(s)))
-    return {pid: names for pid, names in splits.items() if len(names) > 1}
+    return {str(pid): names for pid, names in splits.items() if len(names) > 1}
 
 
 def file_sha1(path: str | Path) -> str:
@@ -253,5 +263,8 @@ def file_sha1(path: str | Path) -> str:
 
 def data_fingerprint(table: pd.DataFrame) -> str:
     """A SHA-256 over the sorted (label, content hash) pairs of a table's images."""
-    pairs = sorted(f"{label}:{file_sha1(path)}" for path, label in zip(table["path"], table["label"], strict=True))
+    pairs = sorted(
+        f"{label}:{file_sha1(path)}"
+        for path, label in zip(table["path"], table["label"], strict=True)
+    )
     return hashlib.sha256("\n".join(pairs).encode()).hexdigest()

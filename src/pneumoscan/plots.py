@@ -9,11 +9,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from pneumoscan.constants import CLASSES  # noqa: E402
+from pneumoscan.constants import CLASSES
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
@@ -31,7 +31,9 @@ def plot_confusion_matrix(
     import seaborn as sns
 
     fig, ax = plt.subplots(figsize=(4.8, 4))
-    sns.heatmap(matrix, annot=True, fmt="g", cmap="Blues", xticklabels=labels, yticklabels=labels, ax=ax)
+    sns.heatmap(
+        matrix, annot=True, fmt="g", cmap="Blues", xticklabels=labels, yticklabels=labels, ax=ax
+    )
     ax.set_xlabel("Predicted class")
     ax.set_ylabel("True class")
     ax.set_title(title or "Confusion matrix (images)")
@@ -52,4 +54,56 @@ def plot_training_curves(history: pd.DataFrame, path: str | Path) -> Path:
         ax.set_title(label + " per epoch")
         ax.grid(alpha=0.3)
         ax.legend()
+    return _save(fig, path)
+
+
+def plot_class_balance(
+    counts: pd.DataFrame, path: str | Path, title: str = "Images per class and split"
+) -> Path:
+    """The notebook's class-balance bar chart: one bar group per split, one bar per class.
+
+    Args:
+        counts: Image counts with one row per split and one column per class.
+        path: Where to write the PNG.
+        title: Figure title.
+    """
+    fig, ax = plt.subplots(figsize=(1.6 + 1.6 * max(1, len(counts)), 4))
+    counts.plot.bar(ax=ax, rot=0, width=0.75, color=["#4C72B0", "#DD8452", "#55A868"])
+    for container in ax.containers:
+        ax.bar_label(container, fmt="%d", fontsize=8)  # type: ignore[arg-type]
+    ax.set_xlabel("Split")
+    ax.set_ylabel("Images")
+    ax.set_title(title)
+    ax.legend(title="Class")
+    ax.margins(y=0.12)  # room for the count labels above the tallest bar
+    return _save(fig, path)
+
+
+def plot_sample_grid(
+    images: Sequence[np.ndarray],
+    titles: Sequence[str],
+    path: str | Path,
+    shape: tuple[int, int] = (2, 5),
+    title: str = "",
+) -> Path:
+    """The notebook's ``plot_img``: a grid of images, each titled with its label.
+
+    Args:
+        images: Images as ``(height, width)`` or ``(height, width, 3)`` uint8 arrays.
+        titles: One title per image (its label).
+        path: Where to write the PNG.
+        shape: Grid ``(rows, columns)``; cells beyond the images stay empty.
+        title: Figure title.
+    """
+    rows, cols = shape
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    for index, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if index < len(images):
+            # Fixed 0-255 range: per-image contrast stretching would hide exposure differences.
+            ax.imshow(images[index], cmap="gray", vmin=0, vmax=255)
+            ax.set_title(titles[index])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
     return _save(fig, path)

@@ -108,7 +108,7 @@ def _high_bit_depth_to_8bit(image: Image.Image) -> Image.Image:
     peak = float(values.max())
     bits = int(np.clip(np.ceil(np.log2(peak + 1.0)), 8, 32)) if peak > 0 else 8
     scaled = np.round(values / (2.0**bits - 1.0) * 255.0)
-    return Image.fromarray(scaled.astype(np.uint8), mode="L")
+    return Image.fromarray(scaled.astype(np.uint8))
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pneumoscan.models.efficientnet_lite  # noqa: F401  (registers "efficientnet_lite0*")
 from pneumoscan.models import seed  # noqa: F401  (registers "seed")
 from pneumoscan.models.registry import (
     ModelSpec,

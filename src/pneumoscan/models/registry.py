@@ -102,4 +102,6 @@ def create_model(name: str, num_classes: int = 2) -> keras.Model:
     """Build an untrained model of a registered architecture at its spec's input size."""
     spec = get_spec(name)
     height, width = spec.preprocess.image_size
-    return spec.builder(input_shape=(height, width, spec.preprocess.channels), num_classes=num_classes)
+    return spec.builder(
+        input_shape=(height, width, spec.preprocess.channels), num_classes=num_classes
+    )

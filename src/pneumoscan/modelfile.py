@@ -1,0 +1,163 @@
+"""Model files that carry their own metadata.
+
+A pneumoscan model is a Keras ``.keras`` archive (a zip) with one extra member,
+``pneumoscan.json``: classes, input size, preprocessing, threshold, calibration, data
+fingerprint, recipe, versions and validation metrics. The metadata is read with ``zipfile``
+alone, so inspecting a model never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pneumoscan.constants import DEFAULT_MODEL_PATH, METADATA_MEMBER
+from pneumoscan.errors import ModelFileError
+from pneumoscan.preprocess import PreprocessConfig
+
+if TYPE_CHECKING:
+    import keras
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("arch", "classes", "preprocess", "threshold")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries that shape a model's numbers."""
+    versions = {"python": platform.python_version()}
+    for package in ("pneumoscan", "keras", "tensorflow-cpu", "tensorflow", "numpy", "pillow"):
+        try:
+            versions[package] = importlib_metadata.version(package)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def now_utc() -> str:
+    """Current time as an ISO 8601 string (UTC, seconds)."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """Return the model file to use: ``model``, a run folder's ``model.keras``, or the shipped one.
+
+    Raises:
+        ModelFileError: The path does not exist.
+    """
+    if model is None:
+        path = DEFAULT_MODEL_PATH
+    else:
+        path = Path(model)
+        if path.is_dir():
+            path = path / "model.keras"
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found (give a .keras file or a run folder)")
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """Read a model file's pneumoscan metadata without loading the network.
+
+    Raises:
+        ModelFileError: Not a zip, no metadata member, or required keys missing.
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            metadata: dict[str, Any] = json.loads(archive.read(METADATA_MEMBER))
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelFileError(f"{path}: not a Keras model archive ({exc})") from exc
+    except KeyError as exc:
+        raise ModelFileError(
+            f"{path}: no {METADATA_MEMBER} inside; it was not saved by pneumoscan, so its "
+            "classes, preprocessing and threshold are unknown"
+        ) from exc
+    missing = [key for key in REQUIRED_KEYS if key not in metadata]
+    if missing:
+        raise ModelFileError(f"{path}: metadata lacks {missing}")
+    return metadata
+
+
+def write_metadata(path: str | Path, metadata: dict[str, Any]) -> None:
+    """Replace the metadata member of a model file, atomically."""
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(suffix=".keras", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with (
+            zipfile.ZipFile(path) as source,
+            zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as out,
+        ):
+            for item in source.infolist():
+                if item.filename != METADATA_MEMBER:
+                    out.writestr(item, source.read(item.filename))
+            out.writestr(METADATA_MEMBER, json.dumps(metadata, indent=2, sort_keys=True))
+        tmp.chmod(0o644)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_model(model: keras.Model, path: str | Path, metadata: dict[str, Any]) -> Path:
+    """Save a Keras model with its metadata; the file appears only once complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format_version": FORMAT_VERSION, "saved": now_utc()} | metadata
+    tmp = path.with_name(path.stem + ".partial.keras")
+    model.save(tmp)
+    write_metadata(tmp, metadata)
+    tmp.replace(path)
+    return path
+
+
+@dataclass
+class LoadedModel:
+    """A Keras network with the metadata that says how to feed and read it."""
+
+    network: keras.Model
+    metadata: dict[str, Any]
+    path: Path
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        """The preprocessing this model was trained with."""
+        return PreprocessConfig.from_dict(self.metadata["preprocess"])
+
+    @property
+    def threshold(self) -> float:
+        """Operating threshold on P(pneumonia)."""
+        return float(self.metadata["threshold"])
+
+    @property
+    def name(self) -> str:
+        """A short label: the file name."""
+        return self.path.name
+
+
+def load_model(model: str | Path | None = None) -> LoadedModel:
+    """Load a model file (default: the shipped model) with its metadata.
+
+    Raises:
+        ModelFileError: Missing file, missing metadata, or Keras cannot read it.
+    """
+    path = resolve_model_path(model)
+    metadata = read_metadata(path)
+    import keras
+
+    # Importing the registry registers custom layers that saved models may reference.
+    import pneumoscan.models  # noqa: F401
+
+    try:
+        network = keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises many types for damaged archives.
+        raise ModelFileError(f"{path}: Keras could not load the network ({exc})") from exc
+    return LoadedModel(network=network, metadata=metadata, path=path)

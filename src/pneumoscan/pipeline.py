@@ -1,0 +1,161 @@
+"""Input pipelines: threaded, streaming decode for inference and batches for training.
+
+Decoding goes through :func:`pneumoscan.preprocess.decode_to_uint8`, scaling through
+:func:`pneumoscan.preprocess.to_model_input`: the same two stages every path uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from pneumoscan.errors import ImageReadError
+from pneumoscan.preprocess import PreprocessConfig, decode_to_uint8, to_model_input
+
+DEFAULT_WORKERS = 2
+
+
+@dataclass
+class DecodedBatch:
+    """One batch of decoded images and the files that failed.
+
+    Attributes:
+        indices: Positions (in the input sequence) of the decoded images, in order.
+        pixels: ``(len(indices), H, W, 3)`` uint8.
+        errors: ``(position, message)`` for each file that could not be decoded.
+    """
+
+    indices: list[int]
+    pixels: np.ndarray
+    errors: list[tuple[int, str]]
+
+
+def _decode_one(path: str, config: PreprocessConfig) -> np.ndarray | str:
+    try:
+        return decode_to_uint8(path, config)
+    except ImageReadError as exc:
+        return str(exc)
+
+
+def _collect(
+    start: int, futures: list[Future[np.ndarray | str]], config: PreprocessConfig
+) -> DecodedBatch:
+    indices, arrays, errors = [], [], []
+    for offset, future in enumerate(futures):
+        result = future.result()
+        if isinstance(result, str):
+            errors.append((start + offset, result))
+        else:
+            indices.append(start + offset)
+            arrays.append(result)
+    height, width = config.image_size
+    pixels = np.stack(arrays) if arrays else np.zeros((0, height, width, 3), np.uint8)
+    return DecodedBatch(indices, pixels, errors)
+
+
+def iter_decoded_batches(
+    paths: Sequence[str],
+    config: PreprocessConfig,
+    batch_size: int = 32,
+    workers: int = DEFAULT_WORKERS,
+) -> Iterator[DecodedBatch]:
+    """Decode files in order, batch by batch, one batch ahead of the consumer.
+
+    Memory holds at most two batches whatever the number of files, and an unreadable file
+    is reported in its batch's ``errors`` instead of stopping the stream.
+    """
+    starts = range(0, len(paths), batch_size)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+
+        def submit(start: int) -> list[Future[np.ndarray | str]]:
+            return [pool.submit(_decode_one, p, config) for p in paths[start : start + batch_size]]
+
+        pending = submit(0) if len(paths) else []
+        for position, start in enumerate(starts):
+            current = pending
+            if position + 1 < len(starts):
+                pending = submit(starts[position + 1])
+            yield _collect(start, current, config)
+
+
+def decode_all(
+    paths: Sequence[str],
+    config: PreprocessConfig,
+    on_progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+    """Decode every file into one uint8 array (the training set's in-memory cache).
+
+    Returns:
+        ``(pixels, kept_positions, errors)``; ``pixels[i]`` is ``paths[kept_positions[i]]``.
+    """
+    height, width = config.image_size
+    pixels = np.empty((len(paths), height, width, 3), np.uint8)
+    kept: list[int] = []
+    errors: list[tuple[int, str]] = []
+    for batch in iter_decoded_batches(paths, config, batch_size=64):
+        pixels[len(kept) : len(kept) + len(batch.indices)] = batch.pixels
+        kept.extend(batch.indices)
+        errors.extend(batch.errors)
+        if on_progress:
+            on_progress(len(batch.indices) + len(batch.errors))
+    return pixels[: len(kept)], np.asarray(kept, dtype=int), errors
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled order of epoch ``epoch``: a function of (seed, epoch) only, so a resumed
+    run sees exactly the batches an uninterrupted run would have seen."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def training_batches(
+    pixels: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    seed: int,
+    start_epoch: int,
+    epochs: int,
+    num_classes: int = 2,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(x float32 [0,1], y one-hot)`` batches for epochs ``start_epoch..epochs-1``."""
+    eye = np.eye(num_classes, dtype=np.float32)
+    for epoch in range(start_epoch, epochs):
+        order = epoch_order(len(labels), seed, epoch)
+        for start in range(0, len(order), batch_size):
+            # Sorted gathers read a memory-mapped cache sequentially; order within a batch is
+            # irrelevant to the gradient.
+            chosen = np.sort(order[start : start + batch_size])
+            yield to_model_input(pixels[chosen]), eye[labels[chosen]]
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Batches per epoch (the last one may be short)."""
+    return -(-n // batch_size)
+
+
+def make_tf_dataset(
+    pixels: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    seed: int,
+    start_epoch: int,
+    epochs: int,
+) -> object:
+    """Wrap :func:`training_batches` in a prefetching ``tf.data.Dataset``.
+
+    The batch source is plain NumPy, so another backend can feed the same generator directly.
+    """
+    import tensorflow as tf
+
+    height, width = pixels.shape[1:3]
+    signature = (
+        tf.TensorSpec((None, height, width, 3), tf.float32),
+        tf.TensorSpec((None, 2), tf.float32),
+    )
+    dataset = tf.data.Dataset.from_generator(
+        lambda: training_batches(pixels, labels, batch_size, seed, start_epoch, epochs),
+        output_signature=signature,
+    )
+    return dataset.prefetch(tf.data.AUTOTUNE)

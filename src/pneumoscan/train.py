@@ -1,0 +1,347 @@
+"""Train a registered architecture on a dataset folder, with checkpoints and resume.
+
+A run folder holds everything needed to reproduce or continue it: ``config.json`` (options,
+resolved recipe, preprocessing, split, data fingerprint, versions), ``split.csv``,
+``skipped.csv``, ``history.csv``, ``training_curves.png``, ``checkpoints/`` and, at the end,
+``model.keras`` (with metadata) and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pneumoscan.constants import CLASSES, DEFAULT_SEED, DEFAULT_THRESHOLD, DEFAULT_VAL_FRACTION
+from pneumoscan.data import (
+    assign_validation_split,
+    data_fingerprint,
+    empty_classes,
+    patients_in_several_splits,
+    scan_dataset,
+)
+from pneumoscan.errors import DatasetError, PneumoscanError
+from pneumoscan.metrics import binary_metrics
+from pneumoscan.modelfile import library_versions, now_utc, save_model
+from pneumoscan.models import Recipe, create_model, get_spec
+from pneumoscan.pipeline import decode_all, make_tf_dataset, steps_per_epoch
+from pneumoscan.progress import Reporter
+
+# Options that may differ when a run is resumed; everything else must match the saved run.
+_RESUMABLE_CHANGES = {"resume", "epochs", "out"}  # a run folder may be moved
+
+
+@dataclass
+class TrainOptions:
+    """What ``pneumoscan train`` was asked to do (saved as ``config.json["options"]``).
+
+    ``None`` for ``epochs``, ``batch_size`` and ``learning_rate`` means the architecture's recipe.
+    """
+
+    data: str
+    out: str
+    arch: str = "seed"
+    epochs: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    seed: int = DEFAULT_SEED
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    max_images: int | None = None
+    resume: bool = False
+
+
+@dataclass
+class TrainResult:
+    """Where the model went and what it scored on the validation split."""
+
+    model_path: Path
+    validation: dict[str, Any]
+    epochs_run: int
+    seconds: float
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def resolve_recipe(options: TrainOptions) -> Recipe:
+    """The architecture's recipe with the CLI's overrides applied."""
+    recipe = get_spec(options.arch).recipe
+    overrides: dict[str, Any] = {
+        "epochs": options.epochs,
+        "batch_size": options.batch_size,
+        "learning_rate": options.learning_rate,
+    }
+    return replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def options_to_command(options: TrainOptions) -> str:
+    """The ``pneumoscan train`` command line that reproduces these options."""
+    words = ["pneumoscan", "train"]
+    for name, value in asdict(options).items():
+        flag = "--" + name.replace("_", "-")
+        if name == "resume" or value is None:
+            continue
+        words += [flag, str(value)]
+    return shlex.join(words)
+
+
+def _subsample(table: pd.DataFrame, max_images: int, seed: int) -> pd.DataFrame:
+    """Keep about ``max_images`` images, whole patients at a time, classes in proportion."""
+    patients = table.groupby("patient_id")["label"].first()
+    share = min(1.0, max_images / len(table))
+    chosen = patients.groupby(patients).sample(frac=share, random_state=seed).index
+    return table[table["patient_id"].isin(chosen)].reset_index(drop=True)
+
+
+def prepare_split(options: TrainOptions, reporter: Reporter) -> pd.DataFrame:
+    """Scan the data, drop unreadable files, and carve the patient-grouped validation split.
+
+    Raises:
+        DatasetError: A class has no readable image in train or validation.
+    """
+    table = scan_dataset(options.data)
+    table = table[table["split"].isin(["train", "val", "all"])].reset_index(drop=True)
+    if table.empty:
+        raise DatasetError(f"{options.data}: no train/ images (test/ is never used for training)")
+    for path, error in table.loc[table["error"] != "", ["path", "error"]].itertuples(index=False):
+        reporter.warn(f"skipped {error if error.startswith(path) else f'{path}: {error}'}")
+    missing = empty_classes(table)
+    if missing:
+        raise DatasetError(f"{options.data}: no readable training images for class(es) {missing}")
+    if options.max_images:
+        table = _subsample(table, options.max_images, options.seed)
+    table = assign_validation_split(table, options.val_fraction, options.seed)
+    shared = patients_in_several_splits(table)
+    if shared:  # guarded by construction; a failure here is a bug, not a data problem.
+        raise PneumoscanError(f"patients in two splits after splitting: {list(shared)[:5]}")
+    for split in ("train", "val"):
+        if empty_classes(table[table["split"] == split]):
+            raise DatasetError(f"{options.data}: the {split} split lacks a class; add images")
+    return table
+
+
+def _class_weights(labels: np.ndarray, mode: str) -> dict[int, float] | None:
+    if mode == "none":
+        return None
+    counts = np.bincount(labels, minlength=2)
+    return {k: float(len(labels) / (2 * counts[k])) for k in range(2)}
+
+
+def _build_optimizer(recipe: Recipe) -> Any:
+    import keras
+
+    config: dict[str, Any] = {}
+    if recipe.learning_rate is not None:
+        config["learning_rate"] = recipe.learning_rate
+    return keras.optimizers.get({"class_name": recipe.optimizer, "config": config})
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)
+
+
+class _RunFolder:
+    """Paths inside a run folder."""
+
+    def __init__(self, out: str | Path) -> None:
+        self.root = Path(out)
+        self.config = self.root / "config.json"
+        self.split = self.root / "split.csv"
+        self.skipped = self.root / "skipped.csv"
+        self.history = self.root / "history.csv"
+        self.curves = self.root / "training_curves.png"
+        self.checkpoints = self.root / "checkpoints"
+        self.last = self.checkpoints / "last.keras"
+        self.best = self.checkpoints / "best.keras"
+        self.state = self.checkpoints / "state.json"
+        self.model = self.root / "model.keras"
+        self.metrics = self.root / "metrics.json"
+
+
+def _check_resume(run: _RunFolder, options: TrainOptions) -> dict[str, Any] | None:
+    """Return the saved state when resuming; refuse to overwrite a run silently."""
+    if not run.state.exists():
+        if options.resume and run.config.exists():
+            raise PneumoscanError(f"{run.root}: no checkpoint yet; start again without --resume")
+        return None
+    if not options.resume:
+        raise PneumoscanError(
+            f"{run.root} already holds a training run; pass --resume to continue it "
+            "or choose another --out"
+        )
+    saved = json.loads(run.config.read_text())["options"]
+    current = asdict(options)
+    changed = [k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k]]
+    if changed:
+        raise PneumoscanError(f"--resume with different options {changed}; use the saved ones")
+    state: dict[str, Any] = json.loads(run.state.read_text())
+    return state
+
+
+def train(options: TrainOptions, reporter: Reporter | None = None) -> TrainResult:
+    """Train, checkpoint every epoch, and save the final model with its metadata.
+
+    Args:
+        options: What to train and where to write it.
+        reporter: Progress and warnings sink (silent when ``None``).
+
+    Raises:
+        DatasetError: The data cannot support training.
+        PneumoscanError: The run folder conflicts with ``--resume``.
+    """
+    import keras
+
+    reporter = reporter or Reporter(quiet=True)
+    started = time.perf_counter()
+    run = _RunFolder(options.out)
+    state = _check_resume(run, options)
+    recipe = resolve_recipe(options)
+    spec = get_spec(options.arch)
+    keras.utils.set_random_seed(options.seed)
+
+    table = prepare_split(options, reporter)
+    run.root.mkdir(parents=True, exist_ok=True)
+    table[["path", "label", "split", "patient_id", "subtype"]].to_csv(run.split, index=False)
+    pixels, labels, skipped, table = _decode_splits(table, spec.preprocess, reporter)
+    pd.DataFrame(skipped, columns=["path", "error"]).to_csv(run.skipped, index=False)
+    config = _run_config(options, recipe, spec.preprocess.to_dict(), table)
+    if state is None:
+        _write_json(run.config, config)
+
+    is_train = (table["split"] == "train").to_numpy()
+    train_x, train_y = pixels[is_train], labels[is_train]
+    val_x, val_y = pixels[~is_train], labels[~is_train]
+    reporter.info(
+        f"train {len(train_y)} images ({int(train_y.sum())} pneumonia), "
+        f"val {len(val_y)} ({int(val_y.sum())} pneumonia), {table['patient_id'].nunique()} patients"
+    )
+
+    if state is None:
+        network = create_model(options.arch)
+        network.compile(optimizer=_build_optimizer(recipe), loss=recipe.loss, metrics=["accuracy"])
+        start_epoch = 0
+    else:
+        network = keras.saving.load_model(run.last)
+        start_epoch = int(state["epochs_completed"])
+        reporter.info(f"resuming {run.root} after epoch {start_epoch}")
+
+    from pneumoscan.callbacks import EpochCheckpoint
+
+    checkpoint = EpochCheckpoint(run, val_x, val_y, reporter, state)
+    if start_epoch < recipe.epochs:
+        dataset = make_tf_dataset(
+            train_x, train_y, recipe.batch_size, options.seed, start_epoch, recipe.epochs
+        )
+        network.fit(
+            dataset,
+            epochs=recipe.epochs,
+            initial_epoch=start_epoch,
+            steps_per_epoch=steps_per_epoch(len(train_y), recipe.batch_size),
+            class_weight=_class_weights(train_y, recipe.class_weight),
+            callbacks=[reporter.keras_callback(len(train_y), recipe.batch_size), checkpoint],
+            shuffle=False,  # the dataset is already shuffled, reproducibly per epoch
+            verbose=0,
+        )
+    if recipe.restore_best and run.best.exists():
+        network = keras.saving.load_model(run.best)
+
+    final = _finish(network, run, options, recipe, config, val_x, val_y, started)
+    return TrainResult(
+        model_path=run.model,
+        validation=final,
+        epochs_run=recipe.epochs - start_epoch,
+        seconds=time.perf_counter() - started,
+        skipped=skipped,
+    )
+
+
+def _decode_splits(
+    table: pd.DataFrame, preprocess: Any, reporter: Reporter
+) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]], pd.DataFrame]:
+    table = table[table["error"] == ""].reset_index(drop=True)
+    paths = table["path"].tolist()
+    with reporter.task("decoding images", total=len(paths)) as advance:
+        pixels, kept, errors = decode_all(paths, preprocess, on_progress=advance)
+    skipped = [(paths[i], message) for i, message in errors]
+    for _, message in skipped:
+        reporter.warn(f"skipped {message}")
+    table = table.iloc[kept].reset_index(drop=True)
+    labels = (table["label"] == CLASSES[1]).to_numpy().astype(int)
+    return pixels, labels, skipped, table
+
+
+def _run_config(
+    options: TrainOptions, recipe: Recipe, preprocess: dict[str, Any], table: pd.DataFrame
+) -> dict[str, Any]:
+    counts = (table["split"] + "/" + table["label"]).value_counts().sort_index()
+    return {
+        "options": asdict(options),
+        "command": options_to_command(options),
+        "recipe": recipe.to_dict(),
+        "preprocess": preprocess,
+        "classes": list(CLASSES),
+        "split": {
+            "method": "patient-grouped stratified (StratifiedGroupKFold)",
+            "val_fraction": options.val_fraction,
+            "seed": options.seed,
+            "counts": {str(key): int(n) for key, n in counts.items()},
+            "patients": table.groupby("split")["patient_id"].nunique().astype(int).to_dict(),
+        },
+        "data_fingerprint": data_fingerprint(table),
+        "versions": library_versions(),
+        "created": now_utc(),
+    }
+
+
+def _finish(
+    network: Any,
+    run: _RunFolder,
+    options: TrainOptions,
+    recipe: Recipe,
+    config: dict[str, Any],
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    started: float,
+) -> dict[str, Any]:
+    """Score validation, write the metadata-carrying model, metrics and curves."""
+    from pneumoscan.callbacks import predict_pixels
+    from pneumoscan.plots import plot_training_curves
+
+    p_val = predict_pixels(network, val_x)
+    validation = binary_metrics(val_y, p_val, DEFAULT_THRESHOLD)
+    validation["split"] = "val (patient-grouped, from the training data)"
+    # A fresh, never-compiled copy drops the optimizer state: half the file size.
+    shipped = create_model(options.arch)
+    shipped.set_weights(network.get_weights())
+    metadata = {
+        "arch": options.arch,
+        "classes": list(CLASSES),
+        "positive_class": CLASSES[1],
+        "input_size": list(config["preprocess"]["image_size"]),
+        "preprocess": config["preprocess"],
+        "threshold": DEFAULT_THRESHOLD,
+        "threshold_rule": "fixed 0.5 (no operating point chosen yet)",
+        "temperature": 1.0,
+        "recipe": recipe.to_dict(),
+        "seed": options.seed,
+        "data": {
+            "root": str(options.data),
+            "fingerprint": config["data_fingerprint"],
+            "split": config["split"],
+        },
+        "versions": config["versions"],
+        "command": options_to_command(options),
+        "validation_metrics": validation,
+        "training_seconds": round(time.perf_counter() - started, 1),
+    }
+    save_model(shipped, run.model, metadata)
+    _write_json(run.metrics, {"validation": validation})
+    if run.history.exists():
+        plot_training_curves(pd.read_csv(run.history), run.curves)
+    return validation

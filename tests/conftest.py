@@ -1,0 +1,55 @@
+"""Shared fixtures: real X-rays from the repo's fixture set and, when present, ../shared/data."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "xrays"
+SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_TRAIN = SHARED_DATA / "chest_xray" / "train"
+SITE_SAMPLE = SHARED_DATA / "site_sample"
+ORIGINALS = SHARED_DATA / "originals"
+
+needs_shared = pytest.mark.skipif(
+    not SHARED_TRAIN.is_dir(),
+    reason=f"needs the shared data set at {SHARED_DATA} (CI always has it)",
+)
+
+
+def fixture_images(label: str) -> list[Path]:
+    """Real X-rays of one class from the repo's fixture set, sorted."""
+    return sorted((FIXTURES / label).glob("*.jpeg"))
+
+
+@pytest.fixture
+def xray_path() -> Path:
+    """One real NORMAL X-ray."""
+    return fixture_images("NORMAL")[0]
+
+
+@pytest.fixture
+def class_folder(tmp_path: Path) -> Path:
+    """A writable copy of the fixture set: ROOT/NORMAL, ROOT/PNEUMONIA."""
+    root = tmp_path / "xrays"
+    shutil.copytree(FIXTURES, root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real (short) training run shared by the tests that need a trained model."""
+    from pneumoscan.train import TrainOptions, train
+
+    out = tmp_path_factory.mktemp("runs") / "seed-1epoch"
+    data = SHARED_TRAIN.parent if SHARED_TRAIN.is_dir() else FIXTURES
+    max_images = 300 if SHARED_TRAIN.is_dir() else None
+    train(
+        TrainOptions(
+            data=str(data), out=str(out), epochs=1, max_images=max_images, val_fraction=0.2
+        )
+    )
+    return out

@@ -1,0 +1,105 @@
+"""Tests for pneumoscan.preprocess: one path for every input kind, with clear errors."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pneumoscan.errors import ImageReadError
+from pneumoscan.preprocess import (
+    PreprocessConfig,
+    decode_to_uint8,
+    preprocess_image,
+    to_model_input,
+)
+
+from conftest import ORIGINALS, SHARED_TRAIN, needs_shared
+
+
+def test_output_shape_dtype_and_range(xray_path: Path) -> None:
+    tensor = preprocess_image(xray_path)
+    assert tensor.shape == (224, 224, 3) and tensor.dtype == np.float32
+    assert 0.0 <= tensor.min() < 0.2 and 0.8 < tensor.max() <= 1.0
+
+
+def _variants(xray_path: Path, tmp_path: Path) -> dict[str, Path]:
+    grey = Image.open(xray_path).convert("L")
+    paths = {}
+    for name, image in {
+        "grey.png": grey,
+        "rgb.jpg": grey.convert("RGB"),
+        "rgba.png": grey.convert("RGBA"),
+        "palette.png": grey.convert("P"),
+        # 12 significant bits in a 16-bit container, as medical PNGs often are.
+        "deep.png": Image.fromarray(np.asarray(grey).astype(np.uint16) * 16),
+    }.items():
+        paths[name] = tmp_path / name
+        image.save(paths[name])
+    return paths
+
+
+def test_every_pixel_format_gives_the_same_tensor(xray_path: Path, tmp_path: Path) -> None:
+    reference = preprocess_image(xray_path)
+    for name, path in _variants(xray_path, tmp_path).items():
+        tensor = preprocess_image(path)
+        assert tensor.shape == (224, 224, 3), name
+        assert np.abs(tensor - reference).mean() < 0.01, name
+
+
+def test_exif_orientation_is_honoured(xray_path: Path, tmp_path: Path) -> None:
+    upright = Image.open(xray_path).convert("L").resize((200, 260))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what a camera stores
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    path = tmp_path / "rotated.jpg"
+    stored.save(path, exif=exif, quality=95)
+    config = PreprocessConfig(image_size=(260, 200))
+    decoded = decode_to_uint8(path, config)[..., 0].astype(float)
+    assert np.abs(decoded - np.asarray(upright, float)).mean() < 6
+
+
+def test_bytes_and_file_objects_match_paths(xray_path: Path) -> None:
+    data = xray_path.read_bytes()
+    expected = preprocess_image(xray_path)
+    np.testing.assert_array_equal(preprocess_image(data), expected)
+    np.testing.assert_array_equal(preprocess_image(io.BytesIO(data)), expected)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"", "empty file"), (b"hello, not an image", "not an image"), (None, "damaged or truncated")],
+)
+def test_bad_files_raise_naming_the_file(
+    xray_path: Path, tmp_path: Path, content: bytes | None, message: str
+) -> None:
+    path = tmp_path / "bad.jpeg"
+    path.write_bytes(xray_path.read_bytes()[:300] if content is None else content)
+    with pytest.raises(ImageReadError, match=message) as caught:
+        preprocess_image(path)
+    assert str(path) in str(caught.value)
+
+
+def test_to_model_input_refuses_unknown_range() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        to_model_input(np.zeros((2, 2, 3), np.float32))
+
+
+def test_config_round_trip_and_validation() -> None:
+    config = PreprocessConfig(image_size=(128, 160))
+    assert PreprocessConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="resize"):
+        PreprocessConfig.from_dict({"resize": "crop"})
+
+
+@needs_shared
+def test_full_resolution_originals_match_their_224_copies() -> None:
+    originals = sorted(ORIGINALS.glob("*/*.jpeg"))
+    assert len(originals) == 24
+    for original in originals:
+        copy = SHARED_TRAIN / original.parent.name / original.name
+        difference = np.abs(preprocess_image(original) - preprocess_image(copy)).mean()
+        assert difference < 0.03, f"{original.name}: mean absolute difference {difference:.4f}"
