@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import classification_report, confusion_matrix, roc_auc_score
+from scipy.stats import norm
+from sklearn.metrics import brier_score_loss, classification_report, confusion_matrix, roc_auc_score
 
 from pneumoscan.constants import CLASSES
 
@@ -72,3 +73,43 @@ def report_text(y_true: np.ndarray, p_pneumonia: np.ndarray, threshold: float) -
             zero_division=0,
         )
     )
+
+
+def wilson_interval(successes: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (well-behaved near 0 and 1, unlike the normal one).
+
+    Returns:
+        ``(low, high)``; ``(nan, nan)`` when ``total`` is 0.
+    """
+    if total == 0:
+        return float("nan"), float("nan")
+    z = float(norm.ppf(0.5 + confidence / 2))
+    p = successes / total
+    denominator = 1 + z**2 / total
+    centre = (p + z**2 / (2 * total)) / denominator
+    half = z * np.sqrt(p * (1 - p) / total + z**2 / (4 * total**2)) / denominator
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def expected_calibration_error(
+    y_true: np.ndarray, p_pneumonia: np.ndarray, bins: int = 10
+) -> float:
+    """ECE: the image-weighted mean gap between predicted P(pneumonia) and the observed
+    pneumonia rate, over ``bins`` equal-width probability bins."""
+    y_true = np.asarray(y_true, dtype=float)
+    p_pneumonia = np.asarray(p_pneumonia, dtype=float)
+    if len(y_true) == 0:
+        return float("nan")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(p_pneumonia, edges[1:-1], right=True), 0, bins - 1)
+    gap = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            gap += members.sum() * abs(p_pneumonia[members].mean() - y_true[members].mean())
+    return float(gap / len(y_true))
+
+
+def brier_score(y_true: np.ndarray, p_pneumonia: np.ndarray) -> float:
+    """Mean squared error of P(pneumonia) against the 0/1 label."""
+    return float(brier_score_loss(np.asarray(y_true).astype(int), p_pneumonia, pos_label=1))
