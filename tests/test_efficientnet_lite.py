@@ -308,8 +308,9 @@ def test_registry_specs() -> None:
     pretrained, scratch = get_spec("efficientnet_lite0"), get_spec("efficientnet_lite0_scratch")
 
     assert pretrained.preprocess == scratch.preprocess == PreprocessConfig()
-    assert pretrained.recipe.optimizer == "adam" and pretrained.recipe.learning_rate == 1e-4
+    assert pretrained.recipe.optimizer == "adam" and pretrained.recipe.learning_rate is not None
     assert pretrained.recipe.class_weight == "balanced" and pretrained.recipe.restore_best
+    assert pretrained.recipe.augment == "xray"
 
 
 def test_scratch_model_builds_without_weights() -> None:

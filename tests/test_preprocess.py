@@ -103,3 +103,19 @@ def test_full_resolution_originals_match_their_224_copies() -> None:
         copy = SHARED_TRAIN / original.parent.name / original.name
         difference = np.abs(preprocess_image(original) - preprocess_image(copy)).mean()
         assert difference < 0.03, f"{original.name}: mean absolute difference {difference:.4f}"
+
+
+def test_equalize_spreads_the_histogram_and_keeps_shape(xray_path: Path, tmp_path: Path) -> None:
+    config = PreprocessConfig(intensity="equalize")
+    dim = Image.open(xray_path).convert("L").point(lambda v: 60 + v // 3)  # low contrast copy
+    dim_path = tmp_path / "dim.png"
+    dim.save(dim_path)
+    plain = decode_to_uint8(dim_path)
+    equalized = decode_to_uint8(dim_path, config)
+    assert equalized.shape == plain.shape == (224, 224, 3)
+    assert equalized.std() > 1.5 * plain.std()
+    # Equalisation undoes most of a global contrast change.
+    reference = decode_to_uint8(xray_path, config).astype(float)
+    assert np.abs(equalized.astype(float) - reference).mean() < 12
+    with pytest.raises(ValueError, match="intensity"):
+        PreprocessConfig(intensity="clahe").validate()

@@ -30,7 +30,8 @@ def test_run_folder_holds_everything_to_reproduce(trained_run: Path) -> None:
     assert (trained_run / "training_curves.png").stat().st_size > 10_000
     metadata = read_metadata(trained_run / "model.keras")
     assert metadata["classes"] == ["NORMAL", "PNEUMONIA"]
-    assert metadata["threshold"] == 0.5
+    assert 0.0 < metadata["threshold"] < 1.0 and metadata["temperature"] > 0
+    assert metadata["validation_metrics"]["sensitivity"] >= metadata["target_sensitivity"]
     assert metadata["data"]["fingerprint"] == config["data_fingerprint"]
     assert {"keras", "numpy", "python"} <= set(metadata["versions"])
     assert metadata["validation_metrics"]["n"] == (split["split"] == "val").sum()
@@ -80,7 +81,7 @@ def test_a_class_without_images_is_refused(tmp_path: Path) -> None:
 
 def test_command_reproduces_options() -> None:
     command = options_to_command(TrainOptions(data="d", out="o", epochs=3, resume=True))
-    assert (
-        command
-        == "pneumoscan train --data d --out o --arch seed --epochs 3 --seed 42 --val-fraction 0.1"
+    assert command == (
+        "pneumoscan train --data d --out o --arch seed --epochs 3 --seed 42 --val-fraction 0.1"
+        " --target-sensitivity 0.97"
     )

@@ -16,7 +16,12 @@ from rich.console import Console
 from rich.table import Table
 
 from pneumoscan import __version__
-from pneumoscan.constants import DEFAULT_SEED, DEFAULT_VAL_FRACTION, SAMPLES_DIR
+from pneumoscan.constants import (
+    DEFAULT_SEED,
+    DEFAULT_TARGET_SENSITIVITY,
+    DEFAULT_VAL_FRACTION,
+    SAMPLES_DIR,
+)
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.progress import Reporter
 
@@ -125,6 +130,17 @@ def train(
         int | None,
         typer.Option(help="Train on about this many images (whole patients), for quick runs."),
     ] = None,
+    augment: Annotated[
+        str | None, typer.Option(help="Augmentation: none or xray (default: the recipe's).")
+    ] = None,
+    label_smoothing: Annotated[float | None, typer.Option(help="Default: the recipe's.")] = None,
+    intensity: Annotated[
+        str | None,
+        typer.Option(help="Intensity normalisation: none or equalize (default: the arch's)."),
+    ] = None,
+    target_sensitivity: Annotated[
+        float, typer.Option(help="Validation sensitivity the operating threshold is chosen for.")
+    ] = DEFAULT_TARGET_SENSITIVITY,
     resume: Annotated[
         bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")
     ] = False,
@@ -139,7 +155,8 @@ def train(
     options = TrainOptions(
         data=str(data), out=str(out), arch=arch, epochs=epochs, batch_size=batch_size,
         learning_rate=learning_rate, seed=seed, val_fraction=val_fraction,
-        max_images=max_images, resume=resume,
+        max_images=max_images, augment=augment, label_smoothing=label_smoothing,
+        intensity=intensity, target_sensitivity=target_sensitivity, resume=resume,
     )  # fmt: skip
     try:
         result = run_training(options, Reporter(stderr))
@@ -170,12 +187,18 @@ def evaluate(
         "confusion_matrix.png"
     ),
     batch_size: Annotated[int, typer.Option(help="Images scored at a time.")] = 32,
+    bootstrap: Annotated[
+        int, typer.Option(help="Bootstrap resamples (over patients) for the AUC and F1 CIs.")
+    ] = 2000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = DEFAULT_SEED,
 ) -> None:
-    """Classification report, confusion matrix and ROC AUC on labelled images."""
+    """Classification report, confusion matrix, ROC AUC and every rate with its 95% CI."""
     from pneumoscan.evaluate import evaluate as run_evaluation
 
     try:
-        metrics = run_evaluation(data, model, split, batch_size, plot, Reporter(stderr))
+        metrics = run_evaluation(
+            data, model, split, batch_size, plot, Reporter(stderr), bootstrap, seed
+        )
     except PneumoscanError as exc:
         _fail(str(exc))
     where = f"split {metrics['split']}, n={metrics['n']}"
@@ -192,6 +215,7 @@ def evaluate(
         f"ROC AUC {_fmt(metrics['auc'])}  sensitivity {_fmt(metrics['sensitivity'])}  "
         f"specificity {_fmt(metrics['specificity'])}  accuracy {_fmt(metrics['accuracy'])}"
     )
+    _print_uncertainty(metrics)
     if metrics["skipped"]:
         stdout.print(f"{len(metrics['skipped'])} unreadable images skipped")
     stdout.print(f"wrote {plot}")
@@ -260,6 +284,57 @@ def models() -> None:
     stdout.print(table)
 
 
+def _figures_row(name: str, figures: dict[str, Any]) -> list[str]:
+    def with_ci(key: str) -> str:
+        low, high = figures[f"{key}_ci"]
+        return f"{_fmt(figures[key])} ({_fmt(low)}-{_fmt(high)})"
+
+    threshold = f"{figures['threshold']:.3f}" if "threshold" in figures else "per fold"
+    return [name, threshold, with_ci("sensitivity"), with_ci("specificity"), _fmt(figures["ece"])]
+
+
+@app.command()
+def calibrate(
+    data: Annotated[
+        Path, typer.Option("--data", help="Labelled local sample: NORMAL/ PNEUMONIA/.")
+    ],
+    out: Annotated[Path, typer.Option(help="Calibrated model file to write.")],
+    model: ModelOption = None,
+    target_sensitivity: Annotated[
+        float, typer.Option(help="Sensitivity the new threshold must reach on the sample.")
+    ] = DEFAULT_TARGET_SENSITIVITY,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures.")] = None,
+) -> None:
+    """Refit temperature and threshold to a site's labelled sample (no weight updates)."""
+    from pneumoscan.calibrate import calibrate_to_site
+
+    try:
+        result = calibrate_to_site(model, data, out, target_sensitivity, reporter=Reporter(stderr))
+    except PneumoscanError as exc:
+        _fail(str(exc))
+    table = Table(
+        title=f"Site calibration on {data} (n={result['n']}, {result['n_pneumonia']} pneumonia)"
+    )
+    for column in ("", "threshold", "sensitivity (95% CI)", "specificity (95% CI)", "ECE"):
+        table.add_column(column)
+    table.add_row(*_figures_row("before", result["before"]))
+    table.add_row(*_figures_row("after, on the sample itself", result["after"]))
+    if result["cross_validated"]:
+        name = f"after, {result['cross_validated']['folds']}-fold cross-validated"
+        table.add_row(*_figures_row(name, result["cross_validated"]))
+    stdout.print(table)
+    stdout.print(
+        f"temperature {result['temperature']:.3f}, threshold {result['threshold']:.4f} "
+        f"(target sensitivity {target_sensitivity}); wrote {out}"
+    )
+    stdout.print(
+        "The 'on the sample itself' row is optimistic: the threshold was chosen on those images. "
+        "The cross-validated row estimates how the procedure does on new images of this site."
+    )
+    if json_out:
+        _write_json(json_out, result)
+
+
 @app.command()
 def info(model: ModelOption = None) -> None:
     """Print a model file's metadata (reads no weights)."""
@@ -272,6 +347,146 @@ def info(model: ModelOption = None) -> None:
         _fail(str(exc))
     stdout.print(f"{path}")
     stdout.print_json(json.dumps(metadata, default=str))
+
+
+def _fmt_ci(interval: list[float | None]) -> str:
+    low, high = interval
+    return "n/a" if low is None or high is None or math.isnan(low) else f"{low:.3f}–{high:.3f}"
+
+
+def _print_uncertainty(metrics: dict[str, Any]) -> None:
+    """The evaluation's rates with 95% CIs, calibration and per-subtype sensitivity."""
+    boot = metrics["bootstrap"]
+    resampled = f"bootstrap, {boot['n_units']} {boot['unit']}s"
+    table = Table(
+        title=f"95% confidence intervals (n={metrics['n']} images, threshold "
+        f"{metrics['threshold']:.3f})"
+    )
+    for column in ("metric", "value", "95% CI", "method"):
+        table.add_column(column)
+    for label, key, method in (
+        ("ROC AUC", "auc", resampled),
+        ("PR AUC", "pr_auc", resampled),
+        ("sensitivity", "sensitivity", "Wilson"),
+        ("specificity", "specificity", "Wilson"),
+        ("PPV", "ppv", "Wilson"),
+        ("NPV", "npv", "Wilson"),
+        ("F1", "f1", resampled),
+        ("accuracy", "accuracy", "Wilson"),
+    ):
+        table.add_row(label, _fmt(metrics[key]), _fmt_ci(metrics[f"{key}_ci"]), method)
+    stdout.print(table)
+    stdout.print(
+        f"calibration: ECE {_fmt(metrics['ece'])} (10 bins), Brier {_fmt(metrics['brier'])}"
+    )
+    subtypes = [
+        f"{name} {_fmt(s['sensitivity'])} ({s['detected']}/{s['n']}, {_fmt_ci(s['ci'])})"
+        for name, s in metrics["per_subtype"].items()
+    ]
+    if subtypes:
+        stdout.print("sensitivity by subtype: " + ", ".join(subtypes))
+    stdout.print(
+        f"AUC, PR AUC and F1 intervals: {boot['n_resamples']} bootstrap resamples of "
+        f"{boot['unit']}s (seed {boot['seed']}); rates: Wilson intervals on image counts"
+    )
+
+
+@app.command()
+def compare(
+    model_a: Annotated[Path, typer.Argument(help="Model file or run folder A.")],
+    model_b: Annotated[Path, typer.Argument(help="Model file or run folder B.")],
+    data: Annotated[
+        Path, typer.Option("--data", help="Dataset root or folder with NORMAL/ PNEUMONIA/.")
+    ],
+    split: Annotated[
+        str, typer.Option(help="Split of a dataset root (val: model A's validation split).")
+    ] = "test",
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the comparison as JSON.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images scored at a time.")] = 32,
+    bootstrap: Annotated[int, typer.Option(help="Paired bootstrap resamples (patients).")] = 2000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = DEFAULT_SEED,
+) -> None:
+    """Compare two models on the same images: ROC AUC difference with a paired bootstrap CI."""
+    from pneumoscan.compare import compare_models
+
+    try:
+        result = compare_models(
+            model_a, model_b, data, split, batch_size, Reporter(stderr), bootstrap, seed
+        )
+    except PneumoscanError as exc:
+        _fail(str(exc))
+    stdout.print(
+        f"{result['data']} (split {result['split']}, n={result['n']} images, "
+        f"{result['n_patients']} patients)"
+    )
+    for key in ("a", "b"):
+        stdout.print(f"{result['name_' + key]}: {result['model_' + key]}", highlight=False)
+    table = Table(title="Paired comparison on the same images (value and 95% CI)")
+    for column in ("", "A", "B"):
+        table.add_column(column)
+    a, b = result["a"], result["b"]
+    for label, key in (
+        ("ROC AUC", "auc"),
+        ("sensitivity", "sensitivity"),
+        ("specificity", "specificity"),
+    ):
+        table.add_row(
+            label,
+            *(f"{_fmt(m[key])} ({_fmt_ci(m[key + '_ci'])})" for m in (a, b)),
+        )
+    table.add_row("threshold", f"{a['threshold']:.3f}", f"{b['threshold']:.3f}")
+    stdout.print(table)
+    difference = result["auc_difference"]
+    low, high = difference["ci"]
+    signed = "n/a" if low is None or math.isnan(low) else f"{low:+.3f} to {high:+.3f}"
+    stdout.print(
+        f"AUC difference (B - A) {difference['difference']:+.4f}, 95% CI "
+        f"{signed} (paired bootstrap over patients, "
+        f"{difference['n_resamples']} resamples), p = {_fmt(difference['p_value'])}"
+    )
+    stdout.print(f"verdict: {result['verdict']}")
+    if json_out:
+        _write_json(json_out, result)
+
+
+@app.command()
+def report(
+    data: Annotated[
+        Path, typer.Option("--data", help="Dataset root or folder with NORMAL/ PNEUMONIA/.")
+    ],
+    model: ModelOption = None,
+    out: Annotated[Path, typer.Option(help="HTML file to write.")] = Path("report.html"),
+    split: Annotated[
+        str, typer.Option(help="Split of a dataset root (val: the model's validation split).")
+    ] = "test",
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the report's metrics as JSON.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images scored at a time.")] = 32,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples (patients).")] = 2000,
+    seed: Annotated[int, typer.Option(help="Bootstrap and sample-grid seed.")] = DEFAULT_SEED,
+) -> None:
+    """One self-contained HTML evaluation report: curves, calibration, sweep, errors, card."""
+    from pneumoscan.report import build_report
+
+    try:
+        result = build_report(
+            out, data, model, split, batch_size, Reporter(stderr), bootstrap, seed
+        )
+    except PneumoscanError as exc:
+        _fail(str(exc))
+    metrics = result.metrics
+    stdout.print(
+        f"ROC AUC {_fmt(metrics['auc'])} ({_fmt_ci(metrics['auc_ci'])})  sensitivity "
+        f"{_fmt(metrics['sensitivity'])} ({_fmt_ci(metrics['sensitivity_ci'])})  specificity "
+        f"{_fmt(metrics['specificity'])} ({_fmt_ci(metrics['specificity_ci'])})  "
+        f"n={metrics['n']}"
+    )
+    stdout.print(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB, {result.seconds:.1f} s)")
+    if json_out:
+        _write_json(json_out, {k: v for k, v in metrics.items() if k != "report"})
 
 
 def run() -> None:

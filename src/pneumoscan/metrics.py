@@ -5,13 +5,21 @@ Labels are 1 for PNEUMONIA (positive) and 0 for NORMAL; scores are P(pneumonia).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy.stats import norm
-from sklearn.metrics import brier_score_loss, classification_report, confusion_matrix, roc_auc_score
+from sklearn.metrics import (
+    average_precision_score,
+    brier_score_loss,
+    classification_report,
+    confusion_matrix,
+    roc_auc_score,
+)
 
-from pneumoscan.constants import CLASSES
+from pneumoscan.constants import CLASSES, DEFAULT_SEED
 
 
 def predict_labels(p_pneumonia: np.ndarray, threshold: float) -> np.ndarray:
@@ -45,9 +53,7 @@ def binary_metrics(y_true: np.ndarray, p_pneumonia: np.ndarray, threshold: float
         ``confusion_matrix`` as ``[[tn, fp], [fn, tp]]``. Undefined rates are NaN.
     """
     y_true = np.asarray(y_true).astype(int)
-    y_pred = predict_labels(p_pneumonia, threshold)
-    matrix = confusion_matrix(y_true, y_pred, labels=[0, 1])
-    tn, fp, fn, tp = (int(v) for v in matrix.ravel())
+    tn, fp, fn, tp = confusion_counts(y_true, p_pneumonia, threshold)
     return {
         "n": len(y_true),
         "auc": safe_roc_auc(y_true, p_pneumonia),
@@ -91,6 +97,12 @@ def wilson_interval(successes: int, total: int, confidence: float = 0.95) -> tup
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
+def _bin_index(p_pneumonia: np.ndarray, bins: int) -> np.ndarray:
+    """Bin of each score among ``bins`` equal-width bins, closed on the right: (0.1, 0.2]."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    return np.clip(np.digitize(p_pneumonia, edges[1:-1], right=True), 0, bins - 1)
+
+
 def expected_calibration_error(
     y_true: np.ndarray, p_pneumonia: np.ndarray, bins: int = 10
 ) -> float:
@@ -100,8 +112,7 @@ def expected_calibration_error(
     p_pneumonia = np.asarray(p_pneumonia, dtype=float)
     if len(y_true) == 0:
         return float("nan")
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(p_pneumonia, edges[1:-1], right=True), 0, bins - 1)
+    which = _bin_index(p_pneumonia, bins)
     gap = 0.0
     for b in range(bins):
         members = which == b
@@ -113,3 +124,446 @@ def expected_calibration_error(
 def brier_score(y_true: np.ndarray, p_pneumonia: np.ndarray) -> float:
     """Mean squared error of P(pneumonia) against the 0/1 label."""
     return float(brier_score_loss(np.asarray(y_true).astype(int), p_pneumonia, pos_label=1))
+
+
+# --- Uncertainty, calibration and operating-point tables -------------------------------------
+
+#: Bootstrap resamples for confidence intervals of AUC and F1.
+DEFAULT_RESAMPLES = 2000
+DEFAULT_CONFIDENCE = 0.95
+CALIBRATION_BINS = 10
+#: Thresholds of the sweep table (the operating threshold is added to them).
+SWEEP_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 20))
+#: Resample x image cells per block of the bootstrap: bounds memory whatever ``n`` is.
+_BLOCK_CELLS = 1_000_000
+
+#: A statistic evaluated on many weighted resamples at once: ``(y, score, weights[k, n]) -> (k,)``.
+WeightedStatistic = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def confusion_counts(
+    y_true: np.ndarray, p_pneumonia: np.ndarray, threshold: float
+) -> tuple[int, int, int, int]:
+    """``(tn, fp, fn, tp)`` at ``threshold`` (PNEUMONIA when score >= threshold)."""
+    matrix = confusion_matrix(
+        np.asarray(y_true).astype(int), predict_labels(p_pneumonia, threshold), labels=[0, 1]
+    )
+    tn, fp, fn, tp = (int(v) for v in matrix.ravel())
+    return tn, fp, fn, tp
+
+
+def safe_average_precision(y_true: np.ndarray, p_pneumonia: np.ndarray) -> float:
+    """Area under the precision-recall curve (average precision), NaN without both classes."""
+    y_true = np.asarray(y_true).astype(int)
+    if len(np.unique(y_true)) < 2:
+        return float("nan")
+    return float(average_precision_score(y_true, p_pneumonia))
+
+
+def _tie_groups(
+    y_true: np.ndarray, score: np.ndarray, weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per distinct score (ascending), the summed weights of positives and of negatives.
+
+    Returns:
+        ``(positive, negative)``, each ``(k, distinct scores)``.
+    """
+    order = np.argsort(score, kind="mergesort")
+    sorted_score = np.asarray(score)[order]
+    positive = np.asarray(y_true)[order].astype(bool)
+    block = weights[:, order]
+    starts = np.flatnonzero(np.r_[True, sorted_score[1:] != sorted_score[:-1]])
+    return (
+        np.add.reduceat(block * positive, starts, axis=1),
+        np.add.reduceat(block * ~positive, starts, axis=1),
+    )
+
+
+def _divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """Element-wise ratio, NaN where the denominator is 0 (an undefined rate)."""
+    safe = np.where(denominator > 0, denominator, 1.0)
+    return np.where(denominator > 0, numerator / safe, np.nan)
+
+
+def weighted_roc_auc(y_true: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """ROC AUC of each row of ``weights`` (image weights, e.g. bootstrap counts), vectorised.
+
+    The Mann-Whitney form: the weighted share of (positive, negative) pairs ranked correctly,
+    ties counting one half; equal to ``roc_auc_score(..., sample_weight=row)`` for every row.
+
+    Args:
+        y_true: 0/1 labels, ``(n,)``.
+        score: Scores, ``(n,)``.
+        weights: Non-negative weights, ``(k, n)``.
+
+    Returns:
+        ``(k,)`` AUCs; NaN for a row whose weights leave only one class.
+    """
+    positive, negative = _tie_groups(y_true, score, np.atleast_2d(weights))
+    negatives_below = np.cumsum(negative, axis=1) - negative
+    correct = (positive * (negatives_below + 0.5 * negative)).sum(axis=1)
+    return _divide(correct, positive.sum(axis=1) * negative.sum(axis=1))
+
+
+def weighted_average_precision(
+    y_true: np.ndarray, score: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
+    """Average precision (PR AUC) of each row of ``weights``, vectorised.
+
+    The step-wise sum of scikit-learn's ``average_precision_score``: over distinct thresholds
+    from the highest score down, (gain in recall) x (precision at that threshold).
+
+    Returns:
+        ``(k,)`` values; NaN for a row without positive weight.
+    """
+    positive, negative = _tie_groups(y_true, score, np.atleast_2d(weights))
+    true_pos = np.cumsum(positive[:, ::-1], axis=1)
+    flagged = true_pos + np.cumsum(negative[:, ::-1], axis=1)
+    # Where nothing is flagged yet the recall gain is 0 too, so precision 0 changes nothing.
+    precision = np.where(flagged > 0, true_pos / np.where(flagged > 0, flagged, 1.0), 0.0)
+    recall_gain = positive[:, ::-1]
+    return _divide((recall_gain * precision).sum(axis=1), positive.sum(axis=1))
+
+
+def weighted_f1(threshold: float) -> WeightedStatistic:
+    """F1 of PNEUMONIA at ``threshold`` as a weighted, vectorised statistic."""
+
+    def statistic(y_true: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        weights = np.atleast_2d(weights)
+        positive = np.asarray(y_true).astype(bool)
+        flagged = np.asarray(score) >= threshold
+        tp = (weights * (positive & flagged)).sum(axis=1)
+        errors = (weights * (positive != flagged)).sum(axis=1)
+        return _divide(2 * tp, 2 * tp + errors)
+
+    return statistic
+
+
+def _resample_units(groups: np.ndarray | None, n: int) -> tuple[np.ndarray, int]:
+    """Index of each image's resampling unit (its patient, else itself) and the unit count."""
+    if groups is None:
+        return np.arange(n), n
+    _, inverse = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    return inverse.ravel(), int(inverse.max()) + 1 if n else 0
+
+
+def bootstrap_weight_blocks(
+    groups: np.ndarray | None, n: int, n_resamples: int, seed: int
+) -> Iterator[np.ndarray]:
+    """Bootstrap resamples as image weights, in blocks of rows to bound memory.
+
+    Each resample draws as many units as there are, with replacement; a unit is a patient when
+    ``groups`` (patient ids) is given, else an image. An image's weight is the number of times
+    its unit was drawn, so all images of a patient enter or leave a resample together.
+
+    Args:
+        groups: Patient id per image, or ``None`` to resample images.
+        n: Number of images.
+        n_resamples: Total rows yielded.
+        seed: Seed of the generator (same seed, same resamples).
+
+    Yields:
+        Float arrays ``(rows, n)``, the rows adding up to ``n_resamples``.
+    """
+    unit, n_units = _resample_units(groups, n)
+    rng = np.random.default_rng(seed)
+    rows = max(1, _BLOCK_CELLS // max(n, 1))
+    uniform = np.full(n_units, 1.0 / n_units)
+    for start in range(0, n_resamples, rows):
+        counts = rng.multinomial(n_units, uniform, size=min(rows, n_resamples - start))
+        yield counts[:, unit].astype(float)
+
+
+def bootstrap_replicates(
+    y_true: np.ndarray,
+    scores: Sequence[np.ndarray],
+    statistics: Sequence[WeightedStatistic],
+    groups: np.ndarray | None = None,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+) -> np.ndarray:
+    """Statistics on the same bootstrap resamples for each of several score vectors.
+
+    Sharing the resamples between score vectors (two models on the same images) makes the
+    comparison paired: each resample's difference is between the models, not the samples.
+
+    Args:
+        y_true: 0/1 labels.
+        scores: Score vectors, each aligned with ``y_true``.
+        statistics: Weighted statistics, e.g. :func:`weighted_roc_auc`.
+        groups: Patient id per image (resample patients), or ``None`` (resample images).
+        n_resamples: Number of resamples.
+        seed: Seed of the resamples.
+
+    Returns:
+        ``(len(scores), len(statistics), n_resamples)`` replicates, NaN where a statistic is
+        undefined (a resample with one class only).
+    """
+    y_true = np.asarray(y_true).astype(int)
+    vectors = [np.asarray(s, dtype=float) for s in scores]
+    blocks = [
+        np.array([[statistic(y_true, v, weights) for statistic in statistics] for v in vectors])
+        for weights in bootstrap_weight_blocks(groups, len(y_true), n_resamples, seed)
+    ]
+    return np.concatenate(blocks, axis=2)
+
+
+def percentile_interval(
+    replicates: np.ndarray, confidence: float = DEFAULT_CONFIDENCE
+) -> tuple[float, float]:
+    """Percentile bootstrap interval, ignoring undefined (NaN) replicates."""
+    defined = replicates[~np.isnan(replicates)]
+    if defined.size == 0:
+        return float("nan"), float("nan")
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(defined, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def rates_with_intervals(
+    y_true: np.ndarray,
+    p_pneumonia: np.ndarray,
+    threshold: float,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> dict[str, dict[str, Any]]:
+    """Sensitivity, specificity, PPV, NPV and accuracy with Wilson intervals.
+
+    Wilson intervals count images; when patients contribute several images they are somewhat
+    too narrow (the bootstrap intervals of AUC and F1 resample patients instead).
+
+    Returns:
+        Per rate: ``value``, ``ci`` ``[low, high]``, ``successes`` and ``total``.
+    """
+    tn, fp, fn, tp = confusion_counts(y_true, p_pneumonia, threshold)
+    fractions = {
+        "sensitivity": (tp, tp + fn),
+        "specificity": (tn, tn + fp),
+        "ppv": (tp, tp + fp),
+        "npv": (tn, tn + fn),
+        "accuracy": (tp + tn, tp + tn + fp + fn),
+    }
+    return {
+        name: {
+            "value": _ratio(k, total),
+            "ci": list(wilson_interval(k, total, confidence)),
+            "successes": k,
+            "total": total,
+        }
+        for name, (k, total) in fractions.items()
+    }
+
+
+def sensitivity_by_subtype(
+    y_true: np.ndarray,
+    p_pneumonia: np.ndarray,
+    subtypes: Sequence[str] | np.ndarray,
+    threshold: float,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> dict[str, dict[str, Any]]:
+    """Share of each pneumonia subtype (``bacteria``, ``virus``, ...) flagged, with Wilson CIs.
+
+    Returns:
+        Per subtype present among the positives: ``n``, ``detected``, ``sensitivity``, ``ci``.
+    """
+    y_true = np.asarray(y_true).astype(int)
+    subtypes = np.asarray(subtypes).astype(str)
+    flagged = predict_labels(p_pneumonia, threshold)
+    result: dict[str, dict[str, Any]] = {}
+    for subtype in sorted(set(subtypes[y_true == 1])):
+        members = (y_true == 1) & (subtypes == subtype)
+        n, detected = int(members.sum()), int(flagged[members].sum())
+        result[str(subtype)] = {
+            "n": n,
+            "detected": detected,
+            "sensitivity": _ratio(detected, n),
+            "ci": list(wilson_interval(detected, n, confidence)),
+        }
+    return result
+
+
+def threshold_sweep(
+    y_true: np.ndarray, p_pneumonia: np.ndarray, thresholds: Sequence[float] = SWEEP_THRESHOLDS
+) -> pd.DataFrame:
+    """The trade-off between missed pneumonia and false alarms, one row per threshold.
+
+    Returns:
+        Columns ``threshold, sensitivity, specificity, ppv, npv, flagged`` (share of images
+        flagged PNEUMONIA), ``missed`` (false negatives) and ``false_alarms`` (false
+        positives), sorted by threshold.
+    """
+    rows = []
+    for threshold in sorted(set(float(t) for t in thresholds)):
+        tn, fp, fn, tp = confusion_counts(y_true, p_pneumonia, threshold)
+        rows.append(
+            {
+                "threshold": threshold,
+                "sensitivity": _ratio(tp, tp + fn),
+                "specificity": _ratio(tn, tn + fp),
+                "ppv": _ratio(tp, tp + fp),
+                "npv": _ratio(tn, tn + fn),
+                "flagged": _ratio(tp + fp, tn + fp + fn + tp),
+                "missed": fn,
+                "false_alarms": fp,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def reliability_table(
+    y_true: np.ndarray,
+    p_pneumonia: np.ndarray,
+    bins: int = CALIBRATION_BINS,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> pd.DataFrame:
+    """Per probability bin (the bins of :func:`expected_calibration_error`): how many images,
+    their mean P(pneumonia), the observed pneumonia rate and its Wilson interval.
+
+    Returns:
+        Columns ``bin_low, bin_high, n, mean_predicted, observed, ci_low, ci_high``; empty bins
+        have ``n`` 0 and NaN elsewhere.
+    """
+    y_true = np.asarray(y_true).astype(int)
+    p_pneumonia = np.asarray(p_pneumonia, dtype=float)
+    which = _bin_index(p_pneumonia, bins)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    rows = []
+    for b in range(bins):
+        members = which == b
+        n, positives = int(members.sum()), int(y_true[members].sum())
+        low, high = wilson_interval(positives, n, confidence)
+        rows.append(
+            {
+                "bin_low": float(edges[b]),
+                "bin_high": float(edges[b + 1]),
+                "n": n,
+                "mean_predicted": float(p_pneumonia[members].mean()) if n else float("nan"),
+                "observed": _ratio(positives, n),
+                "ci_low": low,
+                "ci_high": high,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def paired_auc_difference(
+    y_true: np.ndarray,
+    p_a: np.ndarray,
+    p_b: np.ndarray,
+    groups: np.ndarray | None = None,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> dict[str, Any]:
+    """ROC AUC of B minus A on the same images, with a paired bootstrap interval.
+
+    Returns:
+        ``auc_a``, ``auc_b``, ``difference`` (B - A), ``ci`` ``[low, high]``, ``p_value``
+        (two-sided bootstrap: twice the smaller share of resamples on either side of 0),
+        ``significant`` (the interval excludes 0), and ``auc_a_ci``/``auc_b_ci``.
+    """
+    replicates = bootstrap_replicates(
+        y_true, [p_a, p_b], [weighted_roc_auc], groups, n_resamples, seed
+    )[:, 0]
+    difference = replicates[1] - replicates[0]
+    defined = difference[~np.isnan(difference)]
+    low, high = percentile_interval(difference, confidence)
+    p_value = (
+        min(1.0, 2 * min(float(np.mean(defined <= 0)), float(np.mean(defined >= 0))))
+        if defined.size
+        else float("nan")
+    )
+    auc_a, auc_b = safe_roc_auc(y_true, p_a), safe_roc_auc(y_true, p_b)
+    return {
+        "auc_a": auc_a,
+        "auc_b": auc_b,
+        "auc_a_ci": list(percentile_interval(replicates[0], confidence)),
+        "auc_b_ci": list(percentile_interval(replicates[1], confidence)),
+        "difference": auc_b - auc_a,
+        "ci": [low, high],
+        "p_value": p_value,
+        "significant": bool(low > 0 or high < 0),
+        "confidence": confidence,
+        "n_resamples": n_resamples,
+        "undefined_resamples": int(difference.size - defined.size),
+    }
+
+
+def evaluation_metrics(
+    y_true: np.ndarray,
+    p_pneumonia: np.ndarray,
+    threshold: float,
+    groups: np.ndarray | None = None,
+    subtypes: Sequence[str] | np.ndarray | None = None,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> dict[str, Any]:
+    """Everything the evaluation reports, each figure with its uncertainty.
+
+    Args:
+        y_true: 0/1 labels.
+        p_pneumonia: Scores in [0, 1].
+        threshold: Operating threshold.
+        groups: Patient id per image: the bootstrap then resamples patients, since images of
+            one patient are not independent. ``None`` resamples images.
+        subtypes: Subtype per image (``bacteria``, ``virus``, ``normal``...) for
+            ``per_subtype``.
+        n_resamples: Bootstrap resamples for the AUC, PR AUC and F1 intervals.
+        seed: Bootstrap seed.
+        confidence: Coverage of every interval.
+
+    Returns:
+        :func:`binary_metrics` plus ``auc_ci``, ``pr_auc``, ``pr_auc_ci``, ``f1``, ``f1_ci``,
+        ``ppv`` (= ``precision``), ``sensitivity_ci``, ``specificity_ci``, ``ppv_ci``,
+        ``npv_ci``, ``accuracy_ci``, ``ece``, ``brier``, ``per_subtype``, ``threshold_sweep``
+        and ``calibration_bins`` (lists of row dicts), ``n_positive``, ``n_negative``,
+        ``n_patients`` and ``bootstrap`` (how the intervals were made).
+    """
+    y_true = np.asarray(y_true).astype(int)
+    p_pneumonia = np.asarray(p_pneumonia, dtype=float)
+    result = binary_metrics(y_true, p_pneumonia, threshold)
+    rates = rates_with_intervals(y_true, p_pneumonia, threshold, confidence)
+    replicates = bootstrap_replicates(
+        y_true,
+        [p_pneumonia],
+        [weighted_roc_auc, weighted_average_precision, weighted_f1(threshold)],
+        groups,
+        n_resamples,
+        seed,
+    )[0]
+    _, fp, fn, tp = confusion_counts(y_true, p_pneumonia, threshold)
+    _, n_units = _resample_units(groups, len(y_true))
+    result |= {
+        "auc_ci": list(percentile_interval(replicates[0], confidence)),
+        "pr_auc": safe_average_precision(y_true, p_pneumonia),
+        "pr_auc_ci": list(percentile_interval(replicates[1], confidence)),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "f1_ci": list(percentile_interval(replicates[2], confidence)),
+        "ppv": rates["ppv"]["value"],
+        **{f"{name}_ci": rate["ci"] for name, rate in rates.items()},
+        "ece": expected_calibration_error(y_true, p_pneumonia, CALIBRATION_BINS),
+        "brier": brier_score(y_true, p_pneumonia) if len(y_true) else float("nan"),
+        "per_subtype": (
+            {}
+            if subtypes is None
+            else sensitivity_by_subtype(y_true, p_pneumonia, subtypes, threshold, confidence)
+        ),
+        "threshold_sweep": threshold_sweep(
+            y_true, p_pneumonia, (*SWEEP_THRESHOLDS, threshold)
+        ).to_dict("records"),
+        "calibration_bins": reliability_table(
+            y_true, p_pneumonia, CALIBRATION_BINS, confidence
+        ).to_dict("records"),
+        "n_positive": int(y_true.sum()),
+        "n_negative": int((1 - y_true).sum()),
+        "n_patients": n_units if groups is not None else None,
+        "bootstrap": {
+            "n_resamples": n_resamples,
+            "seed": seed,
+            "confidence": confidence,
+            "unit": "patient" if groups is not None else "image",
+            "n_units": n_units,
+            "undefined_resamples": int(np.isnan(replicates[0]).sum()),
+        },
+    }
+    return result

@@ -138,6 +138,11 @@ class LoadedModel:
         return float(self.metadata["threshold"])
 
     @property
+    def temperature(self) -> float:
+        """Temperature applied to the network's logit (1.0: none)."""
+        return float(self.metadata.get("temperature", 1.0))
+
+    @property
     def name(self) -> str:
         """A short label: the file name."""
         return self.path.name

@@ -107,3 +107,206 @@ def plot_sample_grid(
         fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _interval_error(value: float, interval: Sequence[float] | None) -> list[list[float]] | None:
+    """Matplotlib's asymmetric error bar ``[[below], [above]]`` for ``value`` in ``interval``."""
+    if interval is None or any(v is None or np.isnan(v) for v in (value, *interval)):
+        return None
+    low, high = interval
+    return [[max(0.0, value - low)], [max(0.0, high - value)]]
+
+
+def _ci_text(interval: Sequence[float] | None) -> str:
+    if interval is None or any(v is None or np.isnan(v) for v in interval):
+        return ""
+    return f" (95% CI {interval[0]:.3f}–{interval[1]:.3f})"
+
+
+def plot_roc_pr(
+    y_true: np.ndarray,
+    p_pneumonia: np.ndarray,
+    threshold: float,
+    path: str | Path,
+    intervals: dict[str, Sequence[float]] | None = None,
+    title: str = "",
+) -> Path:
+    """ROC and precision-recall curves side by side, the operating point marked with its
+    95% intervals (sensitivity, 1 - specificity, PPV) and the AUCs with theirs in the legend.
+
+    Args:
+        y_true: 0/1 labels (PNEUMONIA is 1).
+        p_pneumonia: Scores.
+        threshold: Operating threshold, marked on both curves.
+        path: Where to write the PNG.
+        intervals: Optional ``[low, high]`` per metric: ``auc``, ``pr_auc``, ``sensitivity``,
+            ``specificity``, ``ppv``.
+        title: Figure title.
+    """
+    from sklearn.metrics import (
+        average_precision_score,
+        precision_recall_curve,
+        roc_auc_score,
+        roc_curve,
+    )
+
+    intervals = intervals or {}
+    y_true = np.asarray(y_true).astype(int)
+    p_pneumonia = np.asarray(p_pneumonia, dtype=float)
+    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(11, 4.8))
+    roc_ax.set_xlabel("1 − specificity (false-positive rate, share of NORMAL images)")
+    roc_ax.set_ylabel("Sensitivity (true-positive rate, share of PNEUMONIA images)")
+    roc_ax.set_title("ROC curve")
+    pr_ax.set_xlabel("Sensitivity (recall, share of PNEUMONIA images)")
+    pr_ax.set_ylabel("PPV (precision, share of flagged images with pneumonia)")
+    pr_ax.set_title("Precision-recall curve")
+    for ax in (roc_ax, pr_ax):
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    if len(np.unique(y_true)) < 2:
+        for ax in (roc_ax, pr_ax):
+            ax.text(0.5, 0.5, "undefined: only one class present", ha="center", va="center")
+        fig.suptitle(title)
+        return _save(fig, path)
+
+    flagged = p_pneumonia >= threshold
+    sensitivity = float(flagged[y_true == 1].mean())
+    specificity = float((~flagged[y_true == 0]).mean())
+    ppv = float(y_true[flagged].mean()) if flagged.any() else float("nan")
+
+    fpr, tpr, _ = roc_curve(y_true, p_pneumonia)
+    auc = float(roc_auc_score(y_true, p_pneumonia))
+    roc_ax.plot(
+        fpr, tpr, color="#4C72B0", label=f"ROC AUC {auc:.3f}{_ci_text(intervals.get('auc'))}"
+    )
+    roc_ax.plot([0, 1], [0, 1], ":", color="grey", label="chance")
+    spec_ci = intervals.get("specificity")
+    roc_ax.errorbar(
+        1 - specificity,
+        sensitivity,
+        xerr=_interval_error(
+            1 - specificity, None if spec_ci is None else [1 - spec_ci[1], 1 - spec_ci[0]]
+        ),
+        yerr=_interval_error(sensitivity, intervals.get("sensitivity")),
+        fmt="o",
+        color="#C44E52",
+        capsize=4,
+        label=f"threshold {threshold:.2f}: sensitivity {sensitivity:.3f}, "
+        f"specificity {specificity:.3f}",
+    )
+    roc_ax.legend(loc="lower right", fontsize=8)
+
+    precision, recall, _ = precision_recall_curve(y_true, p_pneumonia)
+    pr_auc = float(average_precision_score(y_true, p_pneumonia))
+    pr_ax.step(
+        recall,
+        precision,
+        where="post",
+        color="#4C72B0",
+        label=f"PR AUC {pr_auc:.3f}{_ci_text(intervals.get('pr_auc'))}",
+    )
+    prevalence = float(y_true.mean())
+    pr_ax.axhline(prevalence, linestyle=":", color="grey", label=f"prevalence {prevalence:.3f}")
+    pr_ax.errorbar(
+        sensitivity,
+        ppv,
+        xerr=_interval_error(sensitivity, intervals.get("sensitivity")),
+        yerr=_interval_error(ppv, intervals.get("ppv")),
+        fmt="o",
+        color="#C44E52",
+        capsize=4,
+        label=f"threshold {threshold:.2f}: sensitivity {sensitivity:.3f}, PPV {ppv:.3f}",
+    )
+    pr_ax.legend(loc="lower left", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_reliability(
+    bins: pd.DataFrame, path: str | Path, ece: float, brier: float, title: str = ""
+) -> Path:
+    """Reliability diagram: observed pneumonia rate per probability bin (Wilson 95% bars)
+    against the mean predicted P(pneumonia), with the number of images per bin below.
+
+    Args:
+        bins: Output of :func:`pneumoscan.metrics.reliability_table`.
+        path: Where to write the PNG.
+        ece: Expected calibration error, shown in the title.
+        brier: Brier score, shown in the title.
+        title: Figure title (default: names ECE and Brier).
+    """
+    fig, (ax, count_ax) = plt.subplots(
+        2, 1, figsize=(5.6, 6.4), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    filled = bins[bins["n"] > 0]
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
+    ax.errorbar(
+        filled["mean_predicted"],
+        filled["observed"],
+        yerr=[
+            (filled["observed"] - filled["ci_low"]).clip(lower=0),
+            (filled["ci_high"] - filled["observed"]).clip(lower=0),
+        ],
+        fmt="o-",
+        color="#4C72B0",
+        capsize=3,
+        label="observed rate (95% Wilson CI)",
+    )
+    ax.set_ylabel("Observed pneumonia rate (share of images)")
+    # A little margin: points of the first and last bins sit near 0 and 1.
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.04, 1.04)
+    ax.grid(alpha=0.3)
+    # Ten points at most: "best" finds the emptiest corner cheaply, whatever the calibration.
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title(title or f"Reliability diagram (ECE {ece:.3f}, Brier {brier:.3f}, 10 bins)")
+    centres = (bins["bin_low"] + bins["bin_high"]) / 2
+    count_ax.bar(centres, bins["n"], width=bins["bin_high"] - bins["bin_low"], color="#8C8C8C")
+    count_ax.set_xlabel("Predicted P(pneumonia) (bin mean; bins of width 0.1)")
+    count_ax.set_ylabel("Images (count)")
+    count_ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_error_gallery(
+    images: Sequence[np.ndarray],
+    captions: Sequence[str],
+    path: str | Path,
+    title: str,
+    heatmaps: Sequence[np.ndarray | None] | None = None,
+    columns: int = 4,
+) -> Path:
+    """A gallery of misclassified X-rays, each captioned (file, P(pneumonia), subtype).
+
+    Args:
+        images: Grey or RGB uint8 thumbnails.
+        captions: One caption per image.
+        path: Where to write the PNG.
+        title: Figure title.
+        heatmaps: Optional per-image saliency maps in [0, 1] (any size; stretched over the
+            image) drawn semi-transparently on top.
+        columns: Images per row.
+    """
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False)
+    for index, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if index >= len(images):
+            continue
+        image = images[index]
+        # Fixed 0-255 range, as in the sample grid: the model saw the exposure as it is.
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        heatmap = heatmaps[index] if heatmaps is not None else None
+        if heatmap is not None:
+            height, width = image.shape[:2]
+            ax.imshow(heatmap, cmap="jet", alpha=0.35, extent=(0, width, height, 0), vmin=0, vmax=1)
+        ax.set_title(captions[index], fontsize=8)
+    if not images:
+        axes.flat[0].text(0.5, 0.5, "none", ha="center", va="center")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -27,6 +27,9 @@ _RESAMPLING = {
 }
 
 
+_INTENSITY = ("none", "equalize")
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """How an image becomes a model input; stored in every model file.
@@ -38,6 +41,9 @@ class PreprocessConfig:
         interpolation: ``bilinear``, ``bicubic`` or ``area`` (antialiased when shrinking).
         scale: ``unit`` divides 8-bit values by 255 to give [0, 1].
         channels: Channels fed to the model (grey images are repeated).
+        intensity: ``none`` keeps pixel values; ``equalize`` equalises the grey-level histogram
+            after resizing, so exposure and contrast differences between scanners shrink
+            before the model sees the image (the image becomes grey).
     """
 
     image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE
@@ -45,6 +51,7 @@ class PreprocessConfig:
     interpolation: str = "bilinear"
     scale: str = "unit"
     channels: int = 3
+    intensity: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form for model metadata and run configs."""
@@ -69,6 +76,8 @@ class PreprocessConfig:
             raise ValueError(f"unsupported scale {self.scale!r} (supported: 'unit')")
         if self.channels != 3:
             raise ValueError(f"unsupported channel count {self.channels} (supported: 3)")
+        if self.intensity not in _INTENSITY:
+            raise ValueError(f"unsupported intensity {self.intensity!r} (supported: {_INTENSITY})")
 
 
 def _describe(source: ImageSource) -> str:
@@ -150,6 +159,9 @@ def decode_to_uint8(source: ImageSource, config: PreprocessConfig | None = None)
     image = load_image(source)
     if image.size != (width, height):
         image = image.resize((width, height), _RESAMPLING[config.interpolation])
+    if config.intensity == "equalize":
+        # After resizing, so a full-resolution original and its 224x224 copy equalise alike.
+        image = ImageOps.equalize(image.convert("L")).convert("RGB")
     return np.asarray(image, dtype=np.uint8)
 
 

@@ -18,7 +18,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pneumoscan.constants import CLASSES, DEFAULT_SEED, DEFAULT_THRESHOLD, DEFAULT_VAL_FRACTION
+from pneumoscan.constants import (
+    CLASSES,
+    DEFAULT_SEED,
+    DEFAULT_TARGET_SENSITIVITY,
+    DEFAULT_VAL_FRACTION,
+)
 from pneumoscan.data import (
     assign_validation_split,
     data_fingerprint,
@@ -31,6 +36,7 @@ from pneumoscan.metrics import binary_metrics
 from pneumoscan.modelfile import library_versions, now_utc, save_model
 from pneumoscan.models import Recipe, create_model, get_spec
 from pneumoscan.pipeline import decode_all, make_tf_dataset, steps_per_epoch
+from pneumoscan.preprocess import PreprocessConfig
 from pneumoscan.progress import Reporter
 
 # Options that may differ when a run is resumed; everything else must match the saved run.
@@ -53,6 +59,10 @@ class TrainOptions:
     seed: int = DEFAULT_SEED
     val_fraction: float = DEFAULT_VAL_FRACTION
     max_images: int | None = None
+    augment: str | None = None
+    label_smoothing: float | None = None
+    intensity: str | None = None
+    target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY
     resume: bool = False
 
 
@@ -74,8 +84,19 @@ def resolve_recipe(options: TrainOptions) -> Recipe:
         "epochs": options.epochs,
         "batch_size": options.batch_size,
         "learning_rate": options.learning_rate,
+        "augment": options.augment,
+        "label_smoothing": options.label_smoothing,
     }
     return replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def resolve_preprocess(options: TrainOptions) -> PreprocessConfig:
+    """The architecture's preprocessing with the CLI's overrides applied."""
+    preprocess = get_spec(options.arch).preprocess
+    if options.intensity is not None:
+        preprocess = replace(preprocess, intensity=options.intensity)
+    preprocess.validate()
+    return preprocess
 
 
 def options_to_command(options: TrainOptions) -> str:
@@ -131,13 +152,26 @@ def _class_weights(labels: np.ndarray, mode: str) -> dict[int, float] | None:
     return {k: float(len(labels) / (2 * counts[k])) for k in range(2)}
 
 
-def _build_optimizer(recipe: Recipe) -> Any:
+def _build_optimizer(recipe: Recipe, total_steps: int) -> Any:
     import keras
 
     config: dict[str, Any] = {}
-    if recipe.learning_rate is not None:
+    if recipe.schedule == "cosine":
+        initial = recipe.learning_rate or 1e-3
+        config["learning_rate"] = keras.optimizers.schedules.CosineDecay(initial, total_steps)
+    elif recipe.schedule != "constant":
+        raise ValueError(f"unknown schedule {recipe.schedule!r} (constant or cosine)")
+    elif recipe.learning_rate is not None:
         config["learning_rate"] = recipe.learning_rate
     return keras.optimizers.get({"class_name": recipe.optimizer, "config": config})
+
+
+def _build_loss(recipe: Recipe) -> Any:
+    import keras
+
+    if recipe.label_smoothing and recipe.loss == "binary_crossentropy":
+        return keras.losses.BinaryCrossentropy(label_smoothing=recipe.label_smoothing)
+    return recipe.loss
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -202,15 +236,15 @@ def train(options: TrainOptions, reporter: Reporter | None = None) -> TrainResul
     run = _RunFolder(options.out)
     state = _check_resume(run, options)
     recipe = resolve_recipe(options)
-    spec = get_spec(options.arch)
+    preprocess = resolve_preprocess(options)
     keras.utils.set_random_seed(options.seed)
 
     table = prepare_split(options, reporter)
     run.root.mkdir(parents=True, exist_ok=True)
     table[["path", "label", "split", "patient_id", "subtype"]].to_csv(run.split, index=False)
-    pixels, labels, skipped, table = _decode_splits(table, spec.preprocess, reporter)
+    pixels, labels, skipped, table = _decode_splits(table, preprocess, reporter)
     pd.DataFrame(skipped, columns=["path", "error"]).to_csv(run.skipped, index=False)
-    config = _run_config(options, recipe, spec.preprocess.to_dict(), table)
+    config = _run_config(options, recipe, preprocess.to_dict(), table)
     if state is None:
         _write_json(run.config, config)
 
@@ -222,9 +256,14 @@ def train(options: TrainOptions, reporter: Reporter | None = None) -> TrainResul
         f"val {len(val_y)} ({int(val_y.sum())} pneumonia), {table['patient_id'].nunique()} patients"
     )
 
+    from pneumoscan.augment import build_augmenter, unwrap, wrap_for_training
+
+    steps = steps_per_epoch(len(train_y), recipe.batch_size)
     if state is None:
-        network = create_model(options.arch)
-        network.compile(optimizer=_build_optimizer(recipe), loss=recipe.loss, metrics=["accuracy"])
+        augmenter = build_augmenter(recipe.augment, options.seed)
+        network = wrap_for_training(create_model(options.arch), augmenter)
+        optimizer = _build_optimizer(recipe, recipe.epochs * steps)
+        network.compile(optimizer=optimizer, loss=_build_loss(recipe), metrics=["accuracy"])
         start_epoch = 0
     else:
         network = keras.saving.load_model(run.last)
@@ -242,7 +281,7 @@ def train(options: TrainOptions, reporter: Reporter | None = None) -> TrainResul
             dataset,
             epochs=recipe.epochs,
             initial_epoch=start_epoch,
-            steps_per_epoch=steps_per_epoch(len(train_y), recipe.batch_size),
+            steps_per_epoch=steps,
             class_weight=_class_weights(train_y, recipe.class_weight),
             callbacks=[reporter.keras_callback(len(train_y), recipe.batch_size), checkpoint],
             shuffle=False,  # the dataset is already shuffled, reproducibly per epoch
@@ -250,6 +289,10 @@ def train(options: TrainOptions, reporter: Reporter | None = None) -> TrainResul
         )
     if recipe.restore_best and run.best.exists():
         network = keras.saving.load_model(run.best)
+        reporter.info(
+            f"restored the best epoch ({checkpoint.best_epoch}, val AUC {checkpoint.best_auc:.4f})"
+        )
+    network = unwrap(network)
 
     final = _finish(network, run, options, recipe, config, val_x, val_y, started)
     return TrainResult(
@@ -310,13 +353,27 @@ def _finish(
     started: float,
 ) -> dict[str, Any]:
     """Score validation, write the metadata-carrying model, metrics and curves."""
+    from pneumoscan.calibration import apply_temperature, fit_temperature, threshold_for_sensitivity
     from pneumoscan.callbacks import predict_pixels
+    from pneumoscan.metrics import expected_calibration_error
     from pneumoscan.plots import plot_training_curves
 
-    p_val = predict_pixels(network, val_x)
-    validation = binary_metrics(val_y, p_val, DEFAULT_THRESHOLD)
+    p_raw = predict_pixels(network, val_x)
+    temperature = fit_temperature(val_y, p_raw)
+    p_val = apply_temperature(p_raw, temperature)
+    threshold = threshold_for_sensitivity(val_y, p_val, options.target_sensitivity)
+    validation = binary_metrics(val_y, p_val, threshold)
     validation["split"] = "val (patient-grouped, from the training data)"
-    # A fresh, never-compiled copy drops the optimizer state: half the file size.
+    validation["ece"] = expected_calibration_error(val_y, p_val)
+    calibration = {
+        "method": "temperature scaling",
+        "fitted_on": "validation split",
+        "n": len(val_y),
+        "ece_before": expected_calibration_error(val_y, p_raw),
+        "ece_after": validation["ece"],
+    }
+    # A fresh, never-compiled copy drops the optimizer state (half the file size) and any
+    # augmentation layers.
     shipped = create_model(options.arch)
     shipped.set_weights(network.get_weights())
     metadata = {
@@ -325,9 +382,13 @@ def _finish(
         "positive_class": CLASSES[1],
         "input_size": list(config["preprocess"]["image_size"]),
         "preprocess": config["preprocess"],
-        "threshold": DEFAULT_THRESHOLD,
-        "threshold_rule": "fixed 0.5 (no operating point chosen yet)",
-        "temperature": 1.0,
+        "threshold": threshold,
+        "threshold_rule": (
+            f"highest threshold with validation sensitivity >= {options.target_sensitivity}"
+        ),
+        "target_sensitivity": options.target_sensitivity,
+        "temperature": temperature,
+        "calibration": calibration,
         "recipe": recipe.to_dict(),
         "seed": options.seed,
         "data": {

@@ -343,12 +343,14 @@ def load_imagenet_weights(
 
 LITE0_RECIPE = Recipe(
     optimizer="adam",
-    learning_rate=1e-4,
+    learning_rate=2e-4,
     loss="binary_crossentropy",
     batch_size=32,
-    epochs=7,
+    epochs=4,
     class_weight="balanced",
     restore_best=True,
+    augment="xray",
+    schedule="cosine",
 )
 
 

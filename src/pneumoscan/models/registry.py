@@ -29,6 +29,9 @@ class Recipe:
         epochs: Passes over the training split.
         class_weight: ``balanced`` weights classes inversely to their counts; ``none`` does not.
         restore_best: Keep the epoch with the best validation AUC instead of the last one.
+        augment: Training-time augmentation (``none`` or ``xray``; see ``pneumoscan.augment``).
+        label_smoothing: Label smoothing of the cross-entropy (0 = none).
+        schedule: ``constant`` learning rate, or ``cosine`` decay to 0 over the run.
     """
 
     optimizer: str = "rmsprop"
@@ -38,6 +41,9 @@ class Recipe:
     epochs: int = 3
     class_weight: str = "none"
     restore_best: bool = False
+    augment: str = "none"
+    label_smoothing: float = 0.0
+    schedule: str = "constant"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""

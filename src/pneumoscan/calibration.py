@@ -1,0 +1,71 @@
+"""Temperature scaling and the sensitivity-first operating threshold.
+
+Both are fitted on labelled data that was not used to fit weights (the validation split at
+training time, or a site's own sample with ``pneumoscan calibrate``) and stored in the model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+
+_EPS = 1e-7
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+
+
+def probability_to_logit(p_pneumonia: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)), with p clipped away from 0 and 1."""
+    p = np.clip(np.asarray(p_pneumonia, dtype=np.float64), _EPS, 1 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def apply_temperature(p_pneumonia: np.ndarray, temperature: float) -> np.ndarray:
+    """Rescale probabilities by dividing their logits by ``temperature`` (ranks unchanged)."""
+    if temperature == 1.0:
+        return np.asarray(p_pneumonia, dtype=np.float64)
+    return 1.0 / (1.0 + np.exp(-probability_to_logit(p_pneumonia) / temperature))
+
+
+def _negative_log_likelihood(y_true: np.ndarray, logits: np.ndarray, temperature: float) -> float:
+    scaled = logits / temperature
+    # log(1 + exp(-s)) for positives, log(1 + exp(s)) for negatives, computed stably.
+    return float(np.mean(np.logaddexp(0.0, np.where(y_true == 1, -scaled, scaled))))
+
+
+def fit_temperature(y_true: np.ndarray, p_pneumonia: np.ndarray) -> float:
+    """The temperature minimising the negative log-likelihood of the labels (Guo et al., 2017).
+
+    Args:
+        y_true: 0/1 labels; both classes must be present.
+        p_pneumonia: Uncalibrated probabilities.
+
+    Raises:
+        ValueError: A class is missing (the fit would be meaningless).
+    """
+    y_true = np.asarray(y_true).astype(int)
+    if len(np.unique(y_true)) < 2:
+        raise ValueError("temperature scaling needs both NORMAL and PNEUMONIA images")
+    logits = probability_to_logit(p_pneumonia)
+    result = minimize_scalar(
+        lambda log_t: _negative_log_likelihood(y_true, logits, float(np.exp(log_t))),
+        bounds=tuple(np.log(TEMPERATURE_BOUNDS)),
+        method="bounded",
+    )
+    return float(np.exp(result.x))
+
+
+def threshold_for_sensitivity(y_true: np.ndarray, p_pneumonia: np.ndarray, target: float) -> float:
+    """The highest threshold whose sensitivity on these images is at least ``target``.
+
+    The highest such threshold gives the best specificity for that sensitivity.
+
+    Raises:
+        ValueError: No pneumonia image, or a target outside (0, 1].
+    """
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
+    positives = np.sort(np.asarray(p_pneumonia, dtype=np.float64)[np.asarray(y_true) == 1])
+    if len(positives) == 0:
+        raise ValueError("choosing a threshold for sensitivity needs PNEUMONIA images")
+    may_miss = int(np.floor((1.0 - target) * len(positives) + 1e-9))
+    return float(positives[may_miss])
