@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import numpy as np
 from sklearn.metrics import log_loss
 
 from pneumoscan.constants import DEFAULT_THRESHOLD, POSITIVE_INDEX
+from pneumoscan.jsonio import write_json
 from pneumoscan.metrics import binary_metrics
 from pneumoscan.preprocess import to_model_input
 from pneumoscan.progress import Reporter
@@ -91,9 +91,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
             "best_auc": self.best_auc,
             "best_epoch": self.best_epoch,
         }
-        tmp = self.run.state.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(self.run.state)
+        write_json(self.run.state, state)
         self.reporter.info(
             f"epoch {epoch + 1}: loss {row['loss']:.4f}  val_loss {row['val_loss']:.4f}  "
             f"val_auc {row['val_auc']:.4f}  val_sens {scores['sensitivity']:.3f}  "

@@ -23,6 +23,7 @@ from pneumoscan.constants import (
     SAMPLES_DIR,
 )
 from pneumoscan.errors import PneumoscanError
+from pneumoscan.jsonio import write_json
 from pneumoscan.progress import Reporter
 
 # TensorFlow's C++ start-up chatter (oneDNN, CPU features) drowns the CLI's own output.
@@ -46,26 +47,6 @@ ModelOption = Annotated[
 def _fail(message: str, code: int = 2) -> None:
     stderr.print(f"[red]error:[/red] {message}", highlight=False)
     raise typer.Exit(code)
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(payload), indent=2, allow_nan=False))
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON: NumPy scalars unwrapped, NaN (an undefined rate) as null."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    return str(value)
 
 
 def _fmt(value: float) -> str:
@@ -220,7 +201,7 @@ def evaluate(
         stdout.print(f"{len(metrics['skipped'])} unreadable images skipped")
     stdout.print(f"wrote {plot}")
     if json_out:
-        _write_json(json_out, {k: v for k, v in metrics.items() if k != "report"})
+        write_json(json_out, {k: v for k, v in metrics.items() if k != "report"})
 
 
 @app.command()
@@ -259,7 +240,7 @@ def predict(
             table.add_row(result["path"], "[red]error[/red]", "", result["error"])
     stdout.print(table)
     if json_out:
-        _write_json(json_out, {"model": str(loaded.path), "results": results})
+        write_json(json_out, {"model": str(loaded.path), "results": results})
     if not any(r["status"] == "ok" for r in results):
         _fail("no input could be read", code=1)
 
@@ -332,7 +313,7 @@ def calibrate(
         "The cross-validated row estimates how the procedure does on new images of this site."
     )
     if json_out:
-        _write_json(json_out, result)
+        write_json(json_out, result)
 
 
 @app.command()
@@ -448,7 +429,7 @@ def compare(
     )
     stdout.print(f"verdict: {result['verdict']}")
     if json_out:
-        _write_json(json_out, result)
+        write_json(json_out, result)
 
 
 @app.command()
@@ -486,7 +467,7 @@ def report(
     )
     stdout.print(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB, {result.seconds:.1f} s)")
     if json_out:
-        _write_json(json_out, {k: v for k, v in metrics.items() if k != "report"})
+        write_json(json_out, {k: v for k, v in metrics.items() if k != "report"})
 
 
 def run() -> None:

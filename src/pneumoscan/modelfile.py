@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pneumoscan.constants import DEFAULT_MODEL_PATH, METADATA_MEMBER
 from pneumoscan.errors import ModelFileError
+from pneumoscan.jsonio import dumps
 from pneumoscan.preprocess import PreprocessConfig
 
 if TYPE_CHECKING:
@@ -100,7 +101,7 @@ def write_metadata(path: str | Path, metadata: dict[str, Any]) -> None:
             for item in source.infolist():
                 if item.filename != METADATA_MEMBER:
                     out.writestr(item, source.read(item.filename))
-            out.writestr(METADATA_MEMBER, json.dumps(metadata, indent=2, sort_keys=True))
+            out.writestr(METADATA_MEMBER, dumps(metadata))
         tmp.chmod(0o644)
         tmp.replace(path)
     finally:

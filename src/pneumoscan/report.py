@@ -26,6 +26,7 @@ import pandas as pd
 
 from pneumoscan.constants import CLASSES, DEFAULT_SEED
 from pneumoscan.evaluate import ScoredImages, score_images, summarise
+from pneumoscan.jsonio import jsonable
 from pneumoscan.metrics import DEFAULT_RESAMPLES
 from pneumoscan.progress import Reporter
 
@@ -80,21 +81,6 @@ class ReportResult:
     metrics: dict[str, Any]
     seconds: float
     size_bytes: int
-
-
-def jsonable(value: Any) -> Any:
-    """Plain JSON values: NumPy scalars unwrapped, NaN (an undefined rate) as ``None``."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    return str(value)
 
 
 def _lookup(metrics: dict[str, Any], key: str) -> Any:

@@ -32,6 +32,7 @@ from pneumoscan.data import (
     scan_dataset,
 )
 from pneumoscan.errors import DatasetError, PneumoscanError
+from pneumoscan.jsonio import write_json
 from pneumoscan.metrics import binary_metrics
 from pneumoscan.modelfile import library_versions, now_utc, save_model
 from pneumoscan.models import Recipe, create_model, get_spec
@@ -174,12 +175,6 @@ def _build_loss(recipe: Recipe) -> Any:
     return recipe.loss
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
-
-
 class _RunFolder:
     """Paths inside a run folder."""
 
@@ -246,7 +241,7 @@ def train(options: TrainOptions, reporter: Reporter | None = None) -> TrainResul
     pd.DataFrame(skipped, columns=["path", "error"]).to_csv(run.skipped, index=False)
     config = _run_config(options, recipe, preprocess.to_dict(), table)
     if state is None:
-        _write_json(run.config, config)
+        write_json(run.config, config)
 
     is_train = (table["split"] == "train").to_numpy()
     train_x, train_y = pixels[is_train], labels[is_train]
@@ -402,7 +397,7 @@ def _finish(
         "training_seconds": round(time.perf_counter() - started, 1),
     }
     save_model(shipped, run.model, metadata)
-    _write_json(run.metrics, {"validation": validation})
+    write_json(run.metrics, {"validation": validation})
     if run.history.exists():
         plot_training_curves(pd.read_csv(run.history), run.curves)
     return validation
