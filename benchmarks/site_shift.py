@@ -5,9 +5,9 @@ Usage:
 
 For each model prints site-sample AUC, and sensitivity/specificity at the model's stored
 (validation-chosen) threshold, for: the plain model; horizontal-flip test-time augmentation;
-and batch-norm statistics re-estimated on the site's own (unlabelled) images (AdaBN, Li et al.
-2016; only for networks with batch normalisation). The AdaBN figure is optimistic in one way:
-the statistics come from the same 100 images that are scored.
+and batch-norm statistics re-estimated on the site's own (unlabelled) images
+(``pneumoscan.adapt``; only for networks with batch normalisation). The AdaBN figure is
+optimistic in one way: the statistics come from the same 100 images that are scored.
 """
 
 from __future__ import annotations
@@ -15,34 +15,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import keras
 import numpy as np
 from common import SHARED_DATA, machine
 
+from pneumoscan.adapt import adapt_batch_norm, batch_norm_layers
 from pneumoscan.calibration import apply_temperature
 from pneumoscan.constants import CLASSES, POSITIVE_INDEX
 from pneumoscan.data import scan_dataset
 from pneumoscan.metrics import binary_metrics
-from pneumoscan.modelfile import load_model
+from pneumoscan.modelfile import LoadedModel, load_model
 from pneumoscan.pipeline import decode_all
 from pneumoscan.preprocess import to_model_input
 
 
-def _scores(network: keras.Model, x: np.ndarray, temperature: float) -> np.ndarray:
+def _scores(model: LoadedModel, x: np.ndarray) -> np.ndarray:
     raw = np.concatenate(
-        [np.asarray(network.predict_on_batch(x[i : i + 32])) for i in range(0, len(x), 32)]
+        [np.asarray(model.network.predict_on_batch(x[i : i + 32])) for i in range(0, len(x), 32)]
     )[:, POSITIVE_INDEX]
-    return apply_temperature(raw, temperature)
-
-
-def _adapt_batch_norm(network: keras.Model, x: np.ndarray) -> bool:
-    norms = [layer for layer in network._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
-    if not norms:
-        return False
-    for layer in norms:
-        layer.momentum = 0.0
-    network(x, training=True)
-    return True
+    return apply_temperature(raw, model.temperature, model.logit_bias)
 
 
 def main() -> None:
@@ -57,20 +47,17 @@ def main() -> None:
         pixels, _, _ = decode_all(table["path"].tolist(), model.preprocess)
         x = to_model_input(pixels)
         variants = {
-            "plain": _scores(model.network, x, model.temperature),
-            "hflip TTA": (
-                _scores(model.network, x, model.temperature)
-                + _scores(model.network, x[:, :, ::-1], model.temperature)
-            )
-            / 2,
+            "plain": _scores(model, x),
+            "hflip TTA": (_scores(model, x) + _scores(model, x[:, :, ::-1])) / 2,
         }
-        if _adapt_batch_norm(model.network, x):
-            variants["AdaBN on site images"] = _scores(model.network, x, model.temperature)
+        if batch_norm_layers(model.network):
+            adapt_batch_norm(model.network, [x[i : i + 32] for i in range(0, len(x), 32)])
+            variants["AdaBN on site images"] = _scores(model, x)
         for name, p in variants.items():
             m = binary_metrics(y, p, model.threshold)
             print(
-                f"{path}: {name:22s} AUC {m['auc']:.4f}  at stored threshold {model.threshold:.4f}: "
-                f"sens {m['sensitivity']:.3f} spec {m['specificity']:.3f}",
+                f"{path}: {name:22s} AUC {m['auc']:.4f}  at the stored threshold "
+                f"{model.threshold:.4f}: sens {m['sensitivity']:.3f} spec {m['specificity']:.3f}",
                 flush=True,
             )
 

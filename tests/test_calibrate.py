@@ -30,6 +30,7 @@ def test_calibration_refits_threshold_and_temperature_only(
     metadata = read_metadata(out)
     assert metadata["threshold"] == result["threshold"]
     assert metadata["temperature"] == result["temperature"]
+    assert metadata["logit_bias"] == result["logit_bias"]
     assert metadata["site_calibration"]["n"] == result["n"]
     original, calibrated = load_model(trained_run), load_model(out)
     for a, b in zip(original.network.get_weights(), calibrated.network.get_weights(), strict=True):
@@ -67,3 +68,30 @@ def test_cross_validation_holds_out_patients() -> None:
     figures = cross_validated_figures(y, p, patients, target=0.9)
     assert figures is not None and figures["folds"] == 5
     assert 0.7 <= figures["sensitivity"] <= 1.0
+
+
+def test_unlabelled_images_adapt_batch_norm_only(tmp_path: Path) -> None:
+    from pneumoscan.adapt import batch_norm_layers
+    from pneumoscan.modelfile import save_model
+    from pneumoscan.models import create_model
+
+    source = tmp_path / "bn.keras"
+    metadata = {"arch": "efficientnet_lite0_scratch", "classes": ["NORMAL", "PNEUMONIA"],
+                "threshold": 0.5, "preprocess": {"image_size": [224, 224]}}  # fmt: skip
+    save_model(create_model("efficientnet_lite0_scratch"), source, metadata)
+    out = tmp_path / "adapted.keras"
+    result = calibrate_to_site(source, FIXTURES, out, unlabelled=FIXTURES / "NORMAL")
+    assert result["batch_norm_adaptation"]["images"] == len(list((FIXTURES / "NORMAL").iterdir()))
+    before, after = load_model(source).network, load_model(out).network
+    norms_before = {layer.name: layer for layer in batch_norm_layers(before)}
+    changed = 0
+    for layer in batch_norm_layers(after):
+        old = norms_before[layer.name]
+        np.testing.assert_array_equal(layer.gamma.numpy(), old.gamma.numpy())
+        changed += not np.allclose(layer.moving_mean.numpy(), old.moving_mean.numpy())
+    assert changed > 0
+    conv_before = [w for w in before.weights if "kernel" in w.path]
+    conv_after = [w for w in after.weights if "kernel" in w.path]
+    for a, b in zip(conv_before, conv_after, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert read_metadata(out)["site_calibration"]["batch_norm_adaptation"]["method"] == "AdaBN"

@@ -8,6 +8,7 @@ import pytest
 from pneumoscan.calibration import (
     apply_temperature,
     fit_temperature,
+    fit_temperature_and_bias,
     probability_to_logit,
     threshold_for_sensitivity,
 )
@@ -56,3 +57,17 @@ def test_logit_round_trip_and_identity() -> None:
     np.testing.assert_array_equal(apply_temperature(p, 1.0), p)
     with pytest.raises(ValueError, match="both"):
         fit_temperature(np.ones(4), np.full(4, 0.9))
+
+
+def test_temperature_and_bias_undo_a_site_shift() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 3000)
+    true_logit = 2 * (np.where(y == 1, 1.0, -1.0) + rng.normal(0, 1.2, y.size)) / 1.44
+    # A new site: every logit 2.0 higher (normals look more like pneumonia) and overconfident.
+    shifted = 1 / (1 + np.exp(-(2.0 * true_logit + 2.0)))
+    temperature, bias = fit_temperature_and_bias(y, shifted)
+    assert 1.7 < temperature < 2.3 and -1.3 < bias < -0.7
+    repaired = apply_temperature(shifted, temperature, bias)
+    assert expected_calibration_error(y, repaired) < 0.03
+    only_temperature = apply_temperature(shifted, fit_temperature(y, shifted))
+    assert expected_calibration_error(y, repaired) < expected_calibration_error(y, only_temperature)

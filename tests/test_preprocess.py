@@ -12,7 +12,9 @@ from PIL import Image
 from pneumoscan.errors import ImageReadError
 from pneumoscan.preprocess import (
     PreprocessConfig,
+    decode_image,
     decode_to_uint8,
+    load_image,
     preprocess_image,
     to_model_input,
 )
@@ -119,3 +121,64 @@ def test_equalize_spreads_the_histogram_and_keeps_shape(xray_path: Path, tmp_pat
     assert np.abs(equalized.astype(float) - reference).mean() < 12
     with pytest.raises(ValueError, match="intensity"):
         PreprocessConfig(intensity="clahe").validate()
+
+
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [
+        ("grey-lzw", lambda g: g),
+        ("rgb-lzw", lambda g: g.convert("RGB")),
+        ("deep", lambda g: Image.fromarray(np.asarray(g).astype(np.uint16) * 257)),
+        ("float", lambda g: Image.fromarray(np.asarray(g).astype(np.float32) / 255.0)),
+    ],
+)
+def test_tiff_inputs_give_the_same_tensor(
+    xray_path: Path, tmp_path: Path, name: str, make: object
+) -> None:
+    grey = Image.open(xray_path).convert("L")
+    path = tmp_path / f"{name}.tif"
+    make(grey).save(path, compression="tiff_lzw" if "lzw" in name else None)  # type: ignore[operator]
+    decoded = decode_image(path)
+    assert decoded.source_format == "TIFF"
+    assert np.abs(decoded.pixels.astype(float) - decode_to_uint8(xray_path)).mean() < 1.5
+
+
+def test_format_comes_from_content_and_size_is_kept(xray_path: Path, tmp_path: Path) -> None:
+    png_named_jpeg = tmp_path / "really-a-png.jpeg"
+    Image.open(xray_path).convert("L").resize((300, 200)).save(png_named_jpeg, format="PNG")
+    decoded = decode_image(png_named_jpeg)
+    assert decoded.source_format == "PNG" and decoded.original_size == (300, 200)
+    assert decoded.pixels.shape == (224, 224, 3) and decoded.display is decoded.pixels
+
+
+def test_decode_image_keeps_the_unequalised_display(xray_path: Path) -> None:
+    decoded = decode_image(xray_path, PreprocessConfig(intensity="equalize"))
+    equalised = decode_to_uint8(xray_path, PreprocessConfig(intensity="equalize"))
+    np.testing.assert_array_equal(decoded.pixels, equalised)
+    np.testing.assert_array_equal(decoded.display, decode_to_uint8(xray_path))
+
+
+def test_unreadable_path_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(ImageReadError, match="cannot read file"):
+        preprocess_image(tmp_path)  # a folder
+
+
+def test_a_tinted_photo_of_a_film_becomes_grey(xray_path: Path, tmp_path: Path) -> None:
+    grey = np.asarray(Image.open(xray_path).convert("L")).astype(float)
+    tinted = np.clip(grey[..., None] * [1.0, 0.93, 0.8] + [10, 8, 2], 0, 255).astype(np.uint8)
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(tinted).save(path, quality=95)
+    decoded = decode_to_uint8(path)
+    assert (decoded[..., 0] == decoded[..., 1]).all() and (decoded[..., 1] == decoded[..., 2]).all()
+    assert np.abs(decoded[..., 0].astype(float) - grey * 0.93).mean() < 12
+
+
+def test_grey_and_colourful_images_keep_their_pixels(xray_path: Path) -> None:
+    import skimage.data
+
+    plain = np.asarray(Image.open(xray_path).convert("RGB"))
+    np.testing.assert_array_equal(np.asarray(load_image(xray_path)), plain)
+    photo = skimage.data.astronaut()
+    buffer = io.BytesIO()
+    Image.fromarray(photo).save(buffer, format="PNG")
+    np.testing.assert_array_equal(np.asarray(load_image(buffer.getvalue())), photo)

@@ -1,7 +1,8 @@
-"""Site calibration: refit temperature and threshold on a hospital's own labelled sample.
+"""Site calibration: refit temperature, bias and threshold on a hospital's own labelled sample.
 
-No weight changes: only the two numbers that map the network's output to a calibrated
-probability and a decision. The refit figures on the sample itself are optimistic (the
+No learned weight changes: only the numbers that map the network's output to a calibrated
+probability (Platt scaling of the logit) and a decision; optionally the batch-norm statistics
+(``--unlabelled``). The refit figures on the sample itself are optimistic (the
 threshold was chosen on those images), so a patient-grouped cross-validated estimate of the
 whole procedure is reported beside them.
 """
@@ -15,12 +16,16 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from pneumoscan.calibration import apply_temperature, fit_temperature, threshold_for_sensitivity
+from pneumoscan.calibration import (
+    apply_temperature,
+    fit_temperature_and_bias,
+    threshold_for_sensitivity,
+)
 from pneumoscan.constants import CLASSES, DEFAULT_TARGET_SENSITIVITY
 from pneumoscan.data import data_fingerprint, empty_classes, scan_dataset
 from pneumoscan.errors import DatasetError
 from pneumoscan.metrics import binary_metrics, expected_calibration_error, wilson_interval
-from pneumoscan.modelfile import now_utc, write_metadata
+from pneumoscan.modelfile import LoadedModel, now_utc, save_model, write_metadata
 from pneumoscan.progress import Reporter
 
 #: Widest 95% interval on the sensitivity target tolerated without a warning.
@@ -70,9 +75,9 @@ def cross_validated_figures(
     held_threshold = np.empty_like(p_raw)
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     for fit, held in splitter.split(p_raw, y_true, patients):
-        temperature = fit_temperature(y_true[fit], p_raw[fit])
-        p_fit = apply_temperature(p_raw[fit], temperature)
-        p_held_out[held] = apply_temperature(p_raw[held], temperature)
+        temperature, bias = fit_temperature_and_bias(y_true[fit], p_raw[fit])
+        p_fit = apply_temperature(p_raw[fit], temperature, bias)
+        p_held_out[held] = apply_temperature(p_raw[held], temperature, bias)
         held_threshold[held] = threshold_for_sensitivity(y_true[fit], p_fit, target)
     predicted = p_held_out >= held_threshold
     tp = int(np.sum(predicted & (y_true == 1)))
@@ -95,8 +100,13 @@ def calibrate_to_site(
     target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
     batch_size: int = 32,
     reporter: Reporter | None = None,
+    unlabelled: str | Path | None = None,
 ) -> dict[str, Any]:
     """Refit temperature and threshold on a labelled local sample and save a new model file.
+
+    With ``unlabelled``, the network's batch-norm statistics are first re-estimated on the
+    site's own unlabelled X-rays (:func:`pneumoscan.adapt.adapt_batch_norm`); no other weight
+    changes.
 
     Args:
         model: Model file or run folder (default: the shipped model).
@@ -105,6 +115,7 @@ def calibrate_to_site(
         target_sensitivity: Sensitivity the new threshold must reach on the sample.
         batch_size: Images scored at a time.
         reporter: Progress and warnings sink.
+        unlabelled: Folder of the site's unlabelled X-rays (searched recursively).
 
     Returns:
         ``before``, ``after`` (on the sample itself), ``cross_validated`` figures, the new
@@ -113,33 +124,29 @@ def calibrate_to_site(
     Raises:
         DatasetError: A class has no readable image.
     """
-    from pneumoscan.inference import score_files
     from pneumoscan.modelfile import load_model
 
     reporter = reporter or Reporter(quiet=True)
     loaded = load_model(model)
     table = scan_dataset(data)
     paths = table["path"].tolist()
-    p_raw = np.full(len(paths), np.nan)
-    with reporter.task("scoring the site sample", total=len(paths)) as advance:
-        for score in score_files(loaded, paths, batch_size=batch_size, calibrated=False):
-            if score.probability is None:
-                reporter.warn(f"skipped {score.error}")
-            else:
-                p_raw[score.position] = score.probability
-            advance(1)
+    before_raw = _raw_scores(loaded, paths, batch_size, reporter)
+    adapted = _adapt(loaded, Path(unlabelled), batch_size, reporter) if unlabelled else None
+    p_raw = _raw_scores(loaded, paths, batch_size, reporter) if adapted else before_raw
     scored = ~np.isnan(p_raw)
     table = table[scored].assign(error="")
     if empty_classes(table):
         raise DatasetError(f"{data}: calibration needs readable NORMAL and PNEUMONIA images")
     y_true = (table["label"] == CLASSES[1]).to_numpy().astype(int)
-    p_raw = p_raw[scored]
+    p_raw, before_raw = p_raw[scored], before_raw[scored]
 
     before = operating_figures(
-        y_true, apply_temperature(p_raw, loaded.temperature), loaded.threshold
+        y_true,
+        apply_temperature(before_raw, loaded.temperature, loaded.logit_bias),
+        loaded.threshold,
     )
-    temperature = fit_temperature(y_true, p_raw)
-    p_after = apply_temperature(p_raw, temperature)
+    temperature, bias = fit_temperature_and_bias(y_true, p_raw)
+    p_after = apply_temperature(p_raw, temperature, bias)
     threshold = threshold_for_sensitivity(y_true, p_after, target_sensitivity)
     after = operating_figures(y_true, p_after, threshold)
     patients = table["patient_id"].to_numpy()
@@ -151,30 +158,76 @@ def calibrate_to_site(
         "n_pneumonia": int(y_true.sum()),
         "target_sensitivity": target_sensitivity,
         "temperature": temperature,
+        "logit_bias": bias,
         "threshold": threshold,
         "before": before,
         "after": after,
         "cross_validated": cross_validated_figures(y_true, p_raw, patients, target_sensitivity),
         "warning": warning,
+        "batch_norm_adaptation": adapted,
     }
     if warning:
         reporter.warn(warning)
-    _save_calibrated(loaded.path, Path(out), loaded.metadata, result, data_fingerprint(table))
+    _save_calibrated(loaded, Path(out), result, data_fingerprint(table))
     return result
 
 
+def _raw_scores(
+    loaded: LoadedModel, paths: list[str], batch_size: int, reporter: Reporter
+) -> np.ndarray:
+    """Uncalibrated P(pneumonia) per path; NaN where a file cannot be read."""
+    from pneumoscan.inference import score_files
+
+    p_raw = np.full(len(paths), np.nan)
+    with reporter.task("scoring the labelled sample", total=len(paths)) as advance:
+        for score in score_files(loaded, paths, batch_size=batch_size, calibrated=False):
+            if score.probability is None:
+                reporter.warn(f"skipped {score.error}")
+            else:
+                p_raw[score.position] = score.probability
+            advance(1)
+    return p_raw
+
+
+def _adapt(
+    loaded: LoadedModel, folder: Path, batch_size: int, reporter: Reporter
+) -> dict[str, Any]:
+    """Re-estimate batch-norm statistics on every readable image under ``folder``."""
+    from pneumoscan.adapt import adapt_batch_norm
+    from pneumoscan.pipeline import iter_decoded_batches
+    from pneumoscan.predict import expand_inputs
+    from pneumoscan.preprocess import to_model_input
+
+    files, problems = expand_inputs([folder])
+    if problems:
+        raise DatasetError(problems[0]["error"])
+    batches = iter_decoded_batches(files, loaded.preprocess, batch_size=batch_size)
+    try:
+        used = adapt_batch_norm(
+            loaded.network, (to_model_input(b.pixels) for b in batches if len(b.pixels))
+        )
+    except ValueError as exc:
+        raise DatasetError(f"{folder}: {exc}") from exc
+    reporter.info(f"batch-norm statistics re-estimated on {used} unlabelled images of {folder}")
+    return {"method": "AdaBN", "images": used, "folder": str(folder)}
+
+
 def _save_calibrated(
-    source: Path, out: Path, metadata: dict[str, Any], result: dict[str, Any], fingerprint: str
+    loaded: LoadedModel, out: Path, result: dict[str, Any], fingerprint: str
 ) -> None:
+    source, metadata = loaded.path, loaded.metadata
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.resolve() == source.resolve():
         raise DatasetError(f"{out}: choose a new file; the input model is kept unchanged")
-    shutil.copyfile(source, out)
-    site = {
-        k: result[k] for k in ("data", "n", "n_pneumonia", "before", "after", "cross_validated")
-    }
+    if result["batch_norm_adaptation"]:
+        save_model(loaded.network, out, metadata)
+    else:
+        shutil.copyfile(source, out)
+    keys = ("data", "n", "n_pneumonia", "before", "after", "cross_validated")
+    site = {k: result[k] for k in keys} | {"batch_norm_adaptation": result["batch_norm_adaptation"]}
     updated = metadata | {
         "temperature": result["temperature"],
+        "logit_bias": result["logit_bias"],
         "threshold": result["threshold"],
         "threshold_rule": (
             f"highest threshold with site-sample sensitivity >= {result['target_sensitivity']}"

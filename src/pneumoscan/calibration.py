@@ -19,11 +19,12 @@ def probability_to_logit(p_pneumonia: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def apply_temperature(p_pneumonia: np.ndarray, temperature: float) -> np.ndarray:
-    """Rescale probabilities by dividing their logits by ``temperature`` (ranks unchanged)."""
-    if temperature == 1.0:
+def apply_temperature(p_pneumonia: np.ndarray, temperature: float, bias: float = 0.0) -> np.ndarray:
+    """Map probabilities through ``sigmoid(logit / temperature + bias)`` (ranks unchanged)."""
+    if temperature == 1.0 and bias == 0.0:
         return np.asarray(p_pneumonia, dtype=np.float64)
-    return 1.0 / (1.0 + np.exp(-probability_to_logit(p_pneumonia) / temperature))
+    scaled = probability_to_logit(p_pneumonia) / temperature + bias
+    return 1.0 / (1.0 + np.exp(-scaled))
 
 
 def _negative_log_likelihood(y_true: np.ndarray, logits: np.ndarray, temperature: float) -> float:
@@ -52,6 +53,26 @@ def fit_temperature(y_true: np.ndarray, p_pneumonia: np.ndarray) -> float:
         method="bounded",
     )
     return float(np.exp(result.x))
+
+
+def fit_temperature_and_bias(y_true: np.ndarray, p_pneumonia: np.ndarray) -> tuple[float, float]:
+    """Platt scaling of the logit: the ``(temperature, bias)`` minimising the label NLL.
+
+    A new site often shifts every score the same way (its images all look a little more, or
+    less, like pneumonia), which a temperature alone cannot undo; the bias can.
+
+    Raises:
+        ValueError: A class is missing.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    y_true = np.asarray(y_true).astype(int)
+    if len(np.unique(y_true)) < 2:
+        raise ValueError("Platt scaling needs both NORMAL and PNEUMONIA images")
+    logits = probability_to_logit(p_pneumonia).reshape(-1, 1)
+    fit = LogisticRegression(C=1e4).fit(logits, y_true)  # nearly unregularised
+    slope = float(np.clip(fit.coef_[0, 0], 1 / TEMPERATURE_BOUNDS[1], 1 / TEMPERATURE_BOUNDS[0]))
+    return 1.0 / slope, float(fit.intercept_[0])
 
 
 def threshold_for_sensitivity(y_true: np.ndarray, p_pneumonia: np.ndarray, target: float) -> float:

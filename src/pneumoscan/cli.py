@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -209,40 +210,201 @@ def predict(
     paths: Annotated[
         list[Path] | None, typer.Argument(help="Image files or folders (recursive).")
     ] = None,
-    model: ModelOption = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model", "-m", help="Model file, run folder or exported .onnx (default: shipped)."
+        ),
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results as JSON.")] = None,
     samples: Annotated[
         bool, typer.Option(help="Also predict the sample X-rays shipped with pneumoscan.")
     ] = False,
     batch_size: Annotated[int, typer.Option(help="Images scored at a time.")] = 32,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Stream results to a .csv or .jsonl file as they come."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Append to --out, skipping files already ok or rejected there.")
+    ] = False,
+    heatmaps: Annotated[
+        Path | None, typer.Option(help="Folder for a Grad-CAM overlay PNG per accepted image.")
+    ] = None,
+    ood_check: Annotated[
+        bool,
+        typer.Option(
+            "--ood-check/--no-ood-check",
+            help="Reject inputs that do not look like frontal chest X-rays.",
+        ),
+    ] = True,
+    backend: Annotated[str, typer.Option(help="keras, or onnx (ONNX Runtime).")] = "keras",
+    onnx: Annotated[
+        Path | None,
+        typer.Option(help="ONNX file for --backend onnx (default: exported from the model)."),
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Decoding threads.")] = 2,
 ) -> None:
-    """P(pneumonia) and a decision per file; unreadable files are listed, never fatal."""
-    from pneumoscan.modelfile import load_model
-    from pneumoscan.predict import expand_inputs, predict_files
+    """P(pneumonia) and a decision per file; non-X-rays are rejected, bad files listed."""
+    from pneumoscan.predict import (
+        ResultWriter,
+        completed_paths,
+        expand_inputs,
+        load_detector,
+        open_model,
+        predict_files,
+        summarise,
+    )
 
     inputs = [*(paths or []), *(sorted(SAMPLES_DIR.glob("*/*.jpeg")) if samples else [])]
     if not inputs:
         _fail("give image files or folders, or --samples")
+    if resume and out is None:
+        _fail("--resume needs --out FILE (the results file to continue)")
     files, results = expand_inputs(inputs)
     try:
-        loaded = load_model(model)
-    except PneumoscanError as exc:
+        writer = ResultWriter(out, resume=resume) if out is not None else None
+    except (FileExistsError, ValueError) as exc:
         _fail(str(exc))
-    table = Table(title=f"pneumoscan {loaded.name} (threshold {loaded.threshold:.3f})")
-    for column in ("file", "status", "P(pneumonia)", "decision"):
+    skipped = 0
+    if resume and out is not None:
+        done = completed_paths(out)
+        skipped = len(done & set(files))
+        stderr.print(f"resuming {out}: {skipped} files already done", highlight=False)
+        files = [f for f in files if f not in done]
+    try:
+        loaded, network, note = open_model(model, backend, onnx, keras_network=bool(heatmaps))
+    except (PneumoscanError, ValueError) as exc:
+        _fail(str(exc))
+    if note:
+        stderr.print(note, highlight=False)
+    detector = load_detector(loaded) if ood_check else None
+    if ood_check and detector is None:
+        stderr.print(
+            f"{loaded.name} has no fitted OOD detector: only the cheap checks run "
+            "(add one with `pneumoscan fit-ood`)",
+            highlight=False,
+        )
+    stream = predict_files(
+        loaded, files, batch_size, ood_check=ood_check, heatmaps=heatmaps,
+        heatmap_network=network, workers=workers, detector=detector,
+    )  # fmt: skip
+    started = time.perf_counter()
+    try:
+        with Reporter(stderr).task("predicting", total=len(files)) as advance:
+            for result in stream:
+                results.append(result)
+                if writer is not None:
+                    writer.write(result)
+                advance(1)
+    finally:
+        if writer is not None:
+            writer.close()
+    _print_predictions(results, f"pneumoscan {loaded.name} (threshold {loaded.threshold:.3f})")
+    seconds = time.perf_counter() - started
+    counts = summarise(results)
+    stdout.print(
+        f"{counts['ok']} ok, {counts['rejected']} rejected (not a frontal chest X-ray), "
+        f"{counts['error']} unreadable; {len(files)} files in {seconds:.1f} s "
+        f"({len(files) / max(seconds, 1e-9):.1f} images/s, {loaded.name}, "
+        f"{'onnx' if loaded.path.suffix == '.onnx' else backend})"
+        + (f"; results in {out}" if out else ""),
+        highlight=False,
+    )
+    if json_out:
+        write_json(json_out, {"model": str(loaded.path), "results": results})
+    if results and counts["ok"] + counts["rejected"] + skipped == 0:
+        _fail("no input could be read", code=1)
+
+
+#: Above this many results, predict prints counts instead of a table row per file.
+MAX_TABLE_ROWS = 200
+
+
+def _print_predictions(results: list[dict[str, Any]], title: str) -> None:
+    if len(results) > MAX_TABLE_ROWS:
+        return
+    table = Table(title=title)
+    for column in ("file", "status", "P(pneumonia)", "decision / reason"):
         table.add_column(column)
-    for result in predict_files(loaded, files, batch_size=batch_size):
-        results.append(result)
     for result in results:
         if result["status"] == "ok":
             table.add_row(result["path"], "ok", f"{result['probability']:.3f}", result["decision"])
+        elif result["status"] == "rejected":
+            table.add_row(result["path"], "[yellow]rejected[/yellow]", "", result["reason"])
         else:
             table.add_row(result["path"], "[red]error[/red]", "", result["error"])
     stdout.print(table)
-    if json_out:
-        write_json(json_out, {"model": str(loaded.path), "results": results})
-    if not any(r["status"] == "ok" for r in results):
-        _fail("no input could be read", code=1)
+
+
+@app.command("export")
+def export_model(
+    model: ModelOption = None,
+    export_format: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
+    out: Annotated[
+        Path | None, typer.Option(help="File to write (default: MODEL_NAME.onnx here).")
+    ] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 17,
+) -> None:
+    """Export a model (with its metadata and OOD detector) to ONNX for ONNX Runtime."""
+    from pneumoscan.export import FORMATS, export_onnx
+    from pneumoscan.modelfile import resolve_model_path
+
+    if export_format not in FORMATS:
+        _fail(f"unknown format {export_format!r}; choose one of {FORMATS}")
+    try:
+        source = resolve_model_path(model)
+        summary = export_onnx(source, out or Path(source.stem + ".onnx"), opset=opset)
+    except PneumoscanError as exc:
+        _fail(str(exc))
+    detector = "included" if summary.ood else "none (run fit-ood first to include one)"
+    stdout.print(
+        f"wrote {summary.path} ({summary.size_bytes / 1e6:.1f} MB; outputs "
+        f"{', '.join(summary.outputs)}; OOD detector {detector})",
+        highlight=False,
+    )
+
+
+@app.command("fit-ood")
+def fit_ood_command(
+    data: Annotated[
+        Path, typer.Option("--data", help="The data set the model was trained on (not test).")
+    ],
+    out: Annotated[Path, typer.Option(help="Model file to write, with the OOD detector.")],
+    model: ModelOption = None,
+    check: Annotated[
+        list[Path] | None,
+        typer.Option(help="Folder of X-rays that must pass (e.g. another site's); repeatable."),
+    ] = None,
+    retention: Annotated[
+        float, typer.Option(help="Share of the training images the detector must accept.")
+    ] = 0.995,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+) -> None:
+    """Fit the out-of-distribution detector on the model's training images and store it."""
+    from pneumoscan.ood import fit_ood
+
+    try:
+        ood = fit_ood(
+            model, data, out, check or [], retention, batch_size=batch_size,
+            reporter=Reporter(stderr),
+        )  # fmt: skip
+    except (PneumoscanError, ValueError) as exc:
+        _fail(str(exc))
+    fitted, rates = ood["fitted_on"], ood["training_rejection"]
+    stdout.print(
+        f"fitted on {fitted['n_images']} images of {fitted['n_patients']} patients "
+        f"(layers {', '.join(ood['layers']) or 'none'}); training images rejected: "
+        f"{rates['out_of_fold']:.2%} out of fold, {rates['in_sample']:.2%} in sample",
+        highlight=False,
+    )
+    for folder, found in ood["checks"].items():
+        stdout.print(
+            f"check {folder}: {found['rejected']} of {found['n']} rejected", highlight=False
+        )
+        for item in found["rejected_files"]:
+            stdout.print(f"  {item['path']}: {item['reason']}", highlight=False)
+    stdout.print(f"wrote {out}")
 
 
 @app.command()
@@ -285,12 +447,21 @@ def calibrate(
         float, typer.Option(help="Sensitivity the new threshold must reach on the sample.")
     ] = DEFAULT_TARGET_SENSITIVITY,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures.")] = None,
+    unlabelled: Annotated[
+        Path | None,
+        typer.Option(help="Site X-rays without labels: re-estimate batch-norm statistics first."),
+    ] = None,
 ) -> None:
-    """Refit temperature and threshold to a site's labelled sample (no weight updates)."""
+    """Refit temperature and threshold to a site's labelled sample.
+
+    Learned weights never change; with --unlabelled, batch-norm statistics are re-estimated.
+    """
     from pneumoscan.calibrate import calibrate_to_site
 
     try:
-        result = calibrate_to_site(model, data, out, target_sensitivity, reporter=Reporter(stderr))
+        result = calibrate_to_site(
+            model, data, out, target_sensitivity, reporter=Reporter(stderr), unlabelled=unlabelled
+        )
     except PneumoscanError as exc:
         _fail(str(exc))
     table = Table(
@@ -305,7 +476,8 @@ def calibrate(
         table.add_row(*_figures_row(name, result["cross_validated"]))
     stdout.print(table)
     stdout.print(
-        f"temperature {result['temperature']:.3f}, threshold {result['threshold']:.4f} "
+        f"temperature {result['temperature']:.3f}, logit bias {result['logit_bias']:+.3f}, "
+        f"threshold {result['threshold']:.4f} "
         f"(target sensitivity {target_sensitivity}); wrote {out}"
     )
     stdout.print(
@@ -314,6 +486,77 @@ def calibrate(
     )
     if json_out:
         write_json(json_out, result)
+
+
+@app.command()
+def serve(
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model", "-m", help="Model file, run folder or exported .onnx (default: shipped)."
+        ),
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="PNEUMOSCAN_API_KEY",
+            show_envvar=True,
+            help="Require this key in the X-API-Key header on /v1/* (prefer the environment "
+            "variable: a command line is visible to other users of the machine).",
+        ),
+    ] = None,
+    max_upload_mb: Annotated[
+        float, typer.Option(help="Largest accepted file in MB; larger ones get HTTP 413.")
+    ] = 20.0,
+    max_request_mb: Annotated[
+        float, typer.Option(help="Largest accepted request (all files together) in MB.")
+    ] = 100.0,
+    max_files: Annotated[int, typer.Option(help="Most files in one request.")] = 50,
+    backend: Annotated[str, typer.Option(help="keras, or onnx (ONNX Runtime).")] = "keras",
+) -> None:
+    """Serve the triage web page and the JSON API (FastAPI on uvicorn); Ctrl-C stops it."""
+    import logging
+
+    import uvicorn
+
+    from pneumoscan.modelfile import resolve_model_path
+    from pneumoscan.serve import create_app
+    from pneumoscan.uploads import MB
+
+    if backend not in ("keras", "onnx"):
+        _fail(f"unknown backend {backend!r}; choose keras or onnx")
+    # A wrong model path is a typo: say so now rather than from a running server's /health.
+    try:
+        if model is None or model.suffix.lower() != ".onnx":
+            resolve_model_path(model)
+        elif not model.is_file():
+            _fail(f"{model}: ONNX file not found")
+    except PneumoscanError as exc:
+        _fail(str(exc))
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        stderr.print(
+            f"[yellow]warning:[/yellow] listening on {host} without an API key: anyone who "
+            "can reach this address can use the API (set PNEUMOSCAN_API_KEY)",
+            highlight=False,
+        )
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    application = create_app(
+        model, api_key, max_upload_bytes=round(max_upload_mb * MB),
+        max_request_bytes=round(max_request_mb * MB), max_files=max_files, backend=backend,
+    )  # fmt: skip
+    stdout.print(
+        f"pneumoscan serving on http://{host}:{port}/ (API docs at /docs); the model loads "
+        "in the background (/health says when it is ready)",
+        highlight=False,
+    )
+    uvicorn.run(application, host=host, port=port, log_level="info")
 
 
 @app.command()

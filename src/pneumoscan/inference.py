@@ -1,38 +1,246 @@
-"""Scoring: a pure function from decoded images to P(pneumonia), and a streaming file scorer."""
+"""Scoring: a pure function from decoded images to P(pneumonia), on Keras or ONNX Runtime.
+
+Both backends sit behind one interface: a model object with ``metadata``, ``preprocess``,
+``threshold``, ``temperature`` and a ``network`` that has ``predict_on_batch``. The Keras one is
+:class:`pneumoscan.modelfile.LoadedModel`; the ONNX Runtime one is :class:`OnnxModel`, loaded
+from a file written by :mod:`pneumoscan.export`. :class:`Scorer` adds the network's pooled
+features (for the out-of-distribution check) to the same forward pass.
+"""
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pneumoscan.calibration import apply_temperature
-from pneumoscan.constants import POSITIVE_INDEX
+from pneumoscan.constants import METADATA_MEMBER, POSITIVE_INDEX
+from pneumoscan.errors import ModelFileError
 from pneumoscan.modelfile import LoadedModel
 from pneumoscan.pipeline import iter_decoded_batches
-from pneumoscan.preprocess import to_model_input
+from pneumoscan.preprocess import PreprocessConfig, to_model_input
+
+if TYPE_CHECKING:
+    import keras
+
+BACKENDS = ("keras", "onnx")
+#: ONNX metadata keys: the model's pneumoscan metadata, and its OOD detector (base64 npz).
+ONNX_OOD_KEY = "pneumoscan_ood.npz.b64"
+#: Output names of the graph :mod:`pneumoscan.export` writes, in order.
+PROBABILITIES = "probabilities"
+FEATURES = "ood_features"
 
 
-def p_pneumonia(model: LoadedModel, pixels: np.ndarray, calibrated: bool = True) -> np.ndarray:
+class OnnxNetwork:
+    """An ONNX Runtime session with the Keras ``predict_on_batch`` interface."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+        self.output_names = [output.name for output in session.get_outputs()]
+
+    def run(self, inputs: np.ndarray) -> list[np.ndarray]:
+        """Every output of the graph for a float32 batch in [0, 1]."""
+        feed = {self.input_name: np.ascontiguousarray(inputs, dtype=np.float32)}
+        return [np.asarray(out) for out in self.session.run(None, feed)]
+
+    def predict_on_batch(self, inputs: np.ndarray) -> np.ndarray:
+        """Class probabilities ``(n, classes)`` (the first output)."""
+        return self.run(inputs)[0]
+
+    @property
+    def has_features(self) -> bool:
+        """Whether the graph also outputs pooled features for the OOD check."""
+        return len(self.output_names) > 1
+
+
+@dataclass
+class OnnxModel:
+    """An exported model on ONNX Runtime, with the same properties as ``LoadedModel``."""
+
+    network: OnnxNetwork
+    metadata: dict[str, Any]
+    path: Path
+    ood_npz: bytes | None = None
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        """The preprocessing this model was trained with."""
+        return PreprocessConfig.from_dict(self.metadata["preprocess"])
+
+    @property
+    def threshold(self) -> float:
+        """Operating threshold on P(pneumonia)."""
+        return float(self.metadata["threshold"])
+
+    @property
+    def temperature(self) -> float:
+        """Temperature applied to the network's logit (1.0: none)."""
+        return float(self.metadata.get("temperature", 1.0))
+
+    @property
+    def logit_bias(self) -> float:
+        """Bias added to the temperature-scaled logit (set by site calibration)."""
+        return float(self.metadata.get("logit_bias", 0.0))
+
+    @property
+    def name(self) -> str:
+        """A short label: the file name."""
+        return self.path.name
+
+
+AnyModel = LoadedModel | OnnxModel
+
+
+def load_onnx_model(path: str | Path, threads: int | None = None) -> OnnxModel:
+    """Open an ONNX file written by ``pneumoscan export`` on ONNX Runtime (CPU).
+
+    Args:
+        path: The ``.onnx`` file; its metadata carries preprocessing, threshold, temperature
+            and the OOD detector, so no Keras file is needed.
+        threads: Intra-op threads (default: ONNX Runtime's choice, one per core).
+
+    Raises:
+        ModelFileError: Missing file, not ONNX, or no pneumoscan metadata inside.
+    """
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: ONNX file not found")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime raises its own exception types for bad files
+        raise ModelFileError(f"{path}: ONNX Runtime could not load it ({exc})") from exc
+    properties = session.get_modelmeta().custom_metadata_map
+    if METADATA_MEMBER not in properties:
+        raise ModelFileError(
+            f"{path}: no pneumoscan metadata inside; export it with `pneumoscan export`"
+        )
+    metadata = json.loads(properties[METADATA_MEMBER])
+    encoded = properties.get(ONNX_OOD_KEY)
+    ood_npz = base64.b64decode(encoded) if encoded else None
+    return OnnxModel(OnnxNetwork(session), metadata, path, ood_npz)
+
+
+def p_pneumonia(model: AnyModel, pixels: np.ndarray, calibrated: bool = True) -> np.ndarray:
     """P(pneumonia) for a batch of decoded uint8 images ``(n, H, W, 3)``.
 
     Pure in its inputs (no I/O), so a cluster engine can map it over batches unchanged.
 
     Args:
-        model: The loaded model.
+        model: The loaded model (Keras or ONNX Runtime).
         pixels: Output of :func:`pneumoscan.preprocess.decode_to_uint8`, stacked.
-        calibrated: Apply the temperature stored in the model (``False`` gives the network's
-            raw softmax, which calibration fits on).
+        calibrated: Apply the temperature and logit bias stored in the model (``False`` gives
+            the network's raw softmax, which calibration fits on).
     """
     if len(pixels) == 0:
         return np.zeros(0, dtype=np.float64)
+    _check_size(model, pixels)
+    probabilities = np.asarray(model.network.predict_on_batch(to_model_input(pixels)))
+    raw = probabilities[:, POSITIVE_INDEX].astype(np.float64)
+    return apply_temperature(raw, model.temperature, model.logit_bias) if calibrated else raw
+
+
+def _check_size(model: AnyModel, pixels: np.ndarray) -> None:
     expected = tuple(model.preprocess.image_size)
     if tuple(pixels.shape[1:3]) != expected:
         raise ValueError(f"images are {pixels.shape[1:3]}, the model expects {expected}")
-    probabilities = np.asarray(model.network.predict_on_batch(to_model_input(pixels)))
-    raw = probabilities[:, POSITIVE_INDEX].astype(np.float64)
-    return apply_temperature(raw, model.temperature) if calibrated else raw
+
+
+def feature_network(network: keras.Model, layers: Sequence[str]) -> keras.Model:
+    """A Keras model with two outputs: the class probabilities and the global averages of
+    ``layers``' feature maps, concatenated (the OOD detector's network features)."""
+    import keras
+
+    pooled = [
+        keras.layers.GlobalAveragePooling2D(name=f"ood_pool_{i}")(network.get_layer(name).output)
+        for i, name in enumerate(layers)
+    ]
+    features = pooled[0] if len(pooled) == 1 else keras.layers.Concatenate(name=FEATURES)(pooled)
+    return keras.Model(network.inputs, [network.outputs[0], features], name="pneumoscan_scorer")
+
+
+def _pad_batch(inputs: np.ndarray) -> np.ndarray:
+    """Pad a batch with zero images to the next power of two.
+
+    Rejected images leave batches of every size, and Keras traces its predict function again
+    for each new batch size; powers of two bound that to a handful of traces.
+    """
+    n = len(inputs)
+    size = 1 << max(0, (n - 1).bit_length())
+    if size == n:
+        return inputs
+    padding = np.zeros((size - n, *inputs.shape[1:]), dtype=inputs.dtype)
+    return np.concatenate([inputs, padding])
+
+
+@dataclass
+class ForwardPass:
+    """One batch through the network.
+
+    Attributes:
+        p_raw: Uncalibrated P(pneumonia), ``(n,)`` float64.
+        features: Pooled network features ``(n, d)`` for the OOD check, or ``None``.
+    """
+
+    p_raw: np.ndarray
+    features: np.ndarray | None
+
+
+class Scorer:
+    """A model on its backend, giving probabilities and OOD features in one pass.
+
+    Args:
+        model: Keras ``LoadedModel`` or ``OnnxModel``.
+        feature_layers: Layers whose pooled outputs the OOD detector uses (Keras); an ONNX
+            graph exported with features outputs them itself. Empty: probabilities only.
+    """
+
+    def __init__(self, model: AnyModel, feature_layers: Sequence[str] = ()) -> None:
+        self.model = model
+        self.backend = "onnx" if isinstance(model, OnnxModel) else "keras"
+        self._keras: Any = None
+        self.with_features = bool(feature_layers)
+        if isinstance(model, LoadedModel) and feature_layers:
+            self._keras = feature_network(model.network, feature_layers)
+        if isinstance(model, OnnxModel):
+            self.with_features = self.with_features and model.network.has_features
+
+    def forward(self, pixels: np.ndarray) -> ForwardPass:
+        """Raw P(pneumonia) and (if enabled) features for uint8 images ``(n, H, W, 3)``."""
+        if len(pixels) == 0:
+            return ForwardPass(np.zeros(0), np.zeros((0, 0)) if self.with_features else None)
+        _check_size(self.model, pixels)
+        inputs = to_model_input(pixels)
+        features = None
+        if isinstance(self.model, OnnxModel):
+            outputs = self.model.network.run(inputs)
+            probabilities = outputs[0]
+            if self.with_features:
+                features = outputs[1]
+        elif self._keras is not None:
+            probabilities, features = self._keras.predict_on_batch(_pad_batch(inputs))
+        else:
+            probabilities = self.model.network.predict_on_batch(_pad_batch(inputs))
+        probabilities = np.asarray(probabilities)[: len(pixels)]
+        features = None if features is None else np.asarray(features)[: len(pixels)]
+        p_raw = probabilities[:, POSITIVE_INDEX].astype(np.float64)
+        return ForwardPass(p_raw, None if features is None else features.astype(np.float64))
+
+    def calibrate(self, p_raw: np.ndarray) -> np.ndarray:
+        """Apply the model's temperature to raw probabilities."""
+        return apply_temperature(p_raw, self.model.temperature)
 
 
 @dataclass
@@ -46,7 +254,7 @@ class FileScore:
 
 
 def score_files(
-    model: LoadedModel, paths: Sequence[str], batch_size: int = 32, calibrated: bool = True
+    model: AnyModel, paths: Sequence[str], batch_size: int = 32, calibrated: bool = True
 ) -> Iterator[FileScore]:
     """Score files in input order, streaming; unreadable files yield an error, not an exception."""
     for batch in iter_decoded_batches(paths, model.preprocess, batch_size=batch_size):

@@ -108,6 +108,42 @@ def write_metadata(path: str | Path, metadata: dict[str, Any]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def read_member(path: str | Path, name: str) -> bytes | None:
+    """Bytes of an extra zip member of a model file (e.g. OOD statistics), or ``None``.
+
+    Raises:
+        ModelFileError: The file is not a zip archive.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.read(name) if name in archive.namelist() else None
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelFileError(f"{path}: not a Keras model archive ({exc})") from exc
+
+
+def write_member(path: str | Path, name: str, data: bytes) -> None:
+    """Add or replace an extra zip member of a model file, atomically (Keras ignores it)."""
+    if name == METADATA_MEMBER:
+        raise ValueError(f"use write_metadata for {METADATA_MEMBER}")
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(suffix=".keras", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with (
+            zipfile.ZipFile(path) as source,
+            zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as out,
+        ):
+            for item in source.infolist():
+                if item.filename != name:
+                    out.writestr(item, source.read(item.filename))
+            out.writestr(name, data)
+        tmp.chmod(0o644)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_model(model: keras.Model, path: str | Path, metadata: dict[str, Any]) -> Path:
     """Save a Keras model with its metadata; the file appears only once complete."""
     path = Path(path)
@@ -142,6 +178,11 @@ class LoadedModel:
     def temperature(self) -> float:
         """Temperature applied to the network's logit (1.0: none)."""
         return float(self.metadata.get("temperature", 1.0))
+
+    @property
+    def logit_bias(self) -> float:
+        """Bias added to the temperature-scaled logit (0.0: none; set by site calibration)."""
+        return float(self.metadata.get("logit_bias", 0.0))
 
     @property
     def name(self) -> str:

@@ -1,13 +1,56 @@
-"""Predict on files and folders; every file gets a result, readable or not."""
+"""Predict on files and folders; every file gets a result, readable or not.
+
+The core is :func:`predict_batch`: a pure function from a batch of decoded images to results
+(cheap checks, one forward pass, the fitted out-of-distribution check, the decision), so a
+cluster engine (Ray Data ``map_batches``, a Spark pandas UDF) can map it over archived X-rays
+unchanged. :func:`predict_files` wraps it for files: a threaded, prefetching decoder feeds it
+batch by batch, and results come out in input order as soon as their batch is done, so a
+caller can write them as they arrive (:class:`ResultWriter`) and resume a killed run.
+"""
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
+import json
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
 
 from pneumoscan.constants import CLASSES
-from pneumoscan.modelfile import LoadedModel
+from pneumoscan.errors import ImageReadError
+from pneumoscan.inference import AnyModel, OnnxModel, Scorer
+from pneumoscan.modelfile import LoadedModel, read_member
+from pneumoscan.ood import OOD_MEMBER, OodDetector, cheap_reasons
+from pneumoscan.preprocess import DecodedImage, PreprocessConfig, decode_image
+
+if TYPE_CHECKING:
+    import keras
+
+#: Columns of the CSV output, and the keys a result may have.
+RESULT_FIELDS = (
+    "path",
+    "status",
+    "probability",
+    "decision",
+    "threshold",
+    "ood_score",
+    "reason",
+    "error",
+    "heatmap",
+)
+OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+#: Statuses a resumed run does not redo (errors are retried: the file may be readable now).
+FINAL_STATUSES = frozenset({"ok", "rejected"})
+DEFAULT_WORKERS = 2
+DEFAULT_PREFETCH = 2
+HEATMAP_MAX_SIDE = 640
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -33,7 +76,7 @@ def expand_inputs(inputs: Sequence[str | Path]) -> tuple[list[str], list[dict[st
 
 def error_result(path: str, message: str) -> dict[str, Any]:
     """The result of a file that produced no probability."""
-    return {"path": path, "status": "error", "error": message}
+    return {"path": path, "status": "error", "error": message, "reason": message}
 
 
 def decide(probability: float, threshold: float) -> str:
@@ -41,21 +84,375 @@ def decide(probability: float, threshold: float) -> str:
     return CLASSES[1] if probability >= threshold else CLASSES[0]
 
 
-def predict_files(
-    model: LoadedModel, files: Sequence[str], batch_size: int = 32
-) -> Iterator[dict[str, Any]]:
-    """One result per file, in order, streamed as batches finish."""
-    from pneumoscan.inference import score_files
+def load_detector(model: AnyModel) -> OodDetector | None:
+    """The model's fitted OOD detector, or ``None`` if ``pneumoscan fit-ood`` never ran on it."""
+    ood = model.metadata.get("ood")
+    if not ood:
+        return None
+    data = model.ood_npz if isinstance(model, OnnxModel) else read_member(model.path, OOD_MEMBER)
+    if data is None:
+        return None
+    return OodDetector.from_npz(data, ood.get("layers") or [])
 
-    threshold = model.threshold
-    for score in score_files(model, files, batch_size=batch_size):
-        if score.probability is None:
-            yield error_result(score.path, str(score.error))
+
+def make_scorer(model: AnyModel, detector: OodDetector | None, ood_check: bool = True) -> Scorer:
+    """A scorer that also returns the features the detector needs (none if it needs none)."""
+    layers = detector.layers if ood_check and detector is not None and detector.features else []
+    return Scorer(model, layers)
+
+
+def predict_batch(
+    scorer: Scorer,
+    pixels: np.ndarray,
+    sizes: Sequence[tuple[int, int]] | np.ndarray | None = None,
+    detector: OodDetector | None = None,
+    ood_check: bool = True,
+    display: np.ndarray | None = None,
+) -> list[dict[str, Any]]:
+    """Results for a batch of decoded images, in order: the pure core of prediction.
+
+    Images failing a cheap check are rejected before the model; the others go through one
+    forward pass, then (if the model has one) the fitted OOD detector, then the decision.
+
+    Args:
+        scorer: The model on its backend.
+        pixels: ``(n, H, W, 3)`` uint8 model input (:func:`pneumoscan.preprocess.decode_image`).
+        sizes: ``(width, height)`` of each original image, for the aspect-ratio check.
+        detector: The model's OOD detector, or ``None`` (cheap checks only).
+        ood_check: ``False`` skips every check (``--no-ood-check``).
+        display: The images before intensity normalisation, if the model uses one; the checks
+            look at these.
+
+    Returns:
+        One dict per image without ``path``: ``status`` ``ok`` (``probability``,
+        ``decision``, ``threshold``) or ``rejected`` (``reason``); ``ood_score`` whenever
+        the fitted detector ran (above 1 means rejected).
+    """
+    view = pixels if display is None else display
+    reasons: list[str | None] = [None] * len(pixels)
+    if ood_check:
+        reasons = cheap_reasons(view, sizes, polarity_check=detector is None)
+    keep = [i for i, reason in enumerate(reasons) if reason is None]
+    forward = scorer.forward(pixels[keep])
+    probabilities = scorer.calibrate(forward.p_raw)
+    assessed: list[tuple[float, str | None]] | None = None
+    if ood_check and detector is not None and keep:
+        assessed = detector.assess(view[keep], forward.features)
+    threshold = scorer.model.threshold
+    results: list[dict[str, Any]] = [{"status": "rejected", "reason": reason} for reason in reasons]
+    for j, i in enumerate(keep):
+        score, reason = assessed[j] if assessed is not None else (None, None)
+        extra = {} if score is None else {"ood_score": round(score, 4)}
+        if reason is not None:
+            results[i] = {"status": "rejected", "reason": reason} | extra
+            continue
+        probability = float(probabilities[j])
+        results[i] = {
+            "status": "ok",
+            "probability": round(probability, 6),
+            "decision": decide(probability, threshold),
+            "threshold": threshold,
+        } | extra
+    return results
+
+
+def _decode(path: str, config: PreprocessConfig) -> DecodedImage | str:
+    try:
+        return decode_image(path, config)
+    except ImageReadError as exc:
+        return str(exc)
+
+
+def iter_decoded(
+    paths: Sequence[str],
+    config: PreprocessConfig,
+    batch_size: int = 32,
+    workers: int = DEFAULT_WORKERS,
+    prefetch: int = DEFAULT_PREFETCH,
+) -> Iterator[tuple[int, list[DecodedImage | str]]]:
+    """``(start, decoded or error message per file)`` batch by batch, in order.
+
+    ``workers`` threads decode up to ``prefetch`` batches ahead of the consumer (Pillow and
+    the network release the GIL, so decoding overlaps scoring); memory holds at most
+    ``prefetch + 1`` batches whatever the number of files.
+    """
+    starts = list(range(0, len(paths), batch_size))
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending: list[tuple[int, list[Future[DecodedImage | str]]]] = []
+        for start in starts:
+            chunk = paths[start : start + batch_size]
+            pending.append((start, [pool.submit(_decode, p, config) for p in chunk]))
+            if len(pending) > prefetch:
+                first, futures = pending.pop(0)
+                yield first, [future.result() for future in futures]
+        for first, futures in pending:
+            yield first, [future.result() for future in futures]
+
+
+def heatmap_file(directory: Path, path: str) -> Path:
+    """Overlay file for an input: its stem plus a hash of its path (names repeat in folders)."""
+    digest = hashlib.sha1(path.encode("utf-8"), usedforsecurity=False).hexdigest()[:8]
+    return directory / f"{Path(path).stem}-{digest}.png"
+
+
+def _display_at_original_aspect(decoded: DecodedImage) -> np.ndarray:
+    """The decoded image stretched back to its original aspect ratio, for the overlay."""
+    width, height = decoded.original_size
+    scale = min(1.0, HEATMAP_MAX_SIDE / max(width, height, 1))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    image = Image.fromarray(decoded.display)
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    return np.asarray(image)
+
+
+def write_heatmaps(
+    network: keras.Model,
+    decoded: Sequence[DecodedImage],
+    results: Sequence[dict[str, Any]],
+    paths: Sequence[str],
+    directory: Path,
+) -> None:
+    """Write a Grad-CAM overlay for each ``ok`` result and record its file in the result."""
+    from pneumoscan.heatmap import gradcam, heatmap_title, overlay_png
+
+    chosen = [i for i, result in enumerate(results) if result["status"] == "ok"]
+    if not chosen:
+        return
+    # Each map shows the evidence for the image's own decision (a NORMAL image has no
+    # pneumonia evidence to show, so its pneumonia map would be empty).
+    classes = [CLASSES.index(results[i]["decision"]) for i in chosen]
+    maps = gradcam(network, np.stack([decoded[i].pixels for i in chosen]), class_index=classes)
+    for heatmap, i in zip(maps, chosen, strict=True):
+        result = results[i]
+        title = heatmap_title(Path(paths[i]).name, result["probability"], result["decision"])
+        target = heatmap_file(directory, paths[i])
+        overlay_png(_display_at_original_aspect(decoded[i]), heatmap, title, target)
+        result["heatmap"] = str(target)
+
+
+def predict_files(
+    model: AnyModel,
+    files: Sequence[str],
+    batch_size: int = 32,
+    *,
+    ood_check: bool = True,
+    heatmaps: str | Path | None = None,
+    heatmap_network: keras.Model | None = None,
+    workers: int = DEFAULT_WORKERS,
+    prefetch: int = DEFAULT_PREFETCH,
+    scorer: Scorer | None = None,
+    detector: OodDetector | None = None,
+) -> Iterator[dict[str, Any]]:
+    """One result per file, in order, streamed as batches finish; bad files never stop it.
+
+    Args:
+        model: Keras or ONNX Runtime model.
+        files: Paths to score.
+        batch_size: Images decoded and scored at a time.
+        ood_check: Run the cheap checks and the model's OOD detector.
+        heatmaps: Folder for Grad-CAM overlays of accepted images (``None``: none).
+        heatmap_network: Keras network for the heatmaps (default: the model's, if Keras).
+        workers: Decoding threads.
+        prefetch: Batches decoded ahead.
+        scorer: Reuse a scorer (default: built for ``model`` and its detector).
+        detector: The OOD detector (default: the model's own, if fitted).
+    """
+    if detector is None and ood_check:
+        detector = load_detector(model)
+    scorer = scorer or make_scorer(model, detector, ood_check)
+    directory = Path(heatmaps) if heatmaps is not None else None
+    if directory is not None and heatmap_network is None:
+        if not isinstance(model, LoadedModel):
+            raise ValueError("heatmaps need the Keras model (Grad-CAM needs gradients)")
+        heatmap_network = model.network
+    for start, items in iter_decoded(files, model.preprocess, batch_size, workers, prefetch):
+        decoded = [item for item in items if isinstance(item, DecodedImage)]
+        positions = [start + i for i, item in enumerate(items) if isinstance(item, DecodedImage)]
+        scored: dict[int, dict[str, Any]] = {}
+        if decoded:
+            results = predict_batch(
+                scorer,
+                np.stack([d.pixels for d in decoded]),
+                [d.original_size for d in decoded],
+                detector,
+                ood_check,
+                np.stack([d.display for d in decoded]),
+            )
+            names = [files[p] for p in positions]
+            if directory is not None and heatmap_network is not None:
+                write_heatmaps(heatmap_network, decoded, results, names, directory)
+            scored = dict(zip(positions, results, strict=True))
+        for offset, item in enumerate(items):
+            position = start + offset
+            if isinstance(item, str):
+                yield error_result(files[position], item)
+            else:
+                yield {"path": files[position]} | scored[position]
+
+
+def output_format(path: str | Path) -> str:
+    """``csv`` or ``jsonl`` from the file's extension.
+
+    Raises:
+        ValueError: Another extension.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise ValueError(f"{path}: use a .csv or .jsonl file for streamed results")
+    return OUTPUT_FORMATS[suffix]
+
+
+def _complete_text(path: Path) -> str:
+    """The file's text up to its last newline (a killed run may leave half a line)."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    return text[: text.rfind("\n") + 1]
+
+
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    """Results already written to a CSV or JSON lines file (a torn last line is ignored)."""
+    path = Path(path)
+    text = _complete_text(path)
+    if not text:
+        return []
+    if output_format(path) == "jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [dict(row) for row in csv.DictReader(io.StringIO(text))]
+
+
+def completed_paths(path: str | Path) -> set[str]:
+    """Inputs a resumed run can skip: those with an ``ok`` or ``rejected`` result."""
+    return {r["path"] for r in read_results(path) if r.get("status") in FINAL_STATUSES}
+
+
+class ResultWriter:
+    """Append results to a CSV or JSON lines file, one flushed line per result.
+
+    A killed run keeps every line it wrote; with ``resume`` the file is extended (a torn last
+    line is cut first), otherwise an existing non-empty file is refused.
+
+    Raises:
+        FileExistsError: The file exists, is not empty, and ``resume`` is false.
+        ValueError: Unsupported extension.
+    """
+
+    def __init__(self, path: str | Path, resume: bool = False) -> None:
+        self.path = Path(path)
+        self.format = output_format(self.path)
+        if self.path.exists() and self.path.stat().st_size > 0 and not resume:
+            raise FileExistsError(
+                f"{self.path} already exists: use --resume to continue it, or remove it"
+            )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        complete = _complete_text(self.path)
+        if self.path.exists() and len(complete.encode("utf-8")) != self.path.stat().st_size:
+            self.path.write_text(complete, encoding="utf-8")
+        self._handle = self.path.open("a", encoding="utf-8", newline="")
+        self._csv: csv.DictWriter[str] | None = None
+        if self.format == "csv":
+            self._csv = csv.DictWriter(
+                self._handle, fieldnames=RESULT_FIELDS, extrasaction="ignore", lineterminator="\n"
+            )
+            if not complete:
+                self._csv.writeheader()
+
+    def write(self, result: dict[str, Any]) -> None:
+        """Append one result and flush it to the file."""
+        if self._csv is not None:
+            self._csv.writerow(result)
         else:
-            yield {
-                "path": score.path,
-                "status": "ok",
-                "probability": round(score.probability, 6),
-                "decision": decide(score.probability, threshold),
-                "threshold": threshold,
-            }
+            self._handle.write(json.dumps(result, allow_nan=False) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._handle.close()
+
+    def __enter__(self) -> ResultWriter:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def summarise(results: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Count of results per status."""
+    counts = {"ok": 0, "rejected": 0, "error": 0}
+    for result in results:
+        counts[result["status"]] = counts.get(result["status"], 0) + 1
+    return counts
+
+
+def _export_to_temporary(model_path: Path) -> OnnxModel:
+    """Export a ``.keras`` model to a temporary ONNX file and open it (the file is removed
+    once ONNX Runtime has read it)."""
+    import tempfile
+
+    from pneumoscan.export import export_onnx
+    from pneumoscan.inference import load_onnx_model
+
+    with tempfile.TemporaryDirectory(prefix="pneumoscan-onnx-") as folder:
+        target = Path(folder) / (model_path.stem + ".onnx")
+        export_onnx(model_path, target)
+        return load_onnx_model(target)
+
+
+def open_model(
+    model: str | Path | None,
+    backend: str = "keras",
+    onnx_path: str | Path | None = None,
+    keras_network: bool = False,
+) -> tuple[AnyModel, keras.Model | None, str | None]:
+    """Open a model for prediction on a backend.
+
+    ``model`` may be a ``.keras`` file, a run folder or an ``.onnx`` file (which implies the
+    ONNX backend). For ``backend="onnx"`` with a Keras model, the ONNX file is ``onnx_path``,
+    else a ``.onnx`` next to the model exported from exactly that file, else a temporary
+    export.
+
+    Args:
+        model: Model file or run folder (default: the shipped model).
+        backend: ``keras`` or ``onnx``.
+        onnx_path: An exported ONNX file to use.
+        keras_network: Also load the Keras network (Grad-CAM needs it on any backend).
+
+    Returns:
+        ``(model, Keras network or None, note for the user or None)``.
+
+    Raises:
+        ModelFileError: A file is missing or unreadable, or heatmaps were asked of an ONNX
+            file without its Keras model.
+        ValueError: Unknown backend.
+    """
+    from pneumoscan.errors import ModelFileError
+    from pneumoscan.inference import BACKENDS, load_onnx_model
+    from pneumoscan.modelfile import load_model, resolve_model_path
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if model is not None and Path(model).suffix.lower() == ".onnx":
+        if keras_network:
+            raise ModelFileError("heatmaps need the Keras model: give --model MODEL.keras")
+        return load_onnx_model(model), None, None
+    if backend == "keras":
+        loaded = load_model(model)
+        return loaded, loaded.network, None
+    path = resolve_model_path(model)
+    network = load_model(path).network if keras_network else None
+    if onnx_path is not None:
+        return load_onnx_model(onnx_path), network, None
+    sibling = path.with_suffix(".onnx")
+    from pneumoscan.export import onnx_matches
+
+    if sibling.is_file() and onnx_matches(sibling, path):
+        return load_onnx_model(sibling), network, None
+    note = (
+        f"exported {path.name} to ONNX for this run; `pneumoscan export --model {path} --out "
+        f"{sibling.name}` once saves that time"
+    )
+    return _export_to_temporary(path), network, note

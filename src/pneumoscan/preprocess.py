@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pneumoscan.constants import DEFAULT_IMAGE_SIZE
+from pneumoscan.dicom import looks_like_dicom
 from pneumoscan.errors import ImageReadError
 
 ImageSource = str | Path | bytes | BinaryIO
@@ -28,6 +29,9 @@ _RESAMPLING = {
 
 
 _INTENSITY = ("none", "equalize")
+#: Colour spread (see :func:`colour_spread`) up to which an RGB image counts as a tinted grey
+#: picture and is made grey; real X-rays have 0, colour photos 15 and more.
+MAX_TINT_SPREAD = 10.0
 
 
 @dataclass(frozen=True)
@@ -84,24 +88,49 @@ def _describe(source: ImageSource) -> str:
     return str(source) if isinstance(source, str | Path) else "<uploaded image>"
 
 
-def _open(source: ImageSource) -> Image.Image:
+def _read_bytes(source: ImageSource, name: str) -> bytes:
+    """The whole file: formats are told apart by content, never by the file name."""
+    if isinstance(source, bytes):
+        data = source
+    elif isinstance(source, str | Path):
+        try:
+            data = Path(source).read_bytes()
+        except FileNotFoundError as exc:
+            raise ImageReadError(f"{name}: no such file") from exc
+        except OSError as exc:
+            raise ImageReadError(f"{name}: cannot read file ({exc})") from exc
+    else:
+        data = source.read()
+    if not data:
+        raise ImageReadError(f"{name}: empty file (0 bytes)")
+    return data
+
+
+def _open_with_format(source: ImageSource) -> tuple[Image.Image, str]:
+    """Decode any supported file into a PIL image and name its format (``JPEG``, ``DICOM``...).
+
+    DICOM is recognised by its content (``DICM`` after the preamble) and decoded with pydicom;
+    everything else (JPEG, PNG, TIFF, BMP, WebP...) by Pillow, which also sniffs content.
+    """
     name = _describe(source)
+    data = _read_bytes(source, name)
+    if looks_like_dicom(data[:256]):
+        # Deferred import: pydicom is only needed when a DICOM file arrives.
+        from pneumoscan.dicom import read_dicom
+
+        return Image.fromarray(read_dicom(data, name)), "DICOM"
     try:
-        if isinstance(source, bytes):
-            source = io.BytesIO(source)
-        if isinstance(source, str | Path) and Path(source).stat().st_size == 0:
-            raise ImageReadError(f"{name}: empty file (0 bytes)")
-        image = Image.open(source)
+        image = Image.open(io.BytesIO(data))
         image.load()
-    except ImageReadError:
-        raise
-    except FileNotFoundError as exc:
-        raise ImageReadError(f"{name}: no such file") from exc
     except UnidentifiedImageError as exc:
         raise ImageReadError(f"{name}: not an image (unrecognised format)") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageReadError(f"{name}: damaged or truncated image ({exc})") from exc
-    return image
+    return image, str(image.format or "unknown")
+
+
+def _open(source: ImageSource) -> Image.Image:
+    return _open_with_format(source)[0]
 
 
 def _high_bit_depth_to_8bit(image: Image.Image) -> Image.Image:
@@ -113,11 +142,49 @@ def _high_bit_depth_to_8bit(image: Image.Image) -> Image.Image:
     values = np.asarray(image, dtype=np.float64)
     if not np.all(np.isfinite(values)):
         raise ValueError("image contains non-finite values")
+    if image.mode == "F" and values.min() >= 0.0 and values.max() <= 1.0:
+        # Floating-point images in [0, 1] (e.g. TIFFs from research pipelines) are unit scaled.
+        return Image.fromarray(np.round(values * 255.0).astype(np.uint8))
     values = values - min(0.0, float(values.min()))
     peak = float(values.max())
     bits = int(np.clip(np.ceil(np.log2(peak + 1.0)), 8, 32)) if peak > 0 else 8
     scaled = np.round(values / (2.0**bits - 1.0) * 255.0)
     return Image.fromarray(scaled.astype(np.uint8))
+
+
+def colour_spread(pixels: np.ndarray) -> np.ndarray:
+    """Colour not explained by a single tint, in grey levels, per image of a uint8 RGB batch.
+
+    Each channel's difference from the brightness is regressed on the brightness; a grey or
+    uniformly tinted image (a film photographed under warm light) leaves no residual, a photo
+    with several hues leaves a large one (15 to 140 for scikit-image's colour photos).
+    """
+    values = np.asarray(pixels, np.float32).reshape(len(pixels), -1, 3)
+    brightness = values.mean(axis=2, keepdims=True)
+    chroma = values - brightness
+    centred_b = brightness - brightness.mean(axis=1, keepdims=True)
+    centred_c = chroma - chroma.mean(axis=1, keepdims=True)
+    variance_b = (centred_b**2).mean(axis=1, keepdims=True)
+    slope = (centred_b * centred_c).mean(axis=1, keepdims=True) / np.maximum(variance_b, 1e-6)
+    residual = centred_c - slope * centred_b
+    return np.asarray(np.sqrt((residual**2).mean(axis=1).sum(axis=1)))
+
+
+def _desaturate_tint(image: Image.Image) -> Image.Image:
+    """A tinted grey picture (a photo of a film) becomes grey; other images are unchanged.
+
+    X-rays are greyscale, so a colour cast carries no information, yet it changes what a
+    network trained on grey images outputs. Images whose channels are already equal (every
+    X-ray in the data sets) are returned as they are, so their pixels do not change.
+    """
+    pixels = np.asarray(image)
+    step = max(1, min(pixels.shape[:2]) // 256)
+    sample = pixels[::step, ::step]
+    if (sample[..., 0] == sample[..., 1]).all() and (sample[..., 1] == sample[..., 2]).all():
+        return image
+    if float(colour_spread(sample[None])[0]) > MAX_TINT_SPREAD:
+        return image
+    return image.convert("L").convert("RGB")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -128,14 +195,26 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("RGBA", "LA", "PA"):
         # Transparent areas become black, like the unexposed edge of a film.
         background = Image.new("RGBA", image.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    if image.mode == "L":
+        return image.convert("RGB")
+    return _desaturate_tint(image.convert("RGB"))
+
+
+def _upright_rgb(image: Image.Image, source: ImageSource) -> Image.Image:
+    try:
+        image = ImageOps.exif_transpose(image)
+        return _to_rgb(image)
+    except (OSError, ValueError) as exc:
+        raise ImageReadError(f"{_describe(source)}: cannot convert image ({exc})") from exc
 
 
 def load_image(source: ImageSource) -> Image.Image:
     """Decode an image file into an upright 8-bit RGB ``PIL.Image``.
 
-    Handles greyscale, RGB, RGBA, palette and 16-bit images, and honours EXIF orientation.
+    The format is found from the content, not the file name: JPEG, PNG (8/16-bit, greyscale,
+    RGB, RGBA, palette), TIFF and the other formats Pillow reads, and DICOM (see
+    :mod:`pneumoscan.dicom`). EXIF orientation is honoured.
 
     Args:
         source: A path, the file's bytes, or a binary file object.
@@ -144,25 +223,48 @@ def load_image(source: ImageSource) -> Image.Image:
         ImageReadError: The file is missing, empty, not an image, or damaged; the message
             names the file.
     """
-    image = _open(source)
-    try:
-        image = ImageOps.exif_transpose(image)
-        return _to_rgb(image)
-    except (OSError, ValueError) as exc:
-        raise ImageReadError(f"{_describe(source)}: cannot convert image ({exc})") from exc
+    return _upright_rgb(_open(source), source)
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """One decoded file, with what prediction needs besides the model input.
+
+    Attributes:
+        pixels: Model input stage one, ``(height, width, 3)`` uint8 (as
+            :func:`decode_to_uint8` returns it).
+        display: The same image before intensity normalisation (what a viewer shows); the
+            same array as ``pixels`` when the model uses none.
+        original_size: ``(width, height)`` of the upright image before resizing.
+        source_format: ``JPEG``, ``PNG``, ``TIFF``, ``DICOM``... as found from the content.
+    """
+
+    pixels: np.ndarray
+    display: np.ndarray
+    original_size: tuple[int, int]
+    source_format: str
+
+
+def decode_image(source: ImageSource, config: PreprocessConfig | None = None) -> DecodedImage:
+    """Decode and resize a file like :func:`decode_to_uint8`, keeping its size and format."""
+    config = config or PreprocessConfig()
+    height, width = config.image_size
+    image, source_format = _open_with_format(source)
+    image = _upright_rgb(image, source)
+    original_size = image.size
+    if image.size != (width, height):
+        image = image.resize((width, height), _RESAMPLING[config.interpolation])
+    display = np.asarray(image, dtype=np.uint8)
+    pixels = display
+    if config.intensity == "equalize":
+        # After resizing, so a full-resolution original and its 224x224 copy equalise alike.
+        pixels = np.asarray(ImageOps.equalize(image.convert("L")).convert("RGB"), np.uint8)
+    return DecodedImage(pixels, display, original_size, source_format)
 
 
 def decode_to_uint8(source: ImageSource, config: PreprocessConfig | None = None) -> np.ndarray:
     """First stage: decode and resize to a ``(height, width, 3)`` uint8 array."""
-    config = config or PreprocessConfig()
-    height, width = config.image_size
-    image = load_image(source)
-    if image.size != (width, height):
-        image = image.resize((width, height), _RESAMPLING[config.interpolation])
-    if config.intensity == "equalize":
-        # After resizing, so a full-resolution original and its 224x224 copy equalise alike.
-        image = ImageOps.equalize(image.convert("L")).convert("RGB")
-    return np.asarray(image, dtype=np.uint8)
+    return decode_image(source, config).pixels
 
 
 def to_model_input(pixels: np.ndarray) -> np.ndarray:

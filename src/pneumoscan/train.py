@@ -40,8 +40,9 @@ from pneumoscan.pipeline import decode_all, make_tf_dataset, steps_per_epoch
 from pneumoscan.preprocess import PreprocessConfig
 from pneumoscan.progress import Reporter
 
-# Options that may differ when a run is resumed; everything else must match the saved run.
-_RESUMABLE_CHANGES = {"resume", "epochs", "out"}  # a run folder may be moved
+# Options that may differ when a run is resumed (a run folder may be moved; the target
+# sensitivity only sets the final operating point); everything else must match the saved run.
+_RESUMABLE_CHANGES = {"resume", "epochs", "out", "target_sensitivity"}
 
 
 @dataclass
@@ -348,20 +349,26 @@ def _finish(
     started: float,
 ) -> dict[str, Any]:
     """Score validation, write the metadata-carrying model, metrics and curves."""
-    from pneumoscan.calibration import apply_temperature, fit_temperature, threshold_for_sensitivity
+    from pneumoscan.calibration import (
+        apply_temperature,
+        fit_temperature_and_bias,
+        threshold_for_sensitivity,
+    )
     from pneumoscan.callbacks import predict_pixels
     from pneumoscan.metrics import expected_calibration_error
     from pneumoscan.plots import plot_training_curves
 
     p_raw = predict_pixels(network, val_x)
-    temperature = fit_temperature(val_y, p_raw)
-    p_val = apply_temperature(p_raw, temperature)
+    # Platt scaling rather than a temperature alone: class weights train the network for a
+    # balanced prior, so its raw scores are biased against the data's real class balance.
+    temperature, bias = fit_temperature_and_bias(val_y, p_raw)
+    p_val = apply_temperature(p_raw, temperature, bias)
     threshold = threshold_for_sensitivity(val_y, p_val, options.target_sensitivity)
     validation = binary_metrics(val_y, p_val, threshold)
     validation["split"] = "val (patient-grouped, from the training data)"
     validation["ece"] = expected_calibration_error(val_y, p_val)
     calibration = {
-        "method": "temperature scaling",
+        "method": "Platt scaling of the logit (temperature and bias)",
         "fitted_on": "validation split",
         "n": len(val_y),
         "ece_before": expected_calibration_error(val_y, p_raw),
@@ -383,6 +390,7 @@ def _finish(
         ),
         "target_sensitivity": options.target_sensitivity,
         "temperature": temperature,
+        "logit_bias": bias,
         "calibration": calibration,
         "recipe": recipe.to_dict(),
         "seed": options.seed,

@@ -1,0 +1,58 @@
+"""Prediction throughput of the Keras and ONNX Runtime backends on a folder of X-rays.
+
+Usage:
+    python benchmarks/predict_throughput.py FOLDER [--model M] [--onnx FILE] [--rounds 2]
+
+Runs ``predict_files`` (what ``pneumoscan predict`` runs: decoding, cheap checks, forward
+pass, OOD detector) over the whole folder, alternating backends, and prints wall-clock and
+CPU-time images/s per round. On a shared machine the wall-clock figure depends on the other
+load; the CPU-time figure (all threads of this process) much less so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from common import machine
+
+from pneumoscan.export import export_onnx
+from pneumoscan.inference import load_onnx_model
+from pneumoscan.modelfile import load_model, resolve_model_path
+from pneumoscan.predict import expand_inputs, load_detector, predict_files
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("folder")
+    parser.add_argument("--model")
+    parser.add_argument("--onnx", help="exported ONNX file (default: export now)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    files, _ = expand_inputs([args.folder])
+    model_path = resolve_model_path(args.model)
+    onnx_path = Path(args.onnx or "/tmp/pneumoscan-throughput.onnx")
+    if not args.onnx:
+        export_onnx(model_path, onnx_path)
+    models = {"keras": load_model(model_path), "onnx": load_onnx_model(onnx_path)}
+    print(f"{machine()}; {len(files)} files in {args.folder}; model {model_path.name}")
+    for round_ in range(1, args.rounds + 1):
+        for backend, model in models.items():
+            detector = load_detector(model)
+            load = os.getloadavg()[0]
+            wall, cpu = time.perf_counter(), time.process_time()
+            results = list(predict_files(model, files, args.batch_size, detector=detector))
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            ok = sum(r["status"] == "ok" for r in results)
+            print(
+                f"round {round_} {backend:5s}: {len(files) / wall:6.1f} images/s wall "
+                f"({wall:.1f} s), {len(files) / cpu:6.1f} images per CPU-second; "
+                f"{ok} ok; load average {load:.1f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
