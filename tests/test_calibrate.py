@@ -95,3 +95,26 @@ def test_unlabelled_images_adapt_batch_norm_only(tmp_path: Path) -> None:
     for a, b in zip(conv_before, conv_after, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert read_metadata(out)["site_calibration"]["batch_norm_adaptation"]["method"] == "AdaBN"
+
+
+def test_every_scoring_path_applies_the_stored_calibration(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    from pneumoscan.calibration import apply_temperature
+    from pneumoscan.inference import p_pneumonia
+    from pneumoscan.modelfile import write_metadata
+    from pneumoscan.pipeline import decode_all
+    from pneumoscan.predict import make_scorer, predict_batch
+
+    path = tmp_path / "shifted.keras"
+    path.write_bytes((trained_run / "model.keras").read_bytes())
+    write_metadata(path, read_metadata(path) | {"temperature": 2.0, "logit_bias": 1.5})
+    model = load_model(path)
+    pixels, _, _ = decode_all(
+        [str(p) for p in sorted(FIXTURES.glob("*/*.jpeg"))[:6]], model.preprocess
+    )
+    raw = p_pneumonia(model, pixels, calibrated=False)
+    expected = apply_temperature(raw, 2.0, 1.5)
+    np.testing.assert_allclose(p_pneumonia(model, pixels), expected, atol=1e-9)
+    results = predict_batch(make_scorer(model, None), pixels, ood_check=False)
+    np.testing.assert_allclose([r["probability"] for r in results], expected, atol=1e-6)

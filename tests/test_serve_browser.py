@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from pneumoscan.constants import DEFAULT_MODEL_PATH
+from pneumoscan.modelfile import read_metadata
 from pneumoscan.serve import Engine, create_app
 
 from conftest import fixture_images
@@ -116,8 +118,10 @@ def test_page_triages_two_xrays_with_bars_and_heatmaps(server: str, tmp_path: Pa
     assert names == [pneumonia.name, normal.name]
     assert decisions == ["Pneumonia suspected — review first", "No pneumonia detected"]
     assert values[0] > 0.5 > values[1]
-    # Each bar is marked at the shipped model's threshold, 0.5.
-    assert widths[0] > 0 and [float(m.rstrip("%")) for m in marks] == [50.0, 50.0]
+    # Each bar is marked at the shipped model's threshold.
+    threshold = 100 * read_metadata(DEFAULT_MODEL_PATH)["threshold"]
+    assert widths[0] > 0
+    assert [float(m.rstrip("%")) for m in marks] == pytest.approx([threshold] * 2, abs=0.01)
     assert before != after and after is not None and after.startswith("data:image/png;base64,")
     assert "pneumoscan" in docs_title
     # Everything came from this server (or was inline data): no CDN, no outside fonts.

@@ -25,7 +25,7 @@ DEFAULT_TARGET_SENSITIVITY = 0.97
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
-DEFAULT_MODEL_NAME = "seed-res224-kermany"
+DEFAULT_MODEL_NAME = "efficientnet_lite0-res224-kermany"
 DEFAULT_MODEL_PATH = ASSETS_DIR / "models" / f"{DEFAULT_MODEL_NAME}.keras"
 SAMPLES_DIR = ASSETS_DIR / "samples"
 

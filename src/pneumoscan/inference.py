@@ -149,7 +149,12 @@ def p_pneumonia(model: AnyModel, pixels: np.ndarray, calibrated: bool = True) ->
     _check_size(model, pixels)
     probabilities = np.asarray(model.network.predict_on_batch(to_model_input(pixels)))
     raw = probabilities[:, POSITIVE_INDEX].astype(np.float64)
-    return apply_temperature(raw, model.temperature, model.logit_bias) if calibrated else raw
+    return calibrate_scores(model, raw) if calibrated else raw
+
+
+def calibrate_scores(model: AnyModel, p_raw: np.ndarray) -> np.ndarray:
+    """The model's stored calibration (temperature and logit bias) applied to raw scores."""
+    return apply_temperature(p_raw, model.temperature, model.logit_bias)
 
 
 def _check_size(model: AnyModel, pixels: np.ndarray) -> None:
@@ -239,8 +244,8 @@ class Scorer:
         return ForwardPass(p_raw, None if features is None else features.astype(np.float64))
 
     def calibrate(self, p_raw: np.ndarray) -> np.ndarray:
-        """Apply the model's temperature to raw probabilities."""
-        return apply_temperature(p_raw, self.model.temperature)
+        """Apply the model's calibration (temperature and logit bias) to raw probabilities."""
+        return calibrate_scores(self.model, p_raw)
 
 
 @dataclass
