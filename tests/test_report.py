@@ -160,3 +160,16 @@ def test_report_copes_with_one_class_only(tmp_path: Path) -> None:
     assert result.metrics["n"] == 4 and math.isnan(result.metrics["auc"])
     assert "No pneumonia images." in page and "None at this threshold." in page
     assert 'data-key="auc" data-value="null">n/a<' in page
+
+
+def test_error_gallery_carries_gradcam_maps(trained_run: Path) -> None:
+    from pneumoscan.modelfile import load_model
+    from pneumoscan.report import _thumbnails
+
+    from conftest import fixture_images
+
+    paths = [str(p) for p in fixture_images("PNEUMONIA")[:2]]
+    images, maps = _thumbnails(load_model(trained_run), paths, np.array([0, 1]))
+    assert [image.shape for image in images] == [(224, 224)] * 2
+    assert all(m is not None and m.shape == (224, 224) and np.isfinite(m).all() for m in maps)
+    assert all(float(m.min()) >= 0.0 and float(m.max()) <= 1.0 for m in maps if m is not None)

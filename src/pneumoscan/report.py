@@ -506,11 +506,18 @@ def render_report(
 # --- Figures ---------------------------------------------------------------------------------
 
 
-def _thumbnails(loaded: LoadedModel, paths: Sequence[str]) -> list[np.ndarray]:
-    """The few gallery images, re-decoded exactly as the model saw them (grey channel)."""
+def _thumbnails(
+    loaded: LoadedModel, paths: Sequence[str], decisions: np.ndarray
+) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+    """The few gallery images, re-decoded exactly as the model saw them (grey channel), and
+    the Grad-CAM map of the evidence for each one's decision (the same maps `predict
+    --heatmaps` and the service draw)."""
+    from pneumoscan.heatmap import gradcam
     from pneumoscan.preprocess import decode_to_uint8
 
-    return [decode_to_uint8(path, loaded.preprocess)[..., 0] for path in paths]
+    pixels = np.stack([decode_to_uint8(path, loaded.preprocess) for path in paths])
+    maps = gradcam(loaded.network, pixels, class_index=decisions)
+    return [image[..., 0] for image in pixels], list(maps)
 
 
 def _captions(scored: ScoredImages, rows: np.ndarray) -> list[str]:
@@ -581,20 +588,28 @@ def _draw_figures(
         ("false_positives", alarms, "False alarms (false positives)"),
     ):
         if len(rows):
+            decisions = (p[rows] >= scored.threshold).astype(np.int32)
+            images, heatmaps = _thumbnails(loaded, table["path"].iloc[rows].tolist(), decisions)
             draw[key] = _gallery_drawer(
                 plot_error_gallery,
-                _thumbnails(loaded, table["path"].iloc[rows].tolist()),
+                images,
                 _captions(scored, rows),
-                f"{label}, {len(rows)} most confident, threshold {scored.threshold:.2f}",
+                f"{label}, {len(rows)} most confident, threshold {scored.threshold:.2f}; "
+                "colour: Grad-CAM evidence for the model's decision",
+                heatmaps,
             )
     return {key: png_data_uri(plot(folder / f"{key}.png")) for key, plot in draw.items()}
 
 
 def _gallery_drawer(
-    plot: Callable[..., Path], images: list[np.ndarray], captions: list[str], title: str
+    plot: Callable[..., Path],
+    images: list[np.ndarray],
+    captions: list[str],
+    title: str,
+    heatmaps: list[np.ndarray | None],
 ) -> Callable[[Path], Path]:
     # Binds the arguments now: a lambda in the loop would see only the last iteration's.
-    return lambda path: plot(images, captions, path, title)
+    return lambda path: plot(images, captions, path, title, heatmaps)
 
 
 def build_report(
