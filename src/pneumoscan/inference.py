@@ -21,9 +21,9 @@ import numpy as np
 from pneumoscan.calibration import apply_temperature
 from pneumoscan.constants import METADATA_MEMBER, POSITIVE_INDEX
 from pneumoscan.errors import ModelFileError
-from pneumoscan.modelfile import LoadedModel
+from pneumoscan.modelfile import LoadedModel, ModelMetadataView
 from pneumoscan.pipeline import iter_decoded_batches
-from pneumoscan.preprocess import PreprocessConfig, to_model_input
+from pneumoscan.preprocess import to_model_input
 
 if TYPE_CHECKING:
     import keras
@@ -60,38 +60,13 @@ class OnnxNetwork:
 
 
 @dataclass
-class OnnxModel:
+class OnnxModel(ModelMetadataView):
     """An exported model on ONNX Runtime, with the same properties as ``LoadedModel``."""
 
     network: OnnxNetwork
     metadata: dict[str, Any]
     path: Path
     ood_npz: bytes | None = None
-
-    @property
-    def preprocess(self) -> PreprocessConfig:
-        """The preprocessing this model was trained with."""
-        return PreprocessConfig.from_dict(self.metadata["preprocess"])
-
-    @property
-    def threshold(self) -> float:
-        """Operating threshold on P(pneumonia)."""
-        return float(self.metadata["threshold"])
-
-    @property
-    def temperature(self) -> float:
-        """Temperature applied to the network's logit (1.0: none)."""
-        return float(self.metadata.get("temperature", 1.0))
-
-    @property
-    def logit_bias(self) -> float:
-        """Bias added to the temperature-scaled logit (set by site calibration)."""
-        return float(self.metadata.get("logit_bias", 0.0))
-
-    @property
-    def name(self) -> str:
-        """A short label: the file name."""
-        return self.path.name
 
 
 AnyModel = LoadedModel | OnnxModel

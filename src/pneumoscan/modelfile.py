@@ -89,7 +89,11 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 def write_metadata(path: str | Path, metadata: dict[str, Any]) -> None:
     """Replace the metadata member of a model file, atomically."""
-    path = Path(path)
+    _replace_member(Path(path), METADATA_MEMBER, dumps(metadata).encode())
+
+
+def _replace_member(path: Path, name: str, data: bytes) -> None:
+    """Rewrite the zip with member ``name`` added or replaced; the file is swapped in whole."""
     fd, tmp_name = tempfile.mkstemp(suffix=".keras", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -99,9 +103,9 @@ def write_metadata(path: str | Path, metadata: dict[str, Any]) -> None:
             zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as out,
         ):
             for item in source.infolist():
-                if item.filename != METADATA_MEMBER:
+                if item.filename != name:
                     out.writestr(item, source.read(item.filename))
-            out.writestr(METADATA_MEMBER, dumps(metadata))
+            out.writestr(name, data)
         tmp.chmod(0o644)
         tmp.replace(path)
     finally:
@@ -125,23 +129,7 @@ def write_member(path: str | Path, name: str, data: bytes) -> None:
     """Add or replace an extra zip member of a model file, atomically (Keras ignores it)."""
     if name == METADATA_MEMBER:
         raise ValueError(f"use write_metadata for {METADATA_MEMBER}")
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(suffix=".keras", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        with (
-            zipfile.ZipFile(path) as source,
-            zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as out,
-        ):
-            for item in source.infolist():
-                if item.filename != name:
-                    out.writestr(item, source.read(item.filename))
-            out.writestr(name, data)
-        tmp.chmod(0o644)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _replace_member(Path(path), name, data)
 
 
 def save_model(model: keras.Model, path: str | Path, metadata: dict[str, Any]) -> Path:
@@ -156,11 +144,9 @@ def save_model(model: keras.Model, path: str | Path, metadata: dict[str, Any]) -
     return path
 
 
-@dataclass
-class LoadedModel:
-    """A Keras network with the metadata that says how to feed and read it."""
+class ModelMetadataView:
+    """Properties read from a model's metadata, shared by the Keras and ONNX model holders."""
 
-    network: keras.Model
     metadata: dict[str, Any]
     path: Path
 
@@ -181,13 +167,22 @@ class LoadedModel:
 
     @property
     def logit_bias(self) -> float:
-        """Bias added to the temperature-scaled logit (0.0: none; set by site calibration)."""
+        """Bias added to the temperature-scaled logit (0.0: none)."""
         return float(self.metadata.get("logit_bias", 0.0))
 
     @property
     def name(self) -> str:
         """A short label: the file name."""
         return self.path.name
+
+
+@dataclass
+class LoadedModel(ModelMetadataView):
+    """A Keras network with the metadata that says how to feed and read it."""
+
+    network: keras.Model
+    metadata: dict[str, Any]
+    path: Path
 
 
 def load_model(model: str | Path | None = None) -> LoadedModel:

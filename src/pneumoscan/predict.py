@@ -195,10 +195,13 @@ def heatmap_file(directory: Path, path: str) -> Path:
     return directory / f"{Path(path).stem}-{digest}.png"
 
 
-def _display_at_original_aspect(decoded: DecodedImage) -> np.ndarray:
-    """The decoded image stretched back to its original aspect ratio, for the overlay."""
+def display_at_original_aspect(
+    decoded: DecodedImage, max_side: int = HEATMAP_MAX_SIDE
+) -> np.ndarray:
+    """The decoded image stretched back to its original aspect ratio, at most ``max_side``
+    pixels on its longer side (for overlays and previews)."""
     width, height = decoded.original_size
-    scale = min(1.0, HEATMAP_MAX_SIDE / max(width, height, 1))
+    scale = min(1.0, max_side / max(width, height, 1))
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     image = Image.fromarray(decoded.display)
     if image.size != size:
@@ -227,7 +230,7 @@ def write_heatmaps(
         result = results[i]
         title = heatmap_title(Path(paths[i]).name, result["probability"], result["decision"])
         target = heatmap_file(directory, paths[i])
-        overlay_png(_display_at_original_aspect(decoded[i]), heatmap, title, target)
+        overlay_png(display_at_original_aspect(decoded[i]), heatmap, title, target)
         result["heatmap"] = str(target)
 
 

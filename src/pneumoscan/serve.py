@@ -362,17 +362,6 @@ def decode_upload(data: bytes, filename: str, model: AnyModel) -> DecodedImage |
         return _reason(exc, filename)
 
 
-def display_at_original_aspect(decoded: DecodedImage, max_side: int) -> np.ndarray:
-    """The decoded image stretched back to its original aspect ratio, at most ``max_side``."""
-    width, height = decoded.original_size
-    scale = min(1.0, max_side / max(width, height, 1))
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    image = Image.fromarray(decoded.display)
-    if image.size != size:
-        image = image.resize(size, Image.Resampling.BILINEAR)
-    return np.asarray(image)
-
-
 def png_base64(pixels: np.ndarray) -> str:
     """Base64 PNG of a uint8 image (stored as grey when the channels are equal)."""
     image = Image.fromarray(pixels)
@@ -389,6 +378,7 @@ def heatmap_base64(
 ) -> str:
     """Base64 PNG of the Grad-CAM overlay, drawn like ``pneumoscan predict --heatmaps``."""
     from pneumoscan.heatmap import heatmap_title, overlay_png
+    from pneumoscan.predict import display_at_original_aspect
 
     title = heatmap_title(filename, result["probability"], result["decision"])
     picture = display_at_original_aspect(decoded, HEATMAP_MAX_SIDE)
@@ -414,6 +404,8 @@ def build_result(
     with_image: bool,
 ) -> FileResult:
     """The API's result for one file from its decoding and scoring."""
+    from pneumoscan.predict import display_at_original_aspect
+
     if isinstance(decoded, str) or scored is None:
         reason = decoded if isinstance(decoded, str) else f"{filename}: not scored"
         return FileResult(filename=filename, status="error", threshold=threshold, reason=reason)
