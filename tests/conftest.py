@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,18 @@ needs_shared = pytest.mark.skipif(
     not SHARED_TRAIN.is_dir(),
     reason=f"needs the shared data set at {SHARED_DATA} (CI always has it)",
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Keep the tests' decoded-image cache out of the user's ~/.cache."""
+    previous = os.environ.get("PNEUMOSCAN_CACHE")
+    os.environ["PNEUMOSCAN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        os.environ.pop("PNEUMOSCAN_CACHE", None)
+    else:
+        os.environ["PNEUMOSCAN_CACHE"] = previous
 
 
 def fixture_images(label: str) -> list[Path]:

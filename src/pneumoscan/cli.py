@@ -126,6 +126,15 @@ def train(
     resume: Annotated[
         bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")
     ] = False,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Decoded-image cache (default: $PNEUMOSCAN_CACHE or ~/.cache/pneumoscan)."
+        ),
+    ] = None,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Decode every image into memory; no cache.")
+    ] = False,
 ) -> None:
     """Train a model; checkpoints every epoch and writes config, history, curves and model."""
     from pneumoscan.models import list_models
@@ -141,7 +150,9 @@ def train(
         intensity=intensity, target_sensitivity=target_sensitivity, resume=resume,
     )  # fmt: skip
     try:
-        result = run_training(options, Reporter(stderr))
+        result = run_training(
+            options, Reporter(stderr), cache_dir=cache_dir, use_cache=not no_cache
+        )
     except PneumoscanError as exc:
         _fail(str(exc))
     val = result.validation

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pneumoscan.cache import cached_decode
 from pneumoscan.constants import (
     CLASSES,
     DEFAULT_SEED,
@@ -214,12 +215,19 @@ def _check_resume(run: _RunFolder, options: TrainOptions) -> dict[str, Any] | No
     return state
 
 
-def train(options: TrainOptions, reporter: Reporter | None = None) -> TrainResult:
+def train(
+    options: TrainOptions,
+    reporter: Reporter | None = None,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+) -> TrainResult:
     """Train, checkpoint every epoch, and save the final model with its metadata.
 
     Args:
         options: What to train and where to write it.
         reporter: Progress and warnings sink (silent when ``None``).
+        cache_dir: Root of the decoded-image cache (default: :func:`pneumoscan.cache.cache_root`).
+        use_cache: ``False`` decodes every image into memory instead of using the cache.
 
     Raises:
         DatasetError: The data cannot support training.
@@ -238,15 +246,17 @@ def train(options: TrainOptions, reporter: Reporter | None = None) -> TrainResul
     table = prepare_split(options, reporter)
     run.root.mkdir(parents=True, exist_ok=True)
     table[["path", "label", "split", "patient_id", "subtype"]].to_csv(run.split, index=False)
-    pixels, labels, skipped, table = _decode_splits(table, preprocess, reporter)
+    pixels, labels, skipped, table = _decode_splits(
+        table, preprocess, reporter, cache_dir, use_cache
+    )
     pd.DataFrame(skipped, columns=["path", "error"]).to_csv(run.skipped, index=False)
     config = _run_config(options, recipe, preprocess.to_dict(), table)
     if state is None:
         write_json(run.config, config)
 
     is_train = (table["split"] == "train").to_numpy()
-    train_x, train_y = pixels[is_train], labels[is_train]
-    val_x, val_y = pixels[~is_train], labels[~is_train]
+    train_x, train_y = _rows(pixels, is_train), labels[is_train]
+    val_x, val_y = _rows(pixels, ~is_train), labels[~is_train]
     reporter.info(
         f"train {len(train_y)} images ({int(train_y.sum())} pneumonia), "
         f"val {len(val_y)} ({int(val_y.sum())} pneumonia), {table['patient_id'].nunique()} patients"
@@ -300,13 +310,35 @@ def train(options: TrainOptions, reporter: Reporter | None = None) -> TrainResul
     )
 
 
+def _rows(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``pixels[mask]``, as a view (a memory map stays one) when the rows are contiguous."""
+    chosen = np.flatnonzero(mask)
+    if len(chosen) and chosen[-1] - chosen[0] + 1 == len(chosen):
+        return pixels[chosen[0] : chosen[-1] + 1]
+    return pixels[mask]
+
+
 def _decode_splits(
-    table: pd.DataFrame, preprocess: Any, reporter: Reporter
+    table: pd.DataFrame,
+    preprocess: Any,
+    reporter: Reporter,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]], pd.DataFrame]:
-    table = table[table["error"] == ""].reset_index(drop=True)
+    """Decode the readable images, train split first, through the cache if asked.
+
+    Train rows keep their relative order (so batches are unchanged) but come before the
+    validation rows, so each split is a contiguous, memory-mapped slice, never a RAM copy.
+    """
+    table = table[table["error"] == ""]
+    table = table.iloc[np.argsort((table["split"] != "train").to_numpy(), kind="stable")]
+    table = table.reset_index(drop=True)
     paths = table["path"].tolist()
     with reporter.task("decoding images", total=len(paths)) as advance:
-        pixels, kept, errors = decode_all(paths, preprocess, on_progress=advance)
+        if not use_cache:
+            pixels, kept, errors = decode_all(paths, preprocess, on_progress=advance)
+        else:
+            pixels, kept, errors = cached_decode(paths, preprocess, cache_dir, advance)
     skipped = [(paths[i], message) for i, message in errors]
     for _, message in skipped:
         reporter.warn(f"skipped {message}")
