@@ -15,6 +15,13 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 SHARED_TRAIN = SHARED_DATA / "chest_xray" / "train"
 SITE_SAMPLE = SHARED_DATA / "site_sample"
 ORIGINALS = SHARED_DATA / "originals"
+# Debian's Chromium, driven by Playwright for the browser tests (no browser download); the
+# background-networking flags keep it from calling out of this offline machine.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
 
 needs_shared = pytest.mark.skipif(
     not SHARED_TRAIN.is_dir(),

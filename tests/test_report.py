@@ -18,13 +18,8 @@ from pneumoscan.cli import app
 from pneumoscan.constants import DEFAULT_MODEL_PATH
 from pneumoscan.report import build_report, display, number, training_history, worst_errors
 
-from conftest import FIXTURES, SITE_SAMPLE
+from conftest import CHROMIUM, CHROMIUM_ARGS, FIXTURES, SITE_SAMPLE
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 SECTIONS = [
     "summary", "dataset", "training", "curves", "confusion", "calibration", "sweep", "subtypes",
     "errors", "model-card",

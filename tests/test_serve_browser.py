@@ -21,16 +21,11 @@ from pneumoscan.constants import DEFAULT_MODEL_PATH
 from pneumoscan.modelfile import read_metadata
 from pneumoscan.serve import Engine, create_app
 
-from conftest import fixture_images
+from conftest import CHROMIUM, CHROMIUM_ARGS, fixture_images
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 
 pytestmark = [
     pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}"),
