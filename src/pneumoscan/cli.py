@@ -18,6 +18,7 @@ from rich.table import Table
 
 from pneumoscan import __version__
 from pneumoscan.constants import (
+    DEFAULT_RESAMPLES,
     DEFAULT_SEED,
     DEFAULT_TARGET_SENSITIVITY,
     DEFAULT_VAL_FRACTION,
@@ -182,7 +183,7 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Images scored at a time.")] = 32,
     bootstrap: Annotated[
         int, typer.Option(help="Bootstrap resamples (over patients) for the AUC and F1 CIs.")
-    ] = 2000,
+    ] = DEFAULT_RESAMPLES,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = DEFAULT_SEED,
 ) -> None:
     """Classification report, confusion matrix, ROC AUC and every rate with its 95% CI."""
@@ -640,7 +641,9 @@ def compare(
         Path | None, typer.Option("--json", help="Write the comparison as JSON.")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images scored at a time.")] = 32,
-    bootstrap: Annotated[int, typer.Option(help="Paired bootstrap resamples (patients).")] = 2000,
+    bootstrap: Annotated[
+        int, typer.Option(help="Paired bootstrap resamples (patients).")
+    ] = DEFAULT_RESAMPLES,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = DEFAULT_SEED,
 ) -> None:
     """Compare two models on the same images: ROC AUC difference with a paired bootstrap CI."""
@@ -700,7 +703,9 @@ def report(
         Path | None, typer.Option("--json", help="Also write the report's metrics as JSON.")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images scored at a time.")] = 32,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples (patients).")] = 2000,
+    bootstrap: Annotated[
+        int, typer.Option(help="Bootstrap resamples (patients).")
+    ] = DEFAULT_RESAMPLES,
     seed: Annotated[int, typer.Option(help="Bootstrap and sample-grid seed.")] = DEFAULT_SEED,
 ) -> None:
     """One self-contained HTML evaluation report: curves, calibration, sweep, errors, card."""

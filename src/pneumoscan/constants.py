@@ -19,6 +19,8 @@ DEFAULT_VAL_FRACTION = 0.10
 #: instead (the public Kaggle val/ holds 16 images: far too few to select or calibrate on).
 MIN_VAL_IMAGES = 100
 DEFAULT_THRESHOLD = 0.5
+#: Bootstrap resamples behind every AUC, PR AUC and F1 interval.
+DEFAULT_RESAMPLES = 2000
 #: Sensitivity the operating threshold is chosen for: missing pneumonia costs more than a
 #: false alarm in triage.
 DEFAULT_TARGET_SENSITIVITY = 0.97

@@ -19,7 +19,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from pneumoscan.constants import CLASSES, DEFAULT_SEED
+from pneumoscan.constants import CLASSES, DEFAULT_RESAMPLES, DEFAULT_SEED
 
 
 def predict_labels(p_pneumonia: np.ndarray, threshold: float) -> np.ndarray:
@@ -128,8 +128,6 @@ def brier_score(y_true: np.ndarray, p_pneumonia: np.ndarray) -> float:
 
 # --- Uncertainty, calibration and operating-point tables -------------------------------------
 
-#: Bootstrap resamples for confidence intervals of AUC and F1.
-DEFAULT_RESAMPLES = 2000
 DEFAULT_CONFIDENCE = 0.95
 CALIBRATION_BINS = 10
 #: Thresholds of the sweep table (the operating threshold is added to them).
