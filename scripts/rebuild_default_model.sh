@@ -17,4 +17,8 @@ shipped=src/pneumoscan/assets/models/efficientnet_lite0-res224-kermany.keras
 # checked on the site sample, which must pass whole.
 "$pneumoscan" fit-ood --model "$run" --data "$data" --check "$(dirname "$data")/site_sample" \
     --out "$shipped"
+# The int8 ONNX export beside it: the default `pneumoscan predict` path (no TensorFlow import).
+# Calibrated on 256 training images; its threshold and Platt scaling are refitted on validation.
+"$pneumoscan" export --model "$shipped" --quantize int8 --calibration-data "$data" \
+    --out "${shipped%.keras}.int8.onnx"
 echo "shipped model rebuilt from $run"

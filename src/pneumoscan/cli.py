@@ -18,6 +18,7 @@ from rich.table import Table
 
 from pneumoscan import __version__
 from pneumoscan.constants import (
+    DEFAULT_CALIBRATION_IMAGES,
     DEFAULT_RESAMPLES,
     DEFAULT_SEED,
     DEFAULT_TARGET_SENSITIVITY,
@@ -43,6 +44,12 @@ stderr = Console(stderr=True)
 ModelOption = Annotated[
     Path | None,
     typer.Option("--model", "-m", help="Model file or run folder (default: the shipped model)."),
+]
+ScoringModelOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--model", "-m", help="Model file, run folder or exported .onnx (default: shipped)."
+    ),
 ]
 
 
@@ -172,7 +179,7 @@ def train(
 @app.command()
 def evaluate(
     data: Annotated[Path, typer.Argument(help="Dataset root or folder with NORMAL/ PNEUMONIA/.")],
-    model: ModelOption = None,
+    model: ScoringModelOption = None,
     split: Annotated[str, typer.Option(help="Split of a dataset root to evaluate.")] = "test",
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the metrics as JSON.")
@@ -250,7 +257,13 @@ def predict(
             help="Reject inputs that do not look like frontal chest X-rays.",
         ),
     ] = True,
-    backend: Annotated[str, typer.Option(help="keras, or onnx (ONNX Runtime).")] = "keras",
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="auto: the model's saved ONNX export if any (the shipped model has an int8 "
+            "one), else keras; keras; or onnx (ONNX Runtime)."
+        ),
+    ] = "auto",
     onnx: Annotated[
         Path | None,
         typer.Option(help="ONNX file for --backend onnx (default: exported from the model)."),
@@ -319,7 +332,7 @@ def predict(
         f"{counts['ok']} ok, {counts['rejected']} rejected (not a frontal chest X-ray), "
         f"{counts['error']} unreadable; {len(files)} files in {seconds:.1f} s "
         f"({len(files) / max(seconds, 1e-9):.1f} images/s, {loaded.name}, "
-        f"{'onnx' if loaded.path.suffix == '.onnx' else backend})"
+        f"{'onnx' if loaded.path.suffix == '.onnx' else 'keras'})"
         + (f"; results in {out}" if out else ""),
         highlight=False,
     )
@@ -354,9 +367,22 @@ def export_model(
     model: ModelOption = None,
     export_format: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
     out: Annotated[
-        Path | None, typer.Option(help="File to write (default: MODEL_NAME.onnx here).")
+        Path | None,
+        typer.Option(help="File to write (default: MODEL_NAME.onnx, or .int8.onnx, here)."),
     ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 17,
+    quantize: Annotated[
+        str | None,
+        typer.Option(help="int8: static int8 quantisation (about 2.4x faster on CPU)."),
+    ] = None,
+    calibration_data: Annotated[
+        Path | None,
+        typer.Option(help="Dataset with the model's training images, for --quantize int8."),
+    ] = None,
+    calibration_images: Annotated[
+        int, typer.Option(help="Training images that calibrate the int8 ranges.")
+    ] = DEFAULT_CALIBRATION_IMAGES,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration sample.")] = DEFAULT_SEED,
 ) -> None:
     """Export a model (with its metadata and OOD detector) to ONNX for ONNX Runtime."""
     from pneumoscan.export import FORMATS, export_onnx
@@ -366,10 +392,17 @@ def export_model(
         _fail(f"unknown format {export_format!r}; choose one of {FORMATS}")
     try:
         source = resolve_model_path(model)
-        summary = export_onnx(source, out or Path(source.stem + ".onnx"), opset=opset)
-    except PneumoscanError as exc:
+        suffix = f".{quantize}.onnx" if quantize else ".onnx"
+        summary = export_onnx(
+            source, out or Path(source.stem + suffix), opset=opset, quantize=quantize,
+            calibration_data=calibration_data, calibration_images=calibration_images, seed=seed,
+        )  # fmt: skip
+    except (PneumoscanError, ValueError) as exc:
         _fail(str(exc))
     detector = "included" if summary.ood else "none (run fit-ood first to include one)"
+    if summary.quantization:
+        used = summary.quantization["calibration_images"]
+        stdout.print(f"int8, calibrated on {used} training images of {calibration_data}")
     stdout.print(
         f"wrote {summary.path} ({summary.size_bytes / 1e6:.1f} MB; outputs "
         f"{', '.join(summary.outputs)}; OOD detector {detector})",
@@ -629,8 +662,8 @@ def _print_uncertainty(metrics: dict[str, Any]) -> None:
 
 @app.command()
 def compare(
-    model_a: Annotated[Path, typer.Argument(help="Model file or run folder A.")],
-    model_b: Annotated[Path, typer.Argument(help="Model file or run folder B.")],
+    model_a: Annotated[Path, typer.Argument(help="Model file, run folder or .onnx export A.")],
+    model_b: Annotated[Path, typer.Argument(help="Model file, run folder or .onnx export B.")],
     data: Annotated[
         Path, typer.Option("--data", help="Dataset root or folder with NORMAL/ PNEUMONIA/.")
     ],

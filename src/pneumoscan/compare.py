@@ -70,8 +70,8 @@ def compare_models(
     some of those images may be B's training images, and a warning says so.
 
     Args:
-        model_a: Model file or run folder (``None``: the shipped model).
-        model_b: Model file or run folder (``None``: the shipped model).
+        model_a: Model file, run folder or ``.onnx`` export (``None``: the shipped model).
+        model_b: Model file, run folder or ``.onnx`` export (``None``: the shipped model).
         data: Dataset root or a folder with ``NORMAL/`` and ``PNEUMONIA/``.
         split: Split to compare on.
         batch_size: Images scored at a time.
@@ -89,14 +89,15 @@ def compare_models(
     Raises:
         DatasetError: No image readable by both models.
     """
-    from pneumoscan.modelfile import load_model, resolve_model_path
+    from pneumoscan.inference import load_any_model
+    from pneumoscan.modelfile import resolve_model_path
 
     reporter = reporter or Reporter(quiet=True)
     path_a, path_b = resolve_model_path(model_a), resolve_model_path(model_b)
-    loaded_a = load_model(path_a)
+    loaded_a = load_any_model(path_a)
     # A model compared with itself is loaded and scored once (its difference is exactly 0).
     same = path_a.resolve() == path_b.resolve()
-    loaded_b = loaded_a if same else load_model(path_b)
+    loaded_b = loaded_a if same else load_any_model(path_b)
     scanned = scan_dataset(data)
     table = select_split(scanned, split, loaded_a.metadata)
     split = split_name(scanned, split)

@@ -21,7 +21,7 @@ from pneumoscan.metrics import DEFAULT_RESAMPLES, evaluation_metrics, report_tex
 from pneumoscan.progress import Reporter
 
 if TYPE_CHECKING:
-    from pneumoscan.modelfile import LoadedModel
+    from pneumoscan.inference import AnyModel
 
 #: Columns kept per scored image.
 SCORED_COLUMNS = ["path", "label", "patient_id", "subtype"]
@@ -87,7 +87,7 @@ def split_name(table: pd.DataFrame, split: str) -> str:
 
 
 def score_table(
-    loaded: LoadedModel,
+    loaded: AnyModel,
     table: pd.DataFrame,
     batch_size: int = 32,
     reporter: Reporter | None = None,
@@ -116,7 +116,7 @@ def score_table(
 
 def score_images(
     data: str | Path,
-    loaded: LoadedModel,
+    loaded: AnyModel,
     split: str = "test",
     batch_size: int = 32,
     reporter: Reporter | None = None,
@@ -197,7 +197,7 @@ def evaluate(
 
     Args:
         data: Dataset root or a folder with ``NORMAL/`` and ``PNEUMONIA/``.
-        model: Model file or run folder; the shipped model when ``None``.
+        model: Model file, run folder or ``.onnx`` export; the shipped model when ``None``.
         split: Split to evaluate for a dataset root.
         batch_size: Images decoded and scored at a time (memory does not grow with ``n``).
         plot_path: Where to write the confusion-matrix heatmap (skipped when ``None``).
@@ -211,9 +211,9 @@ def evaluate(
     Raises:
         DatasetError: No readable labelled image is left.
     """
-    from pneumoscan.modelfile import load_model
+    from pneumoscan.inference import load_any_model
 
-    loaded = load_model(model)
+    loaded = load_any_model(model)
     metrics = summarise(score_images(data, loaded, split, batch_size, reporter), n_resamples, seed)
     if plot_path is not None:
         from pneumoscan.plots import plot_confusion_matrix

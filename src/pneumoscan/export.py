@@ -5,7 +5,8 @@ one ONNX Runtime call gives both. Keras' own exporter (``Model.export(format="on
 drives tf2onnx on the TensorFlow backend) writes it; the pneumoscan metadata (preprocessing,
 threshold, temperature, OOD thresholds) and the OOD detector's arrays go into the ONNX file's
 metadata properties, so ``predict --model model.onnx`` needs neither TensorFlow nor the
-``.keras`` file.
+``.keras`` file. ``quantize="int8"`` writes an int8 copy instead (:mod:`pneumoscan.quantize`),
+calibrated on the model's training images.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from pneumoscan.constants import METADATA_MEMBER
-from pneumoscan.errors import ModelFileError
+from pneumoscan.constants import DEFAULT_CALIBRATION_IMAGES, DEFAULT_SEED, METADATA_MEMBER
+from pneumoscan.errors import ModelFileError, PneumoscanError
 from pneumoscan.inference import FEATURES, ONNX_OOD_KEY, PROBABILITIES, feature_network
 from pneumoscan.jsonio import jsonable
 from pneumoscan.modelfile import load_model, now_utc, read_member
@@ -52,6 +54,7 @@ class ExportSummary:
         outputs: Graph outputs, in order.
         ood: Whether the OOD detector went along.
         size_bytes: Size of the ONNX file.
+        quantization: What :func:`pneumoscan.quantize.quantize_int8` did, or ``None``.
     """
 
     path: Path
@@ -60,10 +63,17 @@ class ExportSummary:
     outputs: list[str]
     ood: bool
     size_bytes: int
+    quantization: dict[str, Any] | None = None
 
 
 def export_onnx(
-    model: str | Path | None, out: str | Path, opset: int = DEFAULT_OPSET
+    model: str | Path | None,
+    out: str | Path,
+    opset: int = DEFAULT_OPSET,
+    quantize: str | None = None,
+    calibration_data: str | Path | None = None,
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+    seed: int = DEFAULT_SEED,
 ) -> ExportSummary:
     """Write ``model`` (default: the shipped one) as a self-contained ONNX file.
 
@@ -71,14 +81,27 @@ def export_onnx(
         model: Model file or run folder.
         out: The ``.onnx`` file to write (replaced atomically).
         opset: ONNX opset version.
+        quantize: ``None`` for float32, or ``"int8"``.
+        calibration_data: Dataset holding the model's training images (needed for int8).
+        calibration_images: How many training images calibrate the int8 ranges.
+        seed: Seed of the calibration sample.
 
     Returns:
         What was written.
 
     Raises:
         ModelFileError: The model cannot be loaded or the conversion fails.
+        ValueError: Unknown ``quantize``, or int8 without ``calibration_data``.
+        DatasetError: No calibration image could be read.
     """
     import onnx
+
+    from pneumoscan.quantize import QUANTIZE_CHOICES
+
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"unknown quantisation {quantize!r}; choose one of {QUANTIZE_CHOICES}")
+    if quantize is not None and calibration_data is None:
+        raise ValueError("int8 quantisation needs --calibration-data (the training images)")
 
     loaded = load_model(model)
     ood = loaded.metadata.get("ood") or {}
@@ -100,20 +123,31 @@ def export_onnx(
                 graph.export(str(tmp), format="onnx", verbose=False, opset_version=opset)
         except Exception as exc:  # tf2onnx raises many types
             raise ModelFileError(f"{loaded.path}: ONNX conversion failed ({exc})") from exc
+        quantization: dict[str, Any] | None = None
+        refitted: dict[str, Any] = {}
+        if quantize is not None and calibration_data is not None:
+            quantization, refitted = _quantize(
+                tmp, loaded.metadata, loaded.preprocess, calibration_data, calibration_images, seed
+            )
         proto = onnx.load(str(tmp))
         outputs = [PROBABILITIES, FEATURES][: len(proto.graph.output)]
         source_sha256 = file_sha256(loaded.path)
-        metadata = dict(loaded.metadata) | {
-            "export": {
-                "format": "onnx",
-                "opset": opset,
-                "source": str(loaded.path),
-                "source_sha256": source_sha256,
-                "outputs": outputs,
-                "feature_layers": layers,
-                "exported": now_utc(),
+        metadata = (
+            dict(loaded.metadata)
+            | refitted
+            | {
+                "export": {
+                    "format": "onnx",
+                    "opset": opset,
+                    "source": str(loaded.path),
+                    "source_sha256": source_sha256,
+                    "outputs": outputs,
+                    "feature_layers": layers,
+                    "exported": now_utc(),
+                    "quantization": quantization,
+                }
             }
-        }
+        )
         properties = {METADATA_MEMBER: json.dumps(jsonable(metadata), sort_keys=True)}
         ood_npz = read_member(loaded.path, OOD_MEMBER)
         if ood_npz is not None:
@@ -131,7 +165,48 @@ def export_onnx(
         outputs=outputs,
         ood=ood_npz is not None,
         size_bytes=out.stat().st_size,
+        quantization=quantization,
     )
+
+
+def _quantize(
+    onnx_file: Path,
+    metadata: dict[str, Any],
+    preprocess: Any,
+    calibration_data: str | Path,
+    calibration_images: int,
+    seed: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Replace the float32 ``onnx_file`` by its int8 copy.
+
+    Returns:
+        The quantisation record, and the metadata entries its refitted operating point
+        replaces (see :func:`pneumoscan.quantize.refit_operating_point`).
+    """
+    from pneumoscan.quantize import calibration_paths, quantize_int8, refit_operating_point
+
+    paths = calibration_paths(calibration_data, metadata, calibration_images, seed)
+    quantized = onnx_file.with_name(onnx_file.stem + ".int8.onnx")
+    try:
+        record = quantize_int8(onnx_file, quantized, paths, preprocess)
+        quantized.replace(onnx_file)
+    except PneumoscanError:
+        raise
+    except Exception as exc:  # onnxruntime's quantiser raises many types
+        raise ModelFileError(f"int8 quantisation failed ({exc})") from exc
+    finally:
+        quantized.unlink(missing_ok=True)
+    record |= {"calibration_data": str(calibration_data), "seed": seed}
+    refitted = refit_operating_point(onnx_file, metadata, calibration_data)
+    if refitted:
+        float32 = metadata.get("validation_metrics", {})
+        record["float32_validation"] = {
+            key: float32.get(key) for key in ("auc", "sensitivity", "specificity", "threshold")
+        }
+        record["operating_point"] = "refitted on the validation split for the int8 model"
+    else:
+        record["operating_point"] = "the float32 model's (no validation split to refit on)"
+    return record, refitted
 
 
 def onnx_matches(onnx_path: str | Path, model_path: str | Path) -> bool:

@@ -21,7 +21,7 @@ import numpy as np
 from pneumoscan.calibration import apply_temperature
 from pneumoscan.constants import METADATA_MEMBER, POSITIVE_INDEX
 from pneumoscan.errors import ModelFileError
-from pneumoscan.modelfile import LoadedModel, ModelMetadataView
+from pneumoscan.modelfile import LoadedModel, ModelMetadataView, load_model
 from pneumoscan.pipeline import iter_decoded_batches
 from pneumoscan.preprocess import to_model_input
 
@@ -106,6 +106,18 @@ def load_onnx_model(path: str | Path, threads: int | None = None) -> OnnxModel:
     encoded = properties.get(ONNX_OOD_KEY)
     ood_npz = base64.b64decode(encoded) if encoded else None
     return OnnxModel(OnnxNetwork(session), metadata, path, ood_npz)
+
+
+def load_any_model(model: str | Path | None) -> AnyModel:
+    """Open a ``.keras`` file, run folder or shipped model on Keras, or an ``.onnx`` export
+    (float32 or int8) on ONNX Runtime.
+
+    Raises:
+        ModelFileError: The file is missing or unreadable.
+    """
+    if model is not None and Path(model).suffix.lower() == ".onnx":
+        return load_onnx_model(model)
+    return load_model(model)
 
 
 def p_pneumonia(model: AnyModel, pixels: np.ndarray, calibrated: bool = True) -> np.ndarray:

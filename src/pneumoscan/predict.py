@@ -405,6 +405,17 @@ def _export_to_temporary(model_path: Path) -> OnnxModel:
         return load_onnx_model(target)
 
 
+def saved_export(model_path: Path) -> Path | None:
+    """The ONNX export beside a ``.keras`` file made from exactly that file (checked by content
+    hash): ``MODEL.onnx`` (float32) first, then ``MODEL.int8.onnx``; ``None`` when neither."""
+    from pneumoscan.export import onnx_matches
+
+    for candidate in (model_path.with_suffix(".onnx"), model_path.with_suffix(".int8.onnx")):
+        if candidate.is_file() and onnx_matches(candidate, model_path):
+            return candidate
+    return None
+
+
 def open_model(
     model: str | Path | None,
     backend: str = "keras",
@@ -415,12 +426,14 @@ def open_model(
 
     ``model`` may be a ``.keras`` file, a run folder or an ``.onnx`` file (which implies the
     ONNX backend). For ``backend="onnx"`` with a Keras model, the ONNX file is ``onnx_path``,
-    else a ``.onnx`` next to the model exported from exactly that file, else a temporary
-    export.
+    else the export saved beside the model (:func:`saved_export`), else a temporary export.
+    ``backend="auto"`` takes the saved export when there is one and no Keras network is
+    needed (the shipped model has an int8 one), and Keras otherwise: TensorFlow is imported
+    only when it is needed.
 
     Args:
         model: Model file or run folder (default: the shipped model).
-        backend: ``keras`` or ``onnx``.
+        backend: ``auto``, ``keras`` or ``onnx``.
         onnx_path: An exported ONNX file to use.
         keras_network: Also load the Keras network (Grad-CAM needs it on any backend).
 
@@ -436,26 +449,29 @@ def open_model(
     from pneumoscan.inference import BACKENDS, load_onnx_model
     from pneumoscan.modelfile import load_model, resolve_model_path
 
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend not in (*BACKENDS, "auto"):
+        raise ValueError(f"unknown backend {backend!r}; choose auto or one of {BACKENDS}")
     if model is not None and Path(model).suffix.lower() == ".onnx":
         if keras_network:
             raise ModelFileError("heatmaps need the Keras model: give --model MODEL.keras")
         return load_onnx_model(model), None, None
-    if backend == "keras":
-        loaded = load_model(model)
-        return loaded, loaded.network, None
     path = resolve_model_path(model)
+    if backend == "auto":
+        saved = None if keras_network or onnx_path else saved_export(path)
+        if saved is not None:
+            return load_onnx_model(saved), None, None
+        backend = "onnx" if onnx_path else "keras"
+    if backend == "keras":
+        loaded = load_model(path)
+        return loaded, loaded.network, None
     network = load_model(path).network if keras_network else None
     if onnx_path is not None:
         return load_onnx_model(onnx_path), network, None
-    sibling = path.with_suffix(".onnx")
-    from pneumoscan.export import onnx_matches
-
-    if sibling.is_file() and onnx_matches(sibling, path):
-        return load_onnx_model(sibling), network, None
+    saved = saved_export(path)
+    if saved is not None:
+        return load_onnx_model(saved), network, None
     note = (
         f"exported {path.name} to ONNX for this run; `pneumoscan export --model {path} --out "
-        f"{sibling.name}` once saves that time"
+        f"{path.with_suffix('.onnx').name}` once saves that time"
     )
     return _export_to_temporary(path), network, note
