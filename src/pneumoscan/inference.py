@@ -89,6 +89,9 @@ def load_onnx_model(path: str | Path, threads: int | None = None) -> OnnxModel:
     if not path.is_file():
         raise ModelFileError(f"{path}: ONNX file not found")
     options = ort.SessionOptions()
+    # Idle ONNX Runtime threads spin for work by default; on a 2-core machine that spinning
+    # takes the cores the decoding threads need (measured: benchmarks/predict_throughput.py).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     try:

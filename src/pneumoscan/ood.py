@@ -71,7 +71,10 @@ POLARITY_REASON = (
 
 def grey_levels(pixels: np.ndarray) -> np.ndarray:
     """``(n, H, W)`` float32 grey levels of a uint8 RGB batch (channel mean)."""
-    return np.asarray(pixels, np.float32).mean(axis=-1)
+    values = np.asarray(pixels)
+    # The same float32 values as ``.mean(axis=-1)`` (sums of three uint8 are exact), at a
+    # fraction of the cost of numpy's reduction over a length-3 axis.
+    return (values[..., 0].astype(np.float32) + values[..., 1] + values[..., 2]) / np.float32(3)
 
 
 def grey_spread(grey: np.ndarray) -> np.ndarray:

@@ -159,7 +159,19 @@ def colour_spread(pixels: np.ndarray) -> np.ndarray:
     uniformly tinted image (a film photographed under warm light) leaves no residual, a photo
     with several hues leaves a large one (15 to 140 for scikit-image's colour photos).
     """
-    values = np.asarray(pixels, np.float32).reshape(len(pixels), -1, 3)
+    pixels = np.asarray(pixels)
+    spread = np.zeros(len(pixels))
+    # Grey images (every X-ray) have exactly zero spread; checking that in uint8 saves the
+    # float arithmetic that dominated prediction's cheap checks.
+    flat = pixels.reshape(len(pixels), -1, 3)
+    grey = ((flat[..., 0] == flat[..., 1]) & (flat[..., 1] == flat[..., 2])).all(axis=1)
+    if not grey.all():
+        spread[~grey] = _colour_spread(flat[~grey])
+    return spread
+
+
+def _colour_spread(flat: np.ndarray) -> np.ndarray:
+    values = np.asarray(flat, np.float32)
     brightness = values.mean(axis=2, keepdims=True)
     chroma = values - brightness
     centred_b = brightness - brightness.mean(axis=1, keepdims=True)
