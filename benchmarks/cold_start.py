@@ -8,9 +8,11 @@ Quick check that it runs:
 
 Each run is a fresh ``pneumoscan predict IMAGE`` process (``subprocess`` timed with
 ``time.perf_counter`` from launch to exit; the command exits right after printing its one
-result, so this is the time to the first prediction as a user sees it). Backends: the shipped
-Keras model, and an ONNX file exported once beforehand (``pneumoscan export --format onnx
---out FILE``, not timed) run with ``predict --model FILE``. Prints each run and the median.
+result, so this is the time to the first prediction as a user sees it). Commands: the default
+``pneumoscan predict IMAGE`` (the shipped model's int8 ONNX export, no TensorFlow import),
+``--backend keras`` (the ``.keras`` file on TensorFlow), and a float32 ONNX file exported once
+beforehand (``pneumoscan export --out FILE``, not timed) run with ``predict --model FILE``.
+Prints each run and the median.
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ def main() -> None:
             capture_output=True,
         )
         commands = {
-            "keras (shipped model)": [PNEUMOSCAN, "predict", args.image],
-            "onnx (exported)": [PNEUMOSCAN, "predict", args.image, "--model", onnx],
+            "default (int8 onnx)": [PNEUMOSCAN, "predict", args.image],
+            "keras (shipped model)": [PNEUMOSCAN, "predict", args.image, "--backend", "keras"],
+            "onnx float32": [PNEUMOSCAN, "predict", args.image, "--model", onnx],
         }
         for name, command in commands.items():
             times = [timed(command) for _ in range(args.runs)]

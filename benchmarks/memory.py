@@ -1,5 +1,8 @@
 """Peak memory of ``pneumoscan predict`` and ``pneumoscan evaluate`` on small vs large folders.
 
+``predict`` runs as a user runs it (the shipped model's int8 ONNX export), and once more with
+``--backend keras``; ``evaluate`` scores the ``.keras`` model.
+
 Usage (full size, as the lead runs it on a quiet machine; about 10-20 minutes on 2 cores):
     .venv/bin/python benchmarks/memory.py --small 500 --large 5000
 
@@ -76,6 +79,15 @@ def main() -> None:
                 "--out",
                 str(folder) + ".csv",
             ],
+            "predict --backend keras": lambda folder: [
+                PNEUMOSCAN,
+                "predict",
+                str(folder),
+                "--backend",
+                "keras",
+                "--out",
+                str(folder) + ".keras.csv",
+            ],
             "evaluate": lambda folder: [
                 PNEUMOSCAN,
                 "evaluate",
@@ -88,10 +100,10 @@ def main() -> None:
             peaks = {}
             for n, folder in folders.items():
                 peaks[n], seconds = peak_rss(command(folder), root)
-                print(f"{name:8s} {n:6d} images: peak RSS {peaks[n]:7.1f} MiB ({seconds:.0f} s)")
+                print(f"{name:24s} {n:6d} images: peak RSS {peaks[n]:7.1f} MiB ({seconds:.0f} s)")
             ratio = peaks[args.large] / peaks[args.small]
             print(
-                f"{name:8s} ratio {args.large}/{args.small}: {ratio:.3f} "
+                f"{name:24s} ratio {args.large}/{args.small}: {ratio:.3f} "
                 f"({'within' if abs(ratio - 1) <= 0.10 else 'outside'} the 10% goal)"
             )
 

@@ -1,6 +1,6 @@
 """Training input pipelines: the notebook's Python generator against the cache + tf.data.
 
-Usage (full size; run on a quiet machine, about 30-60 minutes on 2 cores):
+Usage (full size; run on a quiet machine, about 8 minutes on 2 cores):
     .venv/bin/python benchmarks/pipeline_throughput.py --n 2000 --epochs 3
 
 Quick check that it runs (a minute or two):
@@ -10,9 +10,11 @@ Two inputs: full-resolution X-rays (``originals`` repeated, via symlinks with di
 to ``--n`` files, both classes) and the 224x224 shared training copies (the first ``--n``,
 both classes). For each, the ``seed`` architecture (batch 16, rmsprop) is fitted with
 
-* ``notebook``: a Python generator like the notebook's ``train_data_gen`` (cv2-free: PIL
-  decode, RGB, bilinear resize to 224x224, /255, per image per epoch; shuffled each epoch;
-  unlike the notebook, batches are full, not 15 images and one stale one);
+* ``notebook``: the notebook's ``train_data_gen``, its code kept: ``cv2.imread``,
+  ``cv2.resize`` to 224x224, BGR to RGB, /255, per image per epoch, reshuffled every batch,
+  15 fresh images per batch of 16 (the notebook's ``count == batch_size - 1`` break leaves the
+  last slot stale), fed to ``model.fit`` as a Python generator (Keras wraps it in ``tf.data``
+  with prefetch). Needs ``pip install -e .[bench]`` (OpenCV);
 * ``cache``: :func:`pneumoscan.cache.cached_decode` (built before timing; its one-off cost is
   printed) feeding :func:`pneumoscan.pipeline.make_tf_dataset`, as ``pneumoscan train`` does.
 
@@ -34,7 +36,6 @@ from typing import Any
 
 import numpy as np
 from common import SHARED_DATA, machine
-from PIL import Image
 
 from pneumoscan.cache import cached_decode
 from pneumoscan.constants import CLASSES
@@ -72,20 +73,28 @@ def shared_224(n: int) -> list[tuple[str, int]]:
 
 
 def notebook_generator(files: list[tuple[str, int]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The notebook's ``train_data_gen``, with PIL in place of cv2."""
+    """The notebook's ``train_data_gen`` (``../shared/SEED.md``, cell 19), its code kept."""
+    import cv2
+
+    steps = len(files) // BATCH
+    batch_data = np.zeros((BATCH, 224, 224, 3), dtype=np.float32)
+    batch_labels = np.zeros((BATCH, 2), dtype=np.float32)
     indices = np.arange(len(files))
+    i = 0
     while True:
         np.random.shuffle(indices)
-        for start in range(0, len(files) - BATCH + 1, BATCH):
-            data = np.zeros((BATCH, 224, 224, 3), np.float32)
-            labels = np.zeros((BATCH, 2), np.float32)
-            for j, idx in enumerate(indices[start : start + BATCH]):
-                path, label = files[idx]
-                with Image.open(path) as img:
-                    rgb = img.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR)
-                data[j] = np.asarray(rgb, np.float32) / 255.0
-                labels[j, label] = 1.0
-            yield data, labels
+        # The notebook stops at ``count == batch_size - 1``: 15 fresh images, the last stale.
+        for count, idx in enumerate(indices[i * BATCH : (i + 1) * BATCH - 1]):
+            path, label = files[idx]
+            img = cv2.resize(cv2.imread(path), (224, 224))
+            if img.shape[2] == 1:
+                img = np.dstack([img, img, img])
+            batch_data[count] = cv2.cvtColor(img, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+            batch_labels[count] = np.eye(2, dtype=np.float32)[label]
+        i += 1
+        yield batch_data, batch_labels
+        if i >= steps:
+            i = 0
 
 
 def _model() -> Any:

