@@ -16,12 +16,14 @@ both classes). For each, the ``seed`` architecture (batch 16, rmsprop) is fitted
   last slot stale), fed to ``model.fit`` as a Python generator (Keras wraps it in ``tf.data``
   with prefetch). Needs ``pip install -e .[bench]`` (OpenCV);
 * ``cache``: :func:`pneumoscan.cache.cached_decode` (built before timing; its one-off cost is
-  printed) feeding :func:`pneumoscan.pipeline.make_tf_dataset`, as ``pneumoscan train`` does.
+  printed) feeding :func:`pneumoscan.pipeline.make_tf_dataset`, as ``pneumoscan train`` does,
+  fitted twice: in float32 like the notebook (the input pipeline's effect alone), and in the
+  ``seed`` recipe's precision (``mixed_bfloat16``: what ``pneumoscan train --arch seed`` runs).
 
-Printed: images/s over epochs 2+ of ``model.fit`` for each, the ratio (goals: >= 3x on full
+Printed: images/s over epochs 2+ of ``model.fit`` for each, the ratios (goals: >= 3x on full
 resolution, >= 1.0x on the 224 copies), and the input-pipeline idle share: over
 ``--idle-steps`` steps after a warm-up epoch, time spent in ``next()`` on the batch iterator
-divided by ``next()`` + ``train_on_batch`` time (goal: < 5% for the cache).
+divided by ``next()`` + ``train_on_batch`` time (goal: < 5% for the cache, recipe precision).
 """
 
 from __future__ import annotations
@@ -39,11 +41,13 @@ from common import SHARED_DATA, machine
 
 from pneumoscan.cache import cached_decode
 from pneumoscan.constants import CLASSES
-from pneumoscan.models import create_model
+from pneumoscan.models import create_model, get_spec
 from pneumoscan.pipeline import make_tf_dataset, steps_per_epoch
 from pneumoscan.preprocess import PreprocessConfig
+from pneumoscan.train import dtype_policy
 
 BATCH = 16
+PRECISION = get_spec("seed").recipe.precision
 
 
 def full_resolution_folder(n: int, folder: Path) -> list[tuple[str, int]]:
@@ -98,6 +102,7 @@ def notebook_generator(files: list[tuple[str, int]]) -> Iterator[tuple[np.ndarra
 
 
 def _model() -> Any:
+    # Built under the caller's dtype policy (see ``dtype_policy``).
     model = create_model("seed")
     model.compile(optimizer="rmsprop", loss="binary_crossentropy")
     return model
@@ -124,19 +129,24 @@ class _EpochTimer:
         self.callback = Timer()
 
 
-def fit_rate(source: Any, steps: int, images: int, epochs: int) -> float:
+def fit_rate(
+    source: Any, steps: int, images: int, epochs: int, precision: str = "float32"
+) -> float:
     """Images/s over epochs 2+ of ``model.fit`` on ``source`` (``images`` per epoch)."""
     timer = _EpochTimer()
-    _model().fit(
-        source, epochs=epochs, steps_per_epoch=steps, callbacks=[timer.callback], verbose=0
-    )
+    with dtype_policy(precision):
+        model = _model()
+    model.fit(source, epochs=epochs, steps_per_epoch=steps, callbacks=[timer.callback], verbose=0)
     later = timer.callback.times[1:]
     return images * len(later) / sum(later)
 
 
-def idle_share(batches: Iterator[Any], steps: int, warmup: int) -> float:
+def idle_share(
+    batches: Iterator[Any], steps: int, warmup: int, precision: str = "float32"
+) -> float:
     """Share of step time spent waiting for the next batch (after ``warmup`` steps)."""
-    model = _model()
+    with dtype_policy(precision):
+        model = _model()
     waited = trained = 0.0
     for step in range(warmup + steps):
         t0 = time.perf_counter()
@@ -167,16 +177,18 @@ def run(name: str, files: list[tuple[str, int]], args: argparse.Namespace, cache
 
     notebook = fit_rate(notebook_generator(files), steps, steps * BATCH, args.epochs)
     cached = fit_rate(ours(args.epochs), ours_steps, len(labels), args.epochs)
+    recipe = fit_rate(ours(args.epochs), ours_steps, len(labels), args.epochs, PRECISION)
     # Warm-up: one epoch's steps, so tracing and the first (cold) reads are excluded.
     idle_notebook = idle_share(notebook_generator(files), args.idle_steps, steps)
     epochs_needed = 2 + (args.idle_steps // ours_steps)
-    idle_cache = idle_share(iter(ours(epochs_needed)), args.idle_steps, ours_steps)
+    idle_cache = idle_share(iter(ours(epochs_needed)), args.idle_steps, ours_steps, PRECISION)
     print(
         f"{name}: {len(files)} files; cache built in {build:.1f} s (one-off, not in the rates)\n"
         f"  epochs 2-{args.epochs}: notebook generator {notebook:7.1f} images/s, "
-        f"cache + tf.data {cached:7.1f} images/s, ratio {cached / notebook:.2f}x\n"
+        f"cache + tf.data {cached:7.1f} images/s (float32), ratio {cached / notebook:.2f}x; "
+        f"with the recipe's {PRECISION} {recipe:7.1f} images/s, ratio {recipe / notebook:.2f}x\n"
         f"  input idle share over {args.idle_steps} steps: notebook {idle_notebook:.1%}, "
-        f"cache + tf.data {idle_cache:.1%}"
+        f"cache + tf.data ({PRECISION}) {idle_cache:.1%}"
     )
 
 

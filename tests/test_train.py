@@ -85,3 +85,28 @@ def test_command_reproduces_options() -> None:
         "pneumoscan train --data d --out o --arch seed --epochs 3 --seed 42 --val-fraction 0.1"
         " --target-sensitivity 0.97"
     )
+
+
+def test_mixed_precision_trains_but_ships_float32(trained_run: Path) -> None:
+    import keras
+
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["recipe"]["precision"] == "mixed_bfloat16"  # the seed recipe's
+    checkpoint = keras.saving.load_model(trained_run / "checkpoints" / "last.keras")
+    assert "mixed_bfloat16" in {layer.dtype_policy.name for layer in checkpoint.layers}
+    shipped = keras.saving.load_model(trained_run / "model.keras")
+    assert {layer.dtype_policy.name for layer in shipped.layers} == {"float32"}
+    assert keras.config.dtype_policy().name == "float32"  # restored after training
+
+
+def test_dtype_policy_is_restored_and_checked() -> None:
+    import keras
+
+    from pneumoscan.train import dtype_policy
+
+    with pytest.raises(RuntimeError), dtype_policy("mixed_bfloat16"):
+        assert keras.config.dtype_policy().name == "mixed_bfloat16"
+        raise RuntimeError("interrupted")
+    assert keras.config.dtype_policy().name == "float32"
+    with pytest.raises(ValueError, match="unknown precision"), dtype_policy("float8"):
+        pass

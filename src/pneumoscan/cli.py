@@ -124,6 +124,10 @@ def train(
         str | None, typer.Option(help="Augmentation: none or xray (default: the recipe's).")
     ] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Default: the recipe's.")] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(help="float32 or mixed_bfloat16 while training. Default: the recipe's."),
+    ] = None,
     intensity: Annotated[
         str | None,
         typer.Option(help="Intensity normalisation: none or equalize (default: the arch's)."),
@@ -146,15 +150,18 @@ def train(
 ) -> None:
     """Train a model; checkpoints every epoch and writes config, history, curves and model."""
     from pneumoscan.models import list_models
-    from pneumoscan.train import TrainOptions
+    from pneumoscan.train import PRECISIONS, TrainOptions
     from pneumoscan.train import train as run_training
 
     if arch not in list_models():
         _fail(f"unknown architecture {arch!r}; choose one of {list_models()}")
+    if precision is not None and precision not in PRECISIONS:
+        _fail(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
     options = TrainOptions(
         data=str(data), out=str(out), arch=arch, epochs=epochs, batch_size=batch_size,
         learning_rate=learning_rate, seed=seed, val_fraction=val_fraction,
         max_images=max_images, augment=augment, label_smoothing=label_smoothing,
+        precision=precision,
         intensity=intensity, target_sensitivity=target_sensitivity, resume=resume,
     )  # fmt: skip
     try:

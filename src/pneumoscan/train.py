@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import shlex
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,8 @@ from pneumoscan.pipeline import decode_all, make_tf_dataset, steps_per_epoch
 from pneumoscan.preprocess import PreprocessConfig
 from pneumoscan.progress import Reporter
 
+PRECISIONS = ("float32", "mixed_bfloat16")
+
 # Options that may differ when a run is resumed (a run folder may be moved; the target
 # sensitivity only sets the final operating point); everything else must match the saved run.
 _RESUMABLE_CHANGES = {"resume", "epochs", "out", "target_sensitivity"}
@@ -64,6 +68,7 @@ class TrainOptions:
     max_images: int | None = None
     augment: str | None = None
     label_smoothing: float | None = None
+    precision: str | None = None
     intensity: str | None = None
     target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY
     resume: bool = False
@@ -89,6 +94,7 @@ def resolve_recipe(options: TrainOptions) -> Recipe:
         "learning_rate": options.learning_rate,
         "augment": options.augment,
         "label_smoothing": options.label_smoothing,
+        "precision": options.precision,
     }
     return replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -167,6 +173,21 @@ def _build_optimizer(recipe: Recipe, total_steps: int) -> Any:
     elif recipe.learning_rate is not None:
         config["learning_rate"] = recipe.learning_rate
     return keras.optimizers.get({"class_name": recipe.optimizer, "config": config})
+
+
+@contextmanager
+def dtype_policy(name: str) -> Iterator[None]:
+    """Keras's global dtype policy set to ``name`` inside the block, restored after it."""
+    import keras
+
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}; choose one of {PRECISIONS}")
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def _build_loss(recipe: Recipe) -> Any:
@@ -265,40 +286,40 @@ def train(
     from pneumoscan.augment import build_augmenter, unwrap, wrap_for_training
 
     steps = steps_per_epoch(len(train_y), recipe.batch_size)
-    if state is None:
-        augmenter = build_augmenter(recipe.augment, options.seed)
-        network = wrap_for_training(create_model(options.arch), augmenter)
-        optimizer = _build_optimizer(recipe, recipe.epochs * steps)
-        network.compile(optimizer=optimizer, loss=_build_loss(recipe), metrics=["accuracy"])
-        start_epoch = 0
-    else:
-        network = keras.saving.load_model(run.last)
-        start_epoch = int(state["epochs_completed"])
-        reporter.info(f"resuming {run.root} after epoch {start_epoch}")
+    with dtype_policy(recipe.precision):
+        if state is None:
+            augmenter = build_augmenter(recipe.augment, options.seed)
+            network = wrap_for_training(create_model(options.arch), augmenter)
+            optimizer = _build_optimizer(recipe, recipe.epochs * steps)
+            network.compile(optimizer=optimizer, loss=_build_loss(recipe), metrics=["accuracy"])
+            start_epoch = 0
+        else:
+            network = keras.saving.load_model(run.last)
+            start_epoch = int(state["epochs_completed"])
+            reporter.info(f"resuming {run.root} after epoch {start_epoch}")
 
-    from pneumoscan.callbacks import EpochCheckpoint
+        from pneumoscan.callbacks import EpochCheckpoint
 
-    checkpoint = EpochCheckpoint(run, val_x, val_y, reporter, state)
-    if start_epoch < recipe.epochs:
-        dataset = make_tf_dataset(
-            train_x, train_y, recipe.batch_size, options.seed, start_epoch, recipe.epochs
-        )
-        network.fit(
-            dataset,
-            epochs=recipe.epochs,
-            initial_epoch=start_epoch,
-            steps_per_epoch=steps,
-            class_weight=_class_weights(train_y, recipe.class_weight),
-            callbacks=[reporter.keras_callback(len(train_y), recipe.batch_size), checkpoint],
-            shuffle=False,  # the dataset is already shuffled, reproducibly per epoch
-            verbose=0,
-        )
-    if recipe.restore_best and run.best.exists():
-        network = keras.saving.load_model(run.best)
-        reporter.info(
-            f"restored the best epoch ({checkpoint.best_epoch}, val AUC {checkpoint.best_auc:.4f})"
-        )
-    network = unwrap(network)
+        checkpoint = EpochCheckpoint(run, val_x, val_y, reporter, state)
+        if start_epoch < recipe.epochs:
+            dataset = make_tf_dataset(
+                train_x, train_y, recipe.batch_size, options.seed, start_epoch, recipe.epochs
+            )
+            network.fit(
+                dataset,
+                epochs=recipe.epochs,
+                initial_epoch=start_epoch,
+                steps_per_epoch=steps,
+                class_weight=_class_weights(train_y, recipe.class_weight),
+                callbacks=[reporter.keras_callback(len(train_y), recipe.batch_size), checkpoint],
+                shuffle=False,  # the dataset is already shuffled, reproducibly per epoch
+                verbose=0,
+            )
+        if recipe.restore_best and run.best.exists():
+            network = keras.saving.load_model(run.best)
+            best = f"epoch {checkpoint.best_epoch}, val AUC {checkpoint.best_auc:.4f}"
+            reporter.info(f"restored the best ({best})")
+        network = unwrap(network)
 
     final = _finish(network, run, options, recipe, config, val_x, val_y, started)
     return TrainResult(
@@ -390,7 +411,12 @@ def _finish(
     from pneumoscan.metrics import expected_calibration_error
     from pneumoscan.plots import plot_training_curves
 
-    p_raw = predict_pixels(network, val_x)
+    # A fresh, never-compiled float32 copy drops the optimizer state (half the file size), any
+    # augmentation layers and a mixed-precision policy; the operating point is fitted on what
+    # ships.
+    shipped = create_model(options.arch)
+    shipped.set_weights(network.get_weights())
+    p_raw = predict_pixels(shipped, val_x)
     # Platt scaling rather than a temperature alone: class weights train the network for a
     # balanced prior, so its raw scores are biased against the data's real class balance.
     temperature, bias = fit_temperature_and_bias(val_y, p_raw)
@@ -406,10 +432,6 @@ def _finish(
         "ece_before": expected_calibration_error(val_y, p_raw),
         "ece_after": validation["ece"],
     }
-    # A fresh, never-compiled copy drops the optimizer state (half the file size) and any
-    # augmentation layers.
-    shipped = create_model(options.arch)
-    shipped.set_weights(network.get_weights())
     metadata = {
         "arch": options.arch,
         "classes": list(CLASSES),

@@ -32,6 +32,8 @@ class Recipe:
         augment: Training-time augmentation (``none`` or ``xray``; see ``pneumoscan.augment``).
         label_smoothing: Label smoothing of the cross-entropy (0 = none).
         schedule: ``constant`` learning rate, or ``cosine`` decay to 0 over the run.
+        precision: Keras dtype policy while training: ``float32``, or ``mixed_bfloat16``
+            (bfloat16 compute, float32 weights). The saved model is always float32.
     """
 
     optimizer: str = "rmsprop"
@@ -44,6 +46,7 @@ class Recipe:
     augment: str = "none"
     label_smoothing: float = 0.0
     schedule: str = "constant"
+    precision: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""

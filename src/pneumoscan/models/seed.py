@@ -13,7 +13,15 @@ if TYPE_CHECKING:
 @register_model(
     "seed",
     description="The notebook's CNN: Conv32-Pool-Conv32-Pool-Conv64-Pool-Flatten-Dense64-Dense2.",
-    recipe=Recipe(optimizer="rmsprop", loss="binary_crossentropy", batch_size=16, epochs=3),
+    # bfloat16 compute trains it 1.7x faster on a CPU with AVX512_BF16 at the same validation
+    # AUC (measured: README, "train"); EfficientNet-Lite0 is slower in bfloat16, so not there.
+    recipe=Recipe(
+        optimizer="rmsprop",
+        loss="binary_crossentropy",
+        batch_size=16,
+        epochs=3,
+        precision="mixed_bfloat16",
+    ),
 )
 def seed_cnn(input_shape: tuple[int, int, int], num_classes: int = 2) -> keras.Model:
     """Build the notebook's network exactly (3x3 valid convolutions, 2x2 max pooling, softmax).
@@ -36,7 +44,8 @@ def seed_cnn(input_shape: tuple[int, int, int], num_classes: int = 2) -> keras.M
             layers.MaxPooling2D((2, 2)),
             layers.Flatten(),
             layers.Dense(64, activation="relu"),
-            layers.Dense(num_classes, activation="softmax"),
+            # float32 softmax under mixed precision: bfloat16 probabilities tie near 0 and 1.
+            layers.Dense(num_classes, activation="softmax", dtype="float32"),
         ],
         name="seed",
     )
