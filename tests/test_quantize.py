@@ -152,3 +152,13 @@ def test_evaluate_accepts_an_onnx_model(tmp_path: Path) -> None:
     metrics = json.loads(out.read_text())
     assert metrics["model"] == str(DEFAULT_ONNX_PATH) and metrics["n"] == 48
     assert metrics["auc"] > 0.8
+
+
+def test_info_reads_an_onnx_export(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["info", "--model", str(DEFAULT_ONNX_PATH)])
+    assert result.exit_code == 0, result.output
+    assert '"quantization"' in result.output and '"threshold"' in result.output
+    bogus = tmp_path / "bogus.onnx"
+    bogus.write_bytes(b"not onnx")
+    result = runner.invoke(app, ["info", "--model", str(bogus)])
+    assert result.exit_code != 0 and "bogus.onnx" in result.output

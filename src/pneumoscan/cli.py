@@ -612,13 +612,18 @@ def serve(
 
 
 @app.command()
-def info(model: ModelOption = None) -> None:
+def info(model: ScoringModelOption = None) -> None:
     """Print a model file's metadata (reads no weights)."""
     from pneumoscan.modelfile import read_metadata, resolve_model_path
 
     try:
         path = resolve_model_path(model)
-        metadata = read_metadata(path)
+        if path.suffix.lower() == ".onnx":
+            from pneumoscan.inference import read_onnx_metadata
+
+            metadata = read_onnx_metadata(path)
+        else:
+            metadata = read_metadata(path)
     except PneumoscanError as exc:
         _fail(str(exc))
     stdout.print(f"{path}")

@@ -111,6 +111,26 @@ def load_onnx_model(path: str | Path, threads: int | None = None) -> OnnxModel:
     return OnnxModel(OnnxNetwork(session), metadata, path, ood_npz)
 
 
+def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
+    """The pneumoscan metadata of an exported ONNX file, without starting ONNX Runtime.
+
+    Raises:
+        ModelFileError: Missing, not ONNX, or no pneumoscan metadata inside.
+    """
+    import onnx
+
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises protobuf and OS errors alike
+        raise ModelFileError(f"{path}: not a readable ONNX file ({exc})") from exc
+    properties = {p.key: p.value for p in proto.metadata_props}
+    if METADATA_MEMBER not in properties:
+        raise ModelFileError(f"{path}: no pneumoscan metadata inside")
+    metadata: dict[str, Any] = json.loads(properties[METADATA_MEMBER])
+    return metadata
+
+
 def load_any_model(model: str | Path | None) -> AnyModel:
     """Open a ``.keras`` file, run folder or shipped model on Keras, or an ``.onnx`` export
     (float32 or int8) on ONNX Runtime.
