@@ -6,6 +6,8 @@ training time, or a site's own sample with ``pneumoscan calibrate``) and stored 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from scipy.optimize import minimize_scalar
 
@@ -90,3 +92,46 @@ def threshold_for_sensitivity(y_true: np.ndarray, p_pneumonia: np.ndarray, targe
         raise ValueError("choosing a threshold for sensitivity needs PNEUMONIA images")
     may_miss = int(np.floor((1.0 - target) * len(positives) + 1e-9))
     return float(positives[may_miss])
+
+
+def fit_operating_point(
+    y_true: np.ndarray, p_raw: np.ndarray, target_sensitivity: float, split: str, fitted_on: str
+) -> dict[str, Any]:
+    """Platt scaling of raw scores, then the highest threshold reaching the target sensitivity.
+
+    The rule training applies on its validation split, and the int8 export re-applies.
+
+    Args:
+        y_true: 1 for PNEUMONIA, 0 for NORMAL.
+        p_raw: The network's uncalibrated P(pneumonia).
+        target_sensitivity: Sensitivity the threshold must reach on these images.
+        split: Description of the images, stored as ``validation_metrics["split"]``.
+        fitted_on: Stored as ``calibration["fitted_on"]``.
+
+    Returns:
+        The model metadata entries ``threshold``, ``temperature``, ``logit_bias``,
+        ``calibration`` and ``validation_metrics`` (rates at the threshold, with ECE).
+    """
+    from pneumoscan.metrics import binary_metrics, expected_calibration_error
+
+    # Platt scaling rather than a temperature alone: class weights train the network for a
+    # balanced prior, so its raw scores are biased against the data's real class balance.
+    temperature, bias = fit_temperature_and_bias(y_true, p_raw)
+    p_fitted = apply_temperature(p_raw, temperature, bias)
+    threshold = threshold_for_sensitivity(y_true, p_fitted, target_sensitivity)
+    validation = binary_metrics(y_true, p_fitted, threshold)
+    validation["split"] = split
+    validation["ece"] = expected_calibration_error(y_true, p_fitted)
+    return {
+        "threshold": threshold,
+        "temperature": temperature,
+        "logit_bias": bias,
+        "calibration": {
+            "method": "Platt scaling of the logit (temperature and bias)",
+            "fitted_on": fitted_on,
+            "n": len(y_true),
+            "ece_before": expected_calibration_error(y_true, p_raw),
+            "ece_after": validation["ece"],
+        },
+        "validation_metrics": validation,
+    }

@@ -25,7 +25,13 @@ import numpy as np
 
 from pneumoscan.constants import DEFAULT_CALIBRATION_IMAGES, DEFAULT_SEED, METADATA_MEMBER
 from pneumoscan.errors import ModelFileError, PneumoscanError
-from pneumoscan.inference import FEATURES, ONNX_OOD_KEY, PROBABILITIES, feature_network
+from pneumoscan.inference import (
+    FEATURES,
+    ONNX_OOD_KEY,
+    PROBABILITIES,
+    feature_network,
+    read_onnx_metadata,
+)
 from pneumoscan.jsonio import jsonable
 from pneumoscan.modelfile import load_model, now_utc, read_member
 from pneumoscan.ood import OOD_MEMBER, ood_feature_layers
@@ -211,15 +217,9 @@ def _quantize(
 
 def onnx_matches(onnx_path: str | Path, model_path: str | Path) -> bool:
     """Whether an ONNX file was exported from exactly this model file (by content hash)."""
-    import onnx
-
     try:
-        proto = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception:  # a damaged or foreign file simply does not match
-        return False
-    properties = {p.key: p.value for p in proto.metadata_props}
-    try:
-        recorded = json.loads(properties[METADATA_MEMBER])["export"]["source_sha256"]
-    except (KeyError, ValueError, TypeError):
+        recorded = read_onnx_metadata(onnx_path)["export"]["source_sha256"]
+    except (ModelFileError, KeyError, ValueError, TypeError):
+        # A damaged or foreign file simply does not match.
         return False
     return bool(recorded == file_sha256(model_path))

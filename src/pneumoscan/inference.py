@@ -72,16 +72,15 @@ class OnnxModel(ModelMetadataView):
 AnyModel = LoadedModel | OnnxModel
 
 
-def load_onnx_model(path: str | Path, threads: int | None = None) -> OnnxModel:
-    """Open an ONNX file written by ``pneumoscan export`` on ONNX Runtime (CPU).
+def onnx_session(path: str | Path, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session for any ONNX file (no pneumoscan metadata needed).
 
     Args:
-        path: The ``.onnx`` file; its metadata carries preprocessing, threshold, temperature
-            and the OOD detector, so no Keras file is needed.
+        path: The ``.onnx`` file.
         threads: Intra-op threads (default: ONNX Runtime's choice, one per core).
 
     Raises:
-        ModelFileError: Missing file, not ONNX, or no pneumoscan metadata inside.
+        ModelFileError: Missing file, or ONNX Runtime cannot load it.
     """
     import onnxruntime as ort
 
@@ -95,11 +94,26 @@ def load_onnx_model(path: str | Path, threads: int | None = None) -> OnnxModel:
     if threads:
         options.intra_op_num_threads = threads
     try:
-        session = ort.InferenceSession(
+        return ort.InferenceSession(
             str(path), sess_options=options, providers=["CPUExecutionProvider"]
         )
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
         raise ModelFileError(f"{path}: ONNX Runtime could not load it ({exc})") from exc
+
+
+def load_onnx_model(path: str | Path, threads: int | None = None) -> OnnxModel:
+    """Open an ONNX file written by ``pneumoscan export`` on ONNX Runtime (CPU).
+
+    Args:
+        path: The ``.onnx`` file; its metadata carries preprocessing, threshold, temperature
+            and the OOD detector, so no Keras file is needed.
+        threads: Intra-op threads (default: ONNX Runtime's choice, one per core).
+
+    Raises:
+        ModelFileError: Missing file, not ONNX, or no pneumoscan metadata inside.
+    """
+    path = Path(path)
+    session = onnx_session(path, threads)
     properties = session.get_modelmeta().custom_metadata_map
     if METADATA_MEMBER not in properties:
         raise ModelFileError(

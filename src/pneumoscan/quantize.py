@@ -66,7 +66,6 @@ class _Batches:
         self.skipped: list[str] = []
         self.used = 0
         self._batches: Iterator[Any] = iter_decoded_batches(paths, config, _CALIBRATION_BATCH)
-        self._config = config
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         for batch in self._batches:
@@ -129,20 +128,6 @@ def quantize_int8(
     }
 
 
-def raw_scores(onnx_file: str | Path, paths: Sequence[str], config: PreprocessConfig) -> np.ndarray:
-    """Uncalibrated P(pneumonia) of each path under an ONNX file (NaN where unreadable)."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-    scores = np.full(len(paths), np.nan)
-    for batch in iter_decoded_batches(paths, config, _CALIBRATION_BATCH):
-        if len(batch.indices):
-            probabilities = session.run(None, {input_name: to_model_input(batch.pixels)})[0]
-            scores[batch.indices] = probabilities[:, POSITIVE_INDEX]
-    return scores
-
-
 def refit_operating_point(
     onnx_file: str | Path, metadata: dict[str, Any], data: str | Path
 ) -> dict[str, Any]:
@@ -158,14 +143,10 @@ def refit_operating_point(
         ``calibration``, ``validation_metrics``), or ``{}`` when the model records no target
         sensitivity or ``data`` has no validation split for it.
     """
-    from pneumoscan.calibration import (
-        apply_temperature,
-        fit_temperature_and_bias,
-        threshold_for_sensitivity,
-    )
+    from pneumoscan.calibration import fit_operating_point
     from pneumoscan.data import scan_dataset
     from pneumoscan.evaluate import select_split
-    from pneumoscan.metrics import binary_metrics, expected_calibration_error
+    from pneumoscan.inference import OnnxModel, OnnxNetwork, onnx_session, score_files
 
     target = metadata.get("target_sensitivity")
     try:
@@ -174,27 +155,16 @@ def refit_operating_point(
         return {}
     if target is None or table["split"].iloc[0] != "val":
         return {}
-    config = PreprocessConfig.from_dict(metadata["preprocess"])
-    p_raw = raw_scores(onnx_file, table["path"].tolist(), config)
+    # The file has no pneumoscan metadata yet: the model's own goes alongside its session.
+    model = OnnxModel(OnnxNetwork(onnx_session(onnx_file)), metadata, Path(onnx_file))
+    scores = score_files(model, table["path"].tolist(), calibrated=False)
+    p_raw = np.array([np.nan if s.probability is None else s.probability for s in scores])
     y_true = (table["label"] == CLASSES[POSITIVE_INDEX]).to_numpy().astype(int)
     kept = ~np.isnan(p_raw)
-    y_true, p_raw = y_true[kept], p_raw[kept]
-    temperature, bias = fit_temperature_and_bias(y_true, p_raw)
-    p_val = apply_temperature(p_raw, temperature, bias)
-    threshold = threshold_for_sensitivity(y_true, p_val, target)
-    validation = binary_metrics(y_true, p_val, threshold)
-    validation["split"] = "val (patient-grouped, from the training data); int8 model"
-    validation["ece"] = expected_calibration_error(y_true, p_val)
-    return {
-        "threshold": threshold,
-        "temperature": temperature,
-        "logit_bias": bias,
-        "calibration": {
-            "method": "Platt scaling of the logit (temperature and bias)",
-            "fitted_on": "validation split, int8 model",
-            "n": int(kept.sum()),
-            "ece_before": expected_calibration_error(y_true, p_raw),
-            "ece_after": validation["ece"],
-        },
-        "validation_metrics": validation,
-    }
+    return fit_operating_point(
+        y_true[kept],
+        p_raw[kept],
+        target,
+        split="val (patient-grouped, from the training data); int8 model",
+        fitted_on="validation split, int8 model",
+    )

@@ -36,7 +36,6 @@ from pneumoscan.data import (
 )
 from pneumoscan.errors import DatasetError, PneumoscanError
 from pneumoscan.jsonio import write_json
-from pneumoscan.metrics import binary_metrics
 from pneumoscan.modelfile import library_versions, now_utc, save_model
 from pneumoscan.models import Recipe, create_model, get_spec
 from pneumoscan.pipeline import decode_all, make_tf_dataset, steps_per_epoch
@@ -402,13 +401,8 @@ def _finish(
     started: float,
 ) -> dict[str, Any]:
     """Score validation, write the metadata-carrying model, metrics and curves."""
-    from pneumoscan.calibration import (
-        apply_temperature,
-        fit_temperature_and_bias,
-        threshold_for_sensitivity,
-    )
+    from pneumoscan.calibration import fit_operating_point
     from pneumoscan.callbacks import predict_pixels
-    from pneumoscan.metrics import expected_calibration_error
     from pneumoscan.plots import plot_training_curves
 
     # A fresh, never-compiled float32 copy drops the optimizer state (half the file size), any
@@ -416,36 +410,28 @@ def _finish(
     # ships.
     shipped = create_model(options.arch)
     shipped.set_weights(network.get_weights())
-    p_raw = predict_pixels(shipped, val_x)
-    # Platt scaling rather than a temperature alone: class weights train the network for a
-    # balanced prior, so its raw scores are biased against the data's real class balance.
-    temperature, bias = fit_temperature_and_bias(val_y, p_raw)
-    p_val = apply_temperature(p_raw, temperature, bias)
-    threshold = threshold_for_sensitivity(val_y, p_val, options.target_sensitivity)
-    validation = binary_metrics(val_y, p_val, threshold)
-    validation["split"] = "val (patient-grouped, from the training data)"
-    validation["ece"] = expected_calibration_error(val_y, p_val)
-    calibration = {
-        "method": "Platt scaling of the logit (temperature and bias)",
-        "fitted_on": "validation split",
-        "n": len(val_y),
-        "ece_before": expected_calibration_error(val_y, p_raw),
-        "ece_after": validation["ece"],
-    }
+    fitted = fit_operating_point(
+        val_y,
+        predict_pixels(shipped, val_x),
+        options.target_sensitivity,
+        split="val (patient-grouped, from the training data)",
+        fitted_on="validation split",
+    )
+    validation = fitted["validation_metrics"]
     metadata = {
         "arch": options.arch,
         "classes": list(CLASSES),
         "positive_class": CLASSES[1],
         "input_size": list(config["preprocess"]["image_size"]),
         "preprocess": config["preprocess"],
-        "threshold": threshold,
+        "threshold": fitted["threshold"],
         "threshold_rule": (
             f"highest threshold with validation sensitivity >= {options.target_sensitivity}"
         ),
         "target_sensitivity": options.target_sensitivity,
-        "temperature": temperature,
-        "logit_bias": bias,
-        "calibration": calibration,
+        "temperature": fitted["temperature"],
+        "logit_bias": fitted["logit_bias"],
+        "calibration": fitted["calibration"],
         "recipe": recipe.to_dict(),
         "seed": options.seed,
         "data": {
