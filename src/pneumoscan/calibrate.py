@@ -19,9 +19,9 @@ from sklearn.model_selection import StratifiedGroupKFold
 from pneumoscan.calibration import (
     apply_temperature,
     fit_temperature_and_bias,
-    threshold_for_sensitivity,
+    threshold_with_confidence,
 )
-from pneumoscan.constants import CLASSES, DEFAULT_TARGET_SENSITIVITY
+from pneumoscan.constants import CLASSES, DEFAULT_CONFIDENCE, DEFAULT_TARGET_SENSITIVITY
 from pneumoscan.data import data_fingerprint, empty_classes, scan_dataset
 from pneumoscan.errors import DatasetError
 from pneumoscan.metrics import binary_metrics, expected_calibration_error, wilson_interval
@@ -31,6 +31,8 @@ from pneumoscan.progress import Reporter
 #: Widest 95% interval on the sensitivity target tolerated without a warning.
 MAX_INTERVAL_WIDTH = 0.10
 CV_FOLDS = 5
+#: Repeats of the patient-grouped cross-validation (each with its own fold assignment).
+CV_REPEATS = 10
 
 
 def operating_figures(
@@ -64,33 +66,77 @@ def sample_size_warning(n_positive: int, target: float) -> str | None:
     )
 
 
+def _refit(
+    y_fit: np.ndarray, p_fit_raw: np.ndarray, target: float, confidence: float
+) -> tuple[float, float, float]:
+    """The whole site refit on some images: Platt scaling, then the confident threshold."""
+    temperature, bias = fit_temperature_and_bias(y_fit, p_fit_raw)
+    p_fit = apply_temperature(p_fit_raw, temperature, bias)
+    threshold, _ = threshold_with_confidence(y_fit, p_fit, target, confidence)
+    return temperature, bias, threshold
+
+
 def cross_validated_figures(
-    y_true: np.ndarray, p_raw: np.ndarray, patients: np.ndarray, target: float, seed: int = 0
+    y_true: np.ndarray,
+    p_raw: np.ndarray,
+    patients: np.ndarray,
+    target: float,
+    seed: int = 0,
+    confidence: float = DEFAULT_CONFIDENCE,
+    repeats: int = CV_REPEATS,
 ) -> dict[str, Any] | None:
-    """Held-out figures of the whole refit: fit on 4/5 of the patients, score the rest."""
-    folds = min(CV_FOLDS, int(np.bincount(y_true).min()))
+    """Held-out figures of the whole refit, by repeated patient-grouped cross-validation.
+
+    Each repeat fits on 4/5 of the patients and scores the rest, so every image is scored
+    once per repeat by a refit that never saw its patient. Rates are averaged over repeats;
+    their intervals are Wilson intervals at the sample's size (the repeats reuse the same
+    images, so they narrow nothing), and ``sensitivity_range`` shows the spread of repeats.
+
+    Returns:
+        ``None`` when a class has fewer than two images (no fold can hold both).
+    """
+    folds = min(CV_FOLDS, int(np.bincount(y_true, minlength=2).min()))
     if folds < 2:
         return None
-    p_held_out = np.empty_like(p_raw)
-    held_threshold = np.empty_like(p_raw)
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for fit, held in splitter.split(p_raw, y_true, patients):
-        temperature, bias = fit_temperature_and_bias(y_true[fit], p_raw[fit])
-        p_fit = apply_temperature(p_raw[fit], temperature, bias)
-        p_held_out[held] = apply_temperature(p_raw[held], temperature, bias)
-        held_threshold[held] = threshold_for_sensitivity(y_true[fit], p_fit, target)
-    predicted = p_held_out >= held_threshold
-    tp = int(np.sum(predicted & (y_true == 1)))
-    tn = int(np.sum(~predicted & (y_true == 0)))
     n_pos, n_neg = int(y_true.sum()), int((1 - y_true).sum())
+    sens, spec, eces = [], [], []
+    for repeat in range(repeats):
+        p_held_out = np.empty_like(p_raw)
+        held_threshold = np.empty_like(p_raw)
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + repeat)
+        for fit, held in splitter.split(p_raw, y_true, patients):
+            temperature, bias, threshold = _refit(y_true[fit], p_raw[fit], target, confidence)
+            p_held_out[held] = apply_temperature(p_raw[held], temperature, bias)
+            held_threshold[held] = threshold
+        predicted = p_held_out >= held_threshold
+        sens.append(np.sum(predicted & (y_true == 1)) / n_pos)
+        spec.append(np.sum(~predicted & (y_true == 0)) / n_neg)
+        eces.append(expected_calibration_error(y_true, p_held_out))
+    sensitivity, specificity = float(np.mean(sens)), float(np.mean(spec))
     return {
         "folds": folds,
-        "sensitivity": tp / n_pos,
-        "sensitivity_ci": wilson_interval(tp, n_pos),
-        "specificity": tn / n_neg,
-        "specificity_ci": wilson_interval(tn, n_neg),
-        "ece": expected_calibration_error(y_true, p_held_out),
+        "repeats": repeats,
+        "confidence": confidence,
+        "sensitivity": sensitivity,
+        "sensitivity_ci": wilson_interval(round(sensitivity * n_pos), n_pos),
+        "sensitivity_range": (float(np.min(sens)), float(np.max(sens))),
+        "specificity": specificity,
+        "specificity_ci": wilson_interval(round(specificity * n_neg), n_neg),
+        "specificity_range": (float(np.min(spec)), float(np.max(spec))),
+        "ece": float(np.mean(eces)),
     }
+
+
+def target_warning(cross_validated: dict[str, Any] | None, target: float) -> str | None:
+    """A warning when the cross-validated sensitivity falls short of the target."""
+    if cross_validated is None or cross_validated["sensitivity"] >= target:
+        return None
+    return (
+        f"on held-out patients of this sample (cross-validated), the refit reached a "
+        f"sensitivity of {cross_validated['sensitivity']:.1%}, short of the {target:.0%} "
+        "target: expect fewer pneumonia cases caught than asked. Label more pneumonia images "
+        "or raise --confidence."
+    )
 
 
 def calibrate_to_site(
@@ -101,6 +147,8 @@ def calibrate_to_site(
     batch_size: int = 32,
     reporter: Reporter | None = None,
     unlabelled: str | Path | None = None,
+    confidence: float = DEFAULT_CONFIDENCE,
+    export: bool = True,
 ) -> dict[str, Any]:
     """Refit temperature and threshold on a labelled local sample and save a new model file.
 
@@ -116,10 +164,16 @@ def calibrate_to_site(
         batch_size: Images scored at a time.
         reporter: Progress and warnings sink.
         unlabelled: Folder of the site's unlabelled X-rays (searched recursively).
+        confidence: One-sided confidence with which the sensitivity on the sample must reach
+            the target (0.5: the plain rule, no margin; see
+            :func:`pneumoscan.calibration.threshold_with_confidence`).
+        export: Also write the float32 ONNX export beside ``out`` (``OUT.onnx``), so that
+            ``predict`` keeps its TensorFlow-free path for the calibrated model.
 
     Returns:
-        ``before``, ``after`` (on the sample itself), ``cross_validated`` figures, the new
-        ``temperature`` and ``threshold``, and a sample-size ``warning`` (or ``None``).
+        ``before``, ``after`` (on the sample itself), ``cross_validated`` figures (the
+        expected figures on new images of the site), the new ``temperature`` and
+        ``threshold``, a sample-size ``warning`` and a ``target_warning`` (or ``None``).
 
     Raises:
         DatasetError: A class has no readable image.
@@ -145,30 +199,42 @@ def calibrate_to_site(
         apply_temperature(before_raw, loaded.temperature, loaded.logit_bias),
         loaded.threshold,
     )
-    temperature, bias = fit_temperature_and_bias(y_true, p_raw)
+    temperature, bias, threshold = _refit(y_true, p_raw, target_sensitivity, confidence)
     p_after = apply_temperature(p_raw, temperature, bias)
-    threshold = threshold_for_sensitivity(y_true, p_after, target_sensitivity)
     after = operating_figures(y_true, p_after, threshold)
     patients = table["patient_id"].to_numpy()
     warning = sample_size_warning(int(y_true.sum()), target_sensitivity)
+    cross_validated = cross_validated_figures(
+        y_true, p_raw, patients, target_sensitivity, confidence=confidence
+    )
+    short = target_warning(cross_validated, target_sensitivity)
     result: dict[str, Any] = {
         "model": str(loaded.path),
         "data": str(data),
         "n": len(y_true),
         "n_pneumonia": int(y_true.sum()),
         "target_sensitivity": target_sensitivity,
+        "confidence": confidence,
         "temperature": temperature,
         "logit_bias": bias,
         "threshold": threshold,
         "before": before,
         "after": after,
-        "cross_validated": cross_validated_figures(y_true, p_raw, patients, target_sensitivity),
+        "cross_validated": cross_validated,
         "warning": warning,
+        "target_warning": short,
         "batch_norm_adaptation": adapted,
     }
-    if warning:
-        reporter.warn(warning)
+    for message in (warning, short):
+        if message:
+            reporter.warn(message)
     _save_calibrated(loaded, Path(out), result, data_fingerprint(table))
+    if export:
+        from pneumoscan.export import export_onnx
+
+        with reporter.task("writing the ONNX export beside it", total=1) as advance:
+            result["onnx"] = str(export_onnx(out, Path(out).with_suffix(".onnx")).path)
+            advance(1)
     return result
 
 
@@ -223,14 +289,15 @@ def _save_calibrated(
         save_model(loaded.network, out, metadata)
     else:
         shutil.copyfile(source, out)
-    keys = ("data", "n", "n_pneumonia", "before", "after", "cross_validated")
+    keys = ("data", "n", "n_pneumonia", "confidence", "before", "after", "cross_validated")
     site = {k: result[k] for k in keys} | {"batch_norm_adaptation": result["batch_norm_adaptation"]}
     updated = metadata | {
         "temperature": result["temperature"],
         "logit_bias": result["logit_bias"],
         "threshold": result["threshold"],
         "threshold_rule": (
-            f"highest threshold with site-sample sensitivity >= {result['target_sensitivity']}"
+            f"highest threshold whose site-sample sensitivity has a one-sided "
+            f"{result['confidence']:.0%} lower bound >= {result['target_sensitivity']}"
         ),
         "target_sensitivity": result["target_sensitivity"],
         "site_calibration": site

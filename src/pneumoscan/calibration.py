@@ -94,6 +94,55 @@ def threshold_for_sensitivity(y_true: np.ndarray, p_pneumonia: np.ndarray, targe
     return float(positives[may_miss])
 
 
+def sensitivity_lower_bound(caught: int, positives: int, confidence: float) -> float:
+    """One-sided lower confidence bound of a sensitivity ``caught / positives`` (Wilson).
+
+    ``confidence`` 0.5 gives the observed proportion itself.
+    """
+    if confidence <= 0.5:
+        return caught / positives
+    from scipy.stats import binomtest
+
+    interval = binomtest(caught, positives).proportion_ci(2 * confidence - 1, method="wilson")
+    return float(interval.low)
+
+
+def threshold_with_confidence(
+    y_true: np.ndarray, p_pneumonia: np.ndarray, target: float, confidence: float = 0.5
+) -> tuple[float, bool]:
+    """The highest threshold whose sensitivity's one-sided lower ``confidence`` bound on these
+    images still reaches ``target``.
+
+    On a small sample the plain rule (``confidence=0.5``, :func:`threshold_for_sensitivity`)
+    delivers its target only about half the time on new images: it is fitted to the very
+    pneumonia images it is judged on. Demanding that the target hold at a lower confidence
+    bound leaves a margin that shrinks as the sample grows.
+
+    Returns:
+        ``(threshold, reachable)``. When even catching every pneumonia image leaves the bound
+        below the target (too few images), the threshold catches them all and ``reachable``
+        is ``False``.
+
+    Raises:
+        ValueError: No pneumonia image, or ``target`` or ``confidence`` out of range.
+    """
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
+    if not 0.5 <= confidence < 1.0:
+        raise ValueError(f"confidence must be in [0.5, 1), got {confidence}")
+    if confidence == 0.5:
+        return threshold_for_sensitivity(y_true, p_pneumonia, target), True
+    positives = np.sort(np.asarray(p_pneumonia, dtype=np.float64)[np.asarray(y_true) == 1])
+    n = len(positives)
+    if n == 0:
+        raise ValueError("choosing a threshold for sensitivity needs PNEUMONIA images")
+    misses = 0
+    while misses + 1 < n and sensitivity_lower_bound(n - misses - 1, n, confidence) >= target:
+        misses += 1
+    reachable = sensitivity_lower_bound(n - misses, n, confidence) >= target
+    return float(positives[misses]), reachable
+
+
 def fit_operating_point(
     y_true: np.ndarray, p_raw: np.ndarray, target_sensitivity: float, split: str, fitted_on: str
 ) -> dict[str, Any]:

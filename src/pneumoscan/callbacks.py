@@ -36,8 +36,8 @@ def _atomic_save(network: keras.Model, path: Path) -> None:
 
 class EpochCheckpoint(keras.callbacks.Callback):
     """After every epoch: score validation, append ``history.csv``, save ``last.keras``
-    (with optimizer state, for ``--resume``), keep ``best.keras`` by validation AUC, then
-    write ``state.json`` last so a crash mid-save never points at a half-written file.
+    (with optimizer state, for ``--resume``), keep ``best.keras`` by validation AUC (or loss),
+    then write ``state.json`` last so a crash mid-save never points at a half-written file.
 
     Args:
         run: The run folder (``pneumoscan.train._RunFolder``).
@@ -45,6 +45,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
         val_y: Validation labels, 0/1.
         reporter: Where to print the epoch summary.
         state: Saved state when resuming.
+        select_on: ``val_auc`` (keep the highest) or ``val_loss`` (keep the lowest).
+        keep_all: Also keep every epoch as ``epoch-N.keras``.
     """
 
     def __init__(
@@ -54,13 +56,20 @@ class EpochCheckpoint(keras.callbacks.Callback):
         val_y: np.ndarray,
         reporter: Reporter,
         state: dict[str, Any] | None = None,
+        select_on: str = "val_auc",
+        keep_all: bool = False,
     ) -> None:
         super().__init__()
+        self.select_on = select_on
+        self.keep_all = keep_all
         self.run = run
         self.val_x = val_x
         self.val_y = val_y
         self.reporter = reporter
-        self.best_auc = float((state or {}).get("best_auc", -1.0))
+        # Stored as "higher is better" so one comparison serves both criteria.
+        self.sign = -1.0 if select_on == "val_loss" else 1.0
+        saved = (state or {}).get("best_value", (state or {}).get("best_auc"))
+        self.best_value = float(saved) if saved is not None else -np.inf * self.sign
         self.best_epoch = int((state or {}).get("best_epoch", 0))
         self.epoch_started = time.perf_counter()
 
@@ -83,12 +92,16 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self._append_history(row)
         self.run.checkpoints.mkdir(parents=True, exist_ok=True)
         _atomic_save(self.model, self.run.last)
-        if np.isfinite(scores["auc"]) and scores["auc"] > self.best_auc:
-            self.best_auc, self.best_epoch = float(scores["auc"]), epoch + 1
+        if self.keep_all:
+            _atomic_save(self.model, self.run.checkpoints / f"epoch-{epoch + 1}.keras")
+        value = float(row[self.select_on])
+        if np.isfinite(value) and self.sign * value > self.sign * self.best_value:
+            self.best_value, self.best_epoch = value, epoch + 1
             _atomic_save(self.model, self.run.best)
         state = {
             "epochs_completed": epoch + 1,
-            "best_auc": self.best_auc,
+            "select_on": self.select_on,
+            "best_value": self.best_value,
             "best_epoch": self.best_epoch,
         }
         write_json(self.run.state, state)

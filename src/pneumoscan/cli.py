@@ -19,6 +19,7 @@ from rich.table import Table
 from pneumoscan import __version__
 from pneumoscan.constants import (
     DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_CONFIDENCE,
     DEFAULT_RESAMPLES,
     DEFAULT_SEED,
     DEFAULT_TARGET_SENSITIVITY,
@@ -97,6 +98,55 @@ def audit(
     )
 
 
+@app.command("audit-model")
+def audit_model(
+    data: Annotated[
+        Path, typer.Option("--data", help="Labelled folder with NORMAL/ PNEUMONIA/ to perturb.")
+    ],
+    model: ScoringModelOption = None,
+    perturbation: Annotated[
+        list[str] | None,
+        typer.Option(help="Only these perturbations (repeatable; default: all)."),
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the findings.")] = None,
+) -> None:
+    """Shortcut audit: how far P(pneumonia) moves when markers, text, borders, exposure or
+    orientation change (mean shift with 95% CI, and the share of decisions that flip)."""
+    from pneumoscan.shortcuts import audit_model as run_audit
+
+    try:
+        result = run_audit(data, model, perturbation, reporter=Reporter(stderr))
+    except PneumoscanError as exc:
+        _fail(str(exc))
+    table = Table(
+        title=f"Shortcut audit on {data} (n={result['n']}, {result['n_pneumonia']} pneumonia; "
+        f"threshold {result['threshold']:.4f})"
+    )
+    for column in (
+        "perturbation", "mean shift (95% CI)", "normal", "pneumonia", "mean |shift|",
+        "decisions flipped (95% CI)",
+    ):  # fmt: skip
+        table.add_column(column)
+    for f in result["findings"]:
+        table.add_row(
+            f["name"],
+            f"{f['mean_shift']:+.4f} "
+            f"({f['mean_shift_ci'][0]:+.4f} to {f['mean_shift_ci'][1]:+.4f})",
+            f"{f['mean_shift_normal']:+.4f}",
+            f"{f['mean_shift_pneumonia']:+.4f}",
+            f"{f['mean_abs_shift']:.4f}",
+            f"{f['flipped']} = {f['flip_rate']:.1%} ({_fmt_ci(list(f['flip_rate_ci']))})",
+        )
+    stdout.print(table)
+    stdout.print(
+        "Shift = P(pneumonia) after minus before, on the same images; intervals resample "
+        "patients (shift) or count images (Wilson, flips). A change that is not disease "
+        "should move nothing."
+    )
+    if json_out:
+        write_json(json_out, result)
+
+
 @app.command()
 def train(
     data: Annotated[
@@ -132,6 +182,24 @@ def train(
         str | None,
         typer.Option(help="Intensity normalisation: none or equalize (default: the arch's)."),
     ] = None,
+    batchnorm: Annotated[
+        str | None,
+        typer.Option(help="Batch norm while training: trainable or frozen (default: recipe's)."),
+    ] = None,
+    select_on: Annotated[
+        str | None,
+        typer.Option(help="Epoch kept: best val_auc or val_loss (default: the recipe's)."),
+    ] = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option(help="Distil from these model files (comma-separated; their mean)."),
+    ] = None,
+    distill_weight: Annotated[
+        float, typer.Option(help="Weight of the teachers' scores in the target, in (0, 1].")
+    ] = 0.5,
+    keep_checkpoints: Annotated[
+        bool, typer.Option(help="Keep every epoch's network in checkpoints/epoch-N.keras.")
+    ] = False,
     target_sensitivity: Annotated[
         float, typer.Option(help="Validation sensitivity the operating threshold is chosen for.")
     ] = DEFAULT_TARGET_SENSITIVITY,
@@ -161,8 +229,9 @@ def train(
         data=str(data), out=str(out), arch=arch, epochs=epochs, batch_size=batch_size,
         learning_rate=learning_rate, seed=seed, val_fraction=val_fraction,
         max_images=max_images, augment=augment, label_smoothing=label_smoothing,
-        precision=precision,
-        intensity=intensity, target_sensitivity=target_sensitivity, resume=resume,
+        precision=precision, intensity=intensity, batchnorm=batchnorm, select_on=select_on,
+        teacher=teacher, distill_weight=distill_weight, keep_checkpoints=keep_checkpoints,
+        target_sensitivity=target_sensitivity, resume=resume,
     )  # fmt: skip
     try:
         result = run_training(
@@ -503,6 +572,16 @@ def calibrate(
         Path | None,
         typer.Option(help="Site X-rays without labels: re-estimate batch-norm statistics first."),
     ] = None,
+    confidence: Annotated[
+        float,
+        typer.Option(
+            help="One-sided confidence with which the sample's sensitivity must reach the "
+            "target (0.5 = no margin)."
+        ),
+    ] = DEFAULT_CONFIDENCE,
+    onnx: Annotated[
+        bool, typer.Option(help="Write the ONNX export beside --out (predict's fast path).")
+    ] = True,
 ) -> None:
     """Refit temperature and threshold to a site's labelled sample.
 
@@ -512,8 +591,9 @@ def calibrate(
 
     try:
         result = calibrate_to_site(
-            model, data, out, target_sensitivity, reporter=Reporter(stderr), unlabelled=unlabelled
-        )
+            model, data, out, target_sensitivity, reporter=Reporter(stderr),
+            unlabelled=unlabelled, confidence=confidence, export=onnx,
+        )  # fmt: skip
     except PneumoscanError as exc:
         _fail(str(exc))
     table = Table(
@@ -523,18 +603,21 @@ def calibrate(
         table.add_column(column)
     table.add_row(*_figures_row("before", result["before"]))
     table.add_row(*_figures_row("after, on the sample itself", result["after"]))
-    if result["cross_validated"]:
-        name = f"after, {result['cross_validated']['folds']}-fold cross-validated"
-        table.add_row(*_figures_row(name, result["cross_validated"]))
+    cv = result["cross_validated"]
+    if cv:
+        name = f"expected on new images ({cv['repeats']}x {cv['folds']}-fold cross-validated)"
+        table.add_row(*_figures_row(name, cv))
     stdout.print(table)
+    written = f"{out}" + (f" and {result['onnx']}" if result.get("onnx") else "")
     stdout.print(
         f"temperature {result['temperature']:.3f}, logit bias {result['logit_bias']:+.3f}, "
-        f"threshold {result['threshold']:.4f} "
-        f"(target sensitivity {target_sensitivity}); wrote {out}"
+        f"threshold {result['threshold']:.4f} (target sensitivity {target_sensitivity}, "
+        f"held at a one-sided {confidence:.0%} lower bound on the sample); wrote {written}"
     )
     stdout.print(
         "The 'on the sample itself' row is optimistic: the threshold was chosen on those images. "
-        "The cross-validated row estimates how the procedure does on new images of this site."
+        "The 'expected' row estimates how the same procedure does on new images of this site, "
+        "by refitting without each held-out patient."
     )
     if json_out:
         write_json(json_out, result)
@@ -666,6 +749,12 @@ def _print_uncertainty(metrics: dict[str, Any]) -> None:
     ]
     if subtypes:
         stdout.print("sensitivity by subtype: " + ", ".join(subtypes))
+    sources = [
+        f"{name} {_fmt(s['specificity'])} ({s['cleared']}/{s['n']}, {_fmt_ci(s['ci'])})"
+        for name, s in metrics.get("per_source", {}).items()
+    ]
+    if sources:
+        stdout.print("specificity by source series: " + ", ".join(sources))
     stdout.print(
         f"AUC, PR AUC and F1 intervals: {boot['n_resamples']} bootstrap resamples of "
         f"{boot['unit']}s (seed {boot['seed']}); rates: Wilson intervals on image counts"

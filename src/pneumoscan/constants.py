@@ -24,6 +24,10 @@ DEFAULT_RESAMPLES = 2000
 #: Sensitivity the operating threshold is chosen for: missing pneumonia costs more than a
 #: false alarm in triage.
 DEFAULT_TARGET_SENSITIVITY = 0.97
+#: One-sided confidence with which a site threshold's sensitivity must reach its target on the
+#: site's labelled sample (``pneumoscan calibrate``). Chosen by repeated patient-grouped
+#: cross-validation on the site sample (benchmarks/site_protocol.py; MODEL_CARD.md).
+DEFAULT_CONFIDENCE = 0.8
 #: Training images that calibrate an int8 export's activation ranges.
 DEFAULT_CALIBRATION_IMAGES = 256
 

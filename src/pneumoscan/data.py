@@ -74,6 +74,20 @@ def patient_id_from_name(file_name: str) -> str:
     return stem
 
 
+def source_from_name(file_name: str) -> str:
+    """The acquisition series a Kermany file name comes from: ``NORMAL2-IM``, ``IM``,
+    ``person`` (pneumonia files), or ``other``.
+
+    At a new site the errors concentrate in one series (``NORMAL2-IM`` normals were flagged
+    far more often than ``IM`` ones), so specificity is reported per series.
+    """
+    stem = Path(file_name).stem.upper()
+    for prefix in ("NORMAL2-IM-", "IM-", "PERSON"):
+        if stem.startswith(prefix):
+            return prefix.rstrip("-") if prefix != "PERSON" else "person"
+    return "other"
+
+
 def subtype_from_name(file_name: str, label: str) -> str:
     """Return ``normal``, ``bacteria``, ``virus`` or ``unknown`` (pneumonia of unnamed cause)."""
     if label == "NORMAL":

@@ -15,7 +15,12 @@ import numpy as np
 import pandas as pd
 
 from pneumoscan.constants import CLASSES, DEFAULT_SEED
-from pneumoscan.data import assign_validation_split, empty_classes, scan_dataset
+from pneumoscan.data import (
+    assign_validation_split,
+    empty_classes,
+    scan_dataset,
+    source_from_name,
+)
 from pneumoscan.errors import DatasetError
 from pneumoscan.metrics import DEFAULT_RESAMPLES, evaluation_metrics, report_text
 from pneumoscan.progress import Reporter
@@ -173,6 +178,7 @@ def summarise(
         subtypes=scored.table["subtype"].to_numpy(),
         n_resamples=n_resamples,
         seed=seed,
+        sources=[source_from_name(Path(path).name) for path in scored.table["path"]],
     )
     return metrics | {
         "model": scored.model,

@@ -351,6 +351,28 @@ def rates_with_intervals(
     }
 
 
+def _flagged_by_group(
+    members_of: np.ndarray,
+    groups: np.ndarray,
+    flagged: np.ndarray,
+    count_flagged: bool,
+    confidence: float,
+) -> dict[str, dict[str, Any]]:
+    """Per group among ``members_of``: how many images, how many (not) flagged, the rate."""
+    result: dict[str, dict[str, Any]] = {}
+    for group in sorted(set(groups[members_of])):
+        members = members_of & (groups == group)
+        n = int(members.sum())
+        hits = int(flagged[members].sum()) if count_flagged else int((~flagged[members]).sum())
+        result[str(group)] = {
+            "n": n,
+            "detected" if count_flagged else "cleared": hits,
+            "sensitivity" if count_flagged else "specificity": _ratio(hits, n),
+            "ci": list(wilson_interval(hits, n, confidence)),
+        }
+    return result
+
+
 def sensitivity_by_subtype(
     y_true: np.ndarray,
     p_pneumonia: np.ndarray,
@@ -364,19 +386,39 @@ def sensitivity_by_subtype(
         Per subtype present among the positives: ``n``, ``detected``, ``sensitivity``, ``ci``.
     """
     y_true = np.asarray(y_true).astype(int)
-    subtypes = np.asarray(subtypes).astype(str)
-    flagged = predict_labels(p_pneumonia, threshold)
-    result: dict[str, dict[str, Any]] = {}
-    for subtype in sorted(set(subtypes[y_true == 1])):
-        members = (y_true == 1) & (subtypes == subtype)
-        n, detected = int(members.sum()), int(flagged[members].sum())
-        result[str(subtype)] = {
-            "n": n,
-            "detected": detected,
-            "sensitivity": _ratio(detected, n),
-            "ci": list(wilson_interval(detected, n, confidence)),
-        }
-    return result
+    flagged = predict_labels(p_pneumonia, threshold).astype(bool)
+    return _flagged_by_group(
+        y_true == 1, np.asarray(subtypes).astype(str), flagged, True, confidence
+    )
+
+
+def specificity_by_source(
+    y_true: np.ndarray,
+    p_pneumonia: np.ndarray,
+    sources: Sequence[str] | np.ndarray,
+    threshold: float,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> dict[str, dict[str, Any]]:
+    """Share of the normal images of each source series left unflagged, with Wilson CIs.
+
+    Returns:
+        Per source present among the negatives: ``n``, ``cleared``, ``specificity``, ``ci``.
+    """
+    y_true = np.asarray(y_true).astype(int)
+    flagged = predict_labels(p_pneumonia, threshold).astype(bool)
+    return _flagged_by_group(
+        y_true == 0, np.asarray(sources).astype(str), flagged, False, confidence
+    )
+
+
+def specificity_at_sensitivity(y_true: np.ndarray, p_pneumonia: np.ndarray, target: float) -> float:
+    """The best specificity among thresholds whose sensitivity on these images is >= target
+    (the ROC curve read at one sensitivity; an optimistic, threshold-free summary)."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(np.asarray(y_true).astype(int), p_pneumonia)
+    reaching = tpr >= target - 1e-12
+    return float(1.0 - fpr[reaching].min()) if reaching.any() else float("nan")
 
 
 def threshold_sweep(
@@ -495,6 +537,7 @@ def evaluation_metrics(
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = DEFAULT_SEED,
     confidence: float = DEFAULT_CONFIDENCE,
+    sources: Sequence[str] | np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Everything the evaluation reports, each figure with its uncertainty.
 
@@ -509,9 +552,12 @@ def evaluation_metrics(
         n_resamples: Bootstrap resamples for the AUC, PR AUC and F1 intervals.
         seed: Bootstrap seed.
         confidence: Coverage of every interval.
+        sources: Source series per image (:func:`pneumoscan.data.source_from_name`) for
+            ``per_source`` specificity.
 
     Returns:
-        :func:`binary_metrics` plus ``auc_ci``, ``pr_auc``, ``pr_auc_ci``, ``f1``, ``f1_ci``,
+        :func:`binary_metrics` plus ``per_source``, ``auc_ci``, ``pr_auc``, ``pr_auc_ci``,
+        ``f1``, ``f1_ci``,
         ``ppv`` (= ``precision``), ``sensitivity_ci``, ``specificity_ci``, ``ppv_ci``,
         ``npv_ci``, ``accuracy_ci``, ``ece``, ``brier``, ``per_subtype``, ``threshold_sweep``
         and ``calibration_bins`` (lists of row dicts), ``n_positive``, ``n_negative``,
@@ -545,6 +591,11 @@ def evaluation_metrics(
             {}
             if subtypes is None
             else sensitivity_by_subtype(y_true, p_pneumonia, subtypes, threshold, confidence)
+        ),
+        "per_source": (
+            {}
+            if sources is None
+            else specificity_by_source(y_true, p_pneumonia, sources, threshold, confidence)
         ),
         "threshold_sweep": threshold_sweep(
             y_true, p_pneumonia, (*SWEEP_THRESHOLDS, threshold)

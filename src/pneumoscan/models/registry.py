@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     import keras
 
 
+BATCHNORM_MODES = ("trainable", "frozen")
+SELECTION_METRICS = ("val_auc", "val_loss")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Default training recipe of an architecture (every field can be overridden by the CLI).
@@ -34,6 +38,11 @@ class Recipe:
         schedule: ``constant`` learning rate, or ``cosine`` decay to 0 over the run.
         precision: Keras dtype policy while training: ``float32``, or ``mixed_bfloat16``
             (bfloat16 compute, float32 weights). The saved model is always float32.
+        batchnorm: ``trainable`` batch normalisation (statistics re-estimated on training
+            batches), or ``frozen`` (inference mode throughout: pretrained statistics and
+            affine parameters kept).
+        select_on: Which validation figure picks the restored epoch: ``val_auc`` (highest) or
+            ``val_loss`` (lowest).
     """
 
     optimizer: str = "rmsprop"
@@ -47,6 +56,23 @@ class Recipe:
     label_smoothing: float = 0.0
     schedule: str = "constant"
     precision: str = "float32"
+    batchnorm: str = "trainable"
+    select_on: str = "val_auc"
+
+    def validate(self) -> None:
+        """Refuse values no training step understands.
+
+        Raises:
+            ValueError: A field names an unknown choice; the message lists the known ones.
+        """
+        choices = {
+            "batchnorm": BATCHNORM_MODES,
+            "select_on": SELECTION_METRICS,
+            "schedule": ("constant", "cosine"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"recipe {name}={getattr(self, name)!r}; choose one of {allowed}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
