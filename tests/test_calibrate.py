@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pneumoscan.calibrate import calibrate_to_site, cross_validated_figures, sample_size_warning
+from pneumoscan.calibrate import (
+    calibrate_to_site,
+    cross_validated_figures,
+    sample_size_warning,
+    target_warning,
+)
 from pneumoscan.cli import app
 from pneumoscan.errors import DatasetError
 from pneumoscan.modelfile import load_model, read_metadata
@@ -43,9 +48,12 @@ def test_calibration_refits_threshold_and_temperature_only(
 def test_cli_prints_before_after_and_warns_on_small_samples(
     trained_run: Path, tmp_path: Path
 ) -> None:
+    # The repo's fixture set is small on purpose (24 pneumonia images): the warning must fire.
+    n_pneumonia = len(list((FIXTURES / "PNEUMONIA").glob("*.jpeg")))
+    assert sample_size_warning(n_pneumonia, 0.97) is not None
     result = CliRunner().invoke(
         app,
-        ["calibrate", "--model", str(trained_run), "--data", str(_site()),
+        ["calibrate", "--model", str(trained_run), "--data", str(FIXTURES),
          "--out", str(tmp_path / "m.keras"), "--json", str(tmp_path / "c.json")],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -53,11 +61,31 @@ def test_cli_prints_before_after_and_warns_on_small_samples(
     assert "before" in text and "cross-validated" in text and "95% interval" in text
     figures = json.loads((tmp_path / "c.json").read_text())
     assert {"before", "after", "cross_validated", "temperature", "threshold"} <= set(figures)
+    assert figures["n_pneumonia"] == n_pneumonia
+    assert figures["cross_validated"]["repeats"] == 10
+    # predict keeps its TensorFlow-free path: the ONNX export sits beside the calibrated model.
+    from pneumoscan.export import onnx_matches
+
+    assert onnx_matches(tmp_path / "m.onnx", tmp_path / "m.keras")
 
 
 def test_sample_size_warning_thresholds() -> None:
     assert sample_size_warning(62, 0.97) is not None  # the site sample: 89-99%
     assert sample_size_warning(2000, 0.97) is None
+
+
+def test_a_confidence_margin_keeps_the_promised_sensitivity_on_new_patients() -> None:
+    # Scores whose positives overlap the negatives: the plain rule overfits its own sample.
+    rng = np.random.default_rng(1)
+    y = np.r_[np.zeros(80, int), np.ones(120, int)]
+    p = 1 / (1 + np.exp(-(rng.normal(0, 1, 200) + 2.5 * y)))
+    patients = np.arange(200)
+    plain = cross_validated_figures(y, p, patients, 0.95, confidence=0.5)
+    margin = cross_validated_figures(y, p, patients, 0.95, confidence=0.8)
+    assert plain is not None and margin is not None
+    assert margin["sensitivity"] > plain["sensitivity"]
+    assert margin["specificity"] <= plain["specificity"]
+    assert target_warning(plain, 0.99) is not None and target_warning(margin, 0.5) is None
 
 
 def test_cross_validation_holds_out_patients() -> None:

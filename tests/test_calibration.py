@@ -10,7 +10,9 @@ from pneumoscan.calibration import (
     fit_temperature,
     fit_temperature_and_bias,
     probability_to_logit,
+    sensitivity_lower_bound,
     threshold_for_sensitivity,
+    threshold_with_confidence,
 )
 from pneumoscan.metrics import binary_metrics, expected_calibration_error
 
@@ -71,3 +73,39 @@ def test_temperature_and_bias_undo_a_site_shift() -> None:
     assert expected_calibration_error(y, repaired) < 0.03
     only_temperature = apply_temperature(shifted, fit_temperature(y, shifted))
     assert expected_calibration_error(y, repaired) < expected_calibration_error(y, only_temperature)
+
+
+def test_confident_threshold_leaves_a_margin_that_shrinks_with_the_sample() -> None:
+    # 100 positives scored 0.01..1.00: the plain 95% rule may miss 5 of them.
+    y = np.ones(100, int)
+    p = np.arange(1, 101) / 100
+    assert threshold_with_confidence(y, p, 0.95, 0.5) == (
+        threshold_for_sensitivity(y, p, 0.95),
+        True,
+    )
+    threshold, reachable = threshold_with_confidence(y, p, 0.95, 0.8)
+    caught = int(np.sum(p >= threshold))
+    assert reachable and caught > 95
+    # The bound at the chosen threshold reaches the target; one more miss would not.
+    assert sensitivity_lower_bound(caught, 100, 0.8) >= 0.95
+    assert sensitivity_lower_bound(caught - 1, 100, 0.8) < 0.95
+    # Ten times the images: the margin shrinks (nearer the plain rule's 95%).
+    many, _ = threshold_with_confidence(np.ones(1000, int), np.arange(1, 1001) / 1000, 0.95, 0.8)
+    assert 0.95 < np.mean(np.arange(1, 1001) / 1000 >= many) < caught / 100
+
+
+def test_confident_threshold_says_when_the_sample_is_too_small() -> None:
+    threshold, reachable = threshold_with_confidence(
+        np.ones(10, int), np.linspace(0.1, 1, 10), 0.97, 0.9
+    )
+    assert not reachable and threshold == pytest.approx(0.1)  # catches every pneumonia image
+    with pytest.raises(ValueError, match="confidence"):
+        threshold_with_confidence(np.ones(3, int), np.ones(3), 0.9, 1.0)
+
+
+def test_lower_bound_matches_scipy_wilson() -> None:
+    from scipy.stats import binomtest
+
+    low = binomtest(95, 100).proportion_ci(0.9, method="wilson").low
+    assert sensitivity_lower_bound(95, 100, 0.95) == pytest.approx(low)
+    assert sensitivity_lower_bound(95, 100, 0.5) == 0.95

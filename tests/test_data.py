@@ -14,6 +14,7 @@ from pneumoscan.data import (
     patient_id_from_name,
     patients_in_several_splits,
     scan_dataset,
+    source_from_name,
     subtype_from_name,
 )
 from pneumoscan.errors import DatasetError
@@ -141,3 +142,10 @@ def test_real_training_split_has_no_patient_leak() -> None:
     assert 0.07 < val_share < 0.13
     normal_share = split.groupby("split")["label"].apply(lambda s: (s == "NORMAL").mean())
     assert abs(normal_share["val"] - normal_share["train"]) < 0.05
+
+
+def test_source_from_name() -> None:
+    assert source_from_name("NORMAL2-IM-0456-0001.jpeg") == "NORMAL2-IM"
+    assert source_from_name("IM-0115-0001.jpeg") == "IM"
+    assert source_from_name("person12_bacteria_3.jpeg") == "person"
+    assert source_from_name("scan.png") == "other"

@@ -203,6 +203,35 @@ def test_port_classifies_grace_hopper_as_military_uniform(imagenet_model: keras.
     assert imagenet_model.count_params() == 4_694_024
 
 
+@pytest.mark.parametrize(
+    ("variant", "blocks", "params"), [("lite1", 21, 5_470_344), ("lite2", 21, 6_150_168)]
+)
+def test_larger_variants_port_their_imagenet_weights(
+    variant: str, blocks: int, params: int
+) -> None:
+    spec = lite.VARIANTS[variant]
+    try:
+        weights = lite.imagenet_weights_path(spec)
+    except lite.WeightsNotInstalledError as exc:
+        pytest.skip(str(exc))
+    assert len(lite.block_configs(spec)) == blocks
+    model = lite.build_efficientnet_lite0(num_classes=1000, include_top_imagenet=True, variant=spec)
+    lite.load_imagenet_weights(model, load_torch_state_dict(weights), variant=spec)
+    image = preprocess_image(_grace_hopper(), PreprocessConfig(image_size=(224, 224)))
+    probabilities = model.predict(image[None], verbose=0)[0]
+    # Top-1 "military uniform" (p = 0.65 for Lite1 and 0.54 for Lite2 when written).
+    assert int(np.argmax(probabilities)) == MILITARY_UNIFORM and probabilities.max() > 0.3
+    assert model.count_params() == params
+    assert model.name == f"efficientnet_{variant}"
+
+
+@needs_weights
+def test_a_variant_refuses_another_variants_weights(state_dict: dict[str, np.ndarray]) -> None:
+    model = lite.build_efficientnet_lite0(num_classes=2, variant=lite.VARIANTS["lite1"])
+    with pytest.raises((KeyError, ValueError)):
+        lite.load_imagenet_weights(model, state_dict, variant=lite.VARIANTS["lite1"])
+
+
 def _reference_conv(x: np.ndarray, weight: np.ndarray, stride: int, depthwise: bool) -> np.ndarray:
     """PyTorch ``Conv2dStaticSamePadding`` on NCHW float64, written independently of Keras."""
     kernel = weight.shape[-1]

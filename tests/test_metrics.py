@@ -25,6 +25,8 @@ from pneumoscan.metrics import (
     safe_average_precision,
     safe_roc_auc,
     sensitivity_by_subtype,
+    specificity_at_sensitivity,
+    specificity_by_source,
     threshold_sweep,
     weighted_average_precision,
     weighted_f1,
@@ -285,3 +287,25 @@ def test_wider_confidence_gives_wider_intervals(confidence: float) -> None:
     wide = evaluation_metrics(y, p, 0.5, n_resamples=500, confidence=confidence)
     for key in ("auc_ci", "sensitivity_ci"):
         assert wide[key][0] < narrow[key][0] and wide[key][1] > narrow[key][1]
+
+
+def test_specificity_by_source_counts_normals_left_unflagged() -> None:
+    y = np.array([0, 0, 0, 0, 0, 1])
+    p = np.array([0.9, 0.1, 0.2, 0.8, 0.7, 0.9])
+    sources = ["NORMAL2-IM", "NORMAL2-IM", "IM", "IM", "IM", "person"]
+    result = specificity_by_source(y, p, sources, 0.5)
+    assert set(result) == {"IM", "NORMAL2-IM"}  # pneumonia images are not counted
+    assert result["NORMAL2-IM"]["cleared"] == 1 and result["NORMAL2-IM"]["n"] == 2
+    assert result["IM"]["specificity"] == pytest.approx(1 / 3)
+    assert result["IM"]["ci"] == list(wilson_interval(1, 3))
+    metrics = evaluation_metrics(y, p, 0.5, sources=sources, n_resamples=50)
+    assert metrics["per_source"] == result
+
+
+def test_specificity_at_sensitivity_reads_the_roc_curve() -> None:
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.65, 0.4, 0.6, 0.7, 0.8])
+    # All four positives need threshold 0.4: three of four normals are below it.
+    assert specificity_at_sensitivity(y, p, 1.0) == 0.75
+    assert specificity_at_sensitivity(y, p, 0.75) == 0.75
+    assert specificity_at_sensitivity(y, p, 0.5) == 1.0

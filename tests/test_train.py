@@ -110,3 +110,60 @@ def test_dtype_policy_is_restored_and_checked() -> None:
     assert keras.config.dtype_policy().name == "float32"
     with pytest.raises(ValueError, match="unknown precision"), dtype_policy("float8"):
         pass
+
+
+def test_frozen_batch_norm_keeps_its_statistics_while_training() -> None:
+    import keras
+    import numpy as np
+
+    from pneumoscan.train import freeze_batch_norm
+
+    inputs = keras.Input((8,))
+    outputs = keras.layers.Dense(2, activation="softmax")(keras.layers.BatchNormalization()(inputs))
+    network = keras.Model(inputs, outputs)
+    before = [w.copy() for w in network.layers[1].get_weights()]  # gamma, beta, mean, var
+    assert freeze_batch_norm(network) == 1
+    network.compile(optimizer="adam", loss="categorical_crossentropy")
+    x = np.random.default_rng(0).normal(5.0, 3.0, (64, 8)).astype("float32")
+    network.fit(x, np.eye(2)[np.arange(64) % 2], epochs=2, verbose=0)
+    for a, b in zip(before, network.layers[1].get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_recipe_choices_are_validated(tmp_path: Path) -> None:
+    from pneumoscan.train import resolve_recipe
+
+    options = TrainOptions(data="d", out="o", arch="efficientnet_lite0")
+    assert resolve_recipe(options).batchnorm == "frozen"  # the registered default
+    for field, value in (("batchnorm", "sometimes"), ("select_on", "val_accuracy")):
+        with pytest.raises(PneumoscanError, match=field):
+            resolve_recipe(TrainOptions(data="d", out="o", **{field: value}))
+
+
+def test_soft_targets_mix_labels_with_the_teacher(trained_run: Path) -> None:
+    import numpy as np
+
+    from pneumoscan.callbacks import predict_pixels
+    from pneumoscan.modelfile import load_model
+    from pneumoscan.pipeline import decode_all, training_batches
+    from pneumoscan.preprocess import PreprocessConfig
+    from pneumoscan.progress import Reporter
+    from pneumoscan.train import _distillation_targets
+
+    paths = [str(p) for p in sorted(FIXTURES.glob("*/*.jpeg"))[:6]]
+    pixels, _, _ = decode_all(paths, PreprocessConfig())
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    teacher = str(trained_run / "model.keras")
+    options = TrainOptions(data="d", out="o", teacher=teacher, distill_weight=0.25)
+    targets = _distillation_targets(options, pixels, labels, Reporter(quiet=True))
+    assert targets is not None and targets.shape == (6, 2)
+    p_teacher = predict_pixels(load_model(teacher).network, pixels)
+    np.testing.assert_allclose(targets[:, 1], 0.75 * labels + 0.25 * p_teacher, atol=1e-6)
+    np.testing.assert_allclose(targets.sum(axis=1), 1.0, atol=1e-6)
+    _, y = next(training_batches(pixels, labels, 6, 0, 0, 1, targets=targets))
+    assert not np.array_equal(y, np.eye(2)[labels[np.sort(np.arange(6))]])
+    with pytest.raises(PneumoscanError, match="distill-weight"):
+        _distillation_targets(
+            TrainOptions(data="d", out="o", teacher=teacher, distill_weight=1.5),
+            pixels, labels, Reporter(quiet=True),
+        )  # fmt: skip

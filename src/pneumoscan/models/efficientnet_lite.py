@@ -274,7 +274,7 @@ def imagenet_weights_path(variant: Variant = LITE0) -> Path:
     """
     # The Lite0 names are read from the module so that a test can point them elsewhere.
     package = WEIGHTS_PACKAGE if variant is LITE0 else variant.weights_package
-    distribution = package.replace("_", "-")
+    distribution = variant.weights_distribution
     try:
         root = importlib.resources.files(package)
     except ModuleNotFoundError:
