@@ -16,6 +16,10 @@ P(pneumonia)) it prints, on ``../shared/data/site_sample``:
   one-sided confidence margins 0.5 (none), 0.8, 0.9 and 0.95, with specificity per source
   series (``NORMAL2-IM`` / ``IM``).
 
+With ``--adabn`` each network is also scored after AdaBN (``calibrate --unlabelled``),
+cross-fitted: batch-norm statistics re-estimated on one half of the site's patients score the
+other half, so no image is scored by statistics it helped estimate.
+
 Raw scores are cached beside the JSON, keyed by the network file, so an ensemble of networks
 already scored costs nothing.
 """
@@ -71,6 +75,31 @@ def raw_scores(path: Path, pixels: np.ndarray, cache: Path) -> np.ndarray:
     cache.mkdir(parents=True, exist_ok=True)
     np.save(key, scores)
     stamp.write_text(str(file.stat().st_mtime))
+    return scores
+
+
+def adabn_cross_fitted(path: Path, pixels: np.ndarray, patients: np.ndarray) -> np.ndarray:
+    """Raw scores after AdaBN fitted on the other half of the patients (2-fold)."""
+    import keras
+
+    import pneumoscan.models  # noqa: F401
+    from pneumoscan.adapt import adapt_batch_norm
+    from pneumoscan.augment import unwrap
+    from pneumoscan.callbacks import predict_pixels
+    from pneumoscan.preprocess import to_model_input
+
+    unique = np.unique(patients)
+    half = set(np.random.default_rng(0).permutation(unique)[: len(unique) // 2])
+    first = np.array([p in half for p in patients])
+    scores = np.empty(len(pixels))
+    for fit in (first, ~first):
+        network = unwrap(keras.saving.load_model(_network_file(path), compile=False))
+        fit_pixels = pixels[fit]
+        adapt_batch_norm(
+            network,
+            (to_model_input(fit_pixels[i : i + 32]) for i in range(0, len(fit_pixels), 32)),
+        )
+        scores[~fit] = predict_pixels(network, pixels[~fit])
     return scores
 
 
@@ -156,6 +185,7 @@ def main() -> None:
     parser.add_argument("--site", type=Path, default=SHARED_DATA / "site_sample")
     parser.add_argument("--ensemble", action="store_true", help="Also score the mean.")
     parser.add_argument("--json", type=Path, default=Path("runs/site_protocol.json"))
+    parser.add_argument("--adabn", action="store_true", help="Also score after AdaBN.")
     args = parser.parse_args()
 
     table = scan_dataset(args.site)
@@ -170,6 +200,10 @@ def main() -> None:
     cache = args.json.parent / "site_scores"
     scores = {str(path): raw_scores(path, pixels, cache) for path in args.networks}
     rows = [describe(name, y, p, patients, sources) for name, p in scores.items()]
+    if args.adabn:
+        for path in args.networks:
+            adapted = adabn_cross_fitted(path, pixels, patients)
+            rows.append(describe(f"{path} + AdaBN (cross-fitted)", y, adapted, patients, sources))
     if args.ensemble and len(scores) > 1:
         mean = np.mean(list(scores.values()), axis=0)
         rows.append(describe("mean of " + ", ".join(scores), y, mean, patients, sources))

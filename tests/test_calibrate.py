@@ -146,3 +146,19 @@ def test_every_scoring_path_applies_the_stored_calibration(
     np.testing.assert_allclose(p_pneumonia(model, pixels), expected, atol=1e-9)
     results = predict_batch(make_scorer(model, None), pixels, ood_check=False)
     np.testing.assert_allclose([r["probability"] for r in results], expected, atol=1e-6)
+
+
+def test_adabn_also_adapts_a_network_trained_with_frozen_batch_norm() -> None:
+    import keras
+
+    from pneumoscan.adapt import adapt_batch_norm
+    from pneumoscan.train import freeze_batch_norm
+
+    inputs = keras.Input((4,))
+    network = keras.Model(inputs, keras.layers.BatchNormalization()(inputs))
+    freeze_batch_norm(network)
+    batch = np.random.default_rng(0).normal(3.0, 1.0, (32, 4)).astype("float32")
+    adapt_batch_norm(network, [batch])
+    norm = network.layers[1]
+    np.testing.assert_allclose(norm.moving_mean.numpy(), batch.mean(axis=0), rtol=1e-5)
+    assert norm.trainable is False  # the flag is restored

@@ -50,9 +50,14 @@ def adapt_batch_norm(network: keras.Model, batches: Iterable[np.ndarray]) -> int
         if isinstance(layer, keras.layers.Dropout)
     ]
     momenta = [layer.momentum for layer in norms]
+    trainable = [layer.trainable for layer in norms]
     rates = [layer.rate for layer in drops]
     used = 0
     try:
+        for layer in norms:
+            # A frozen layer (trainable=False) runs in inference mode even when called with
+            # training=True, and would silently keep its old statistics.
+            layer.trainable = True
         for layer in drops:
             layer.rate = 0.0  # stochastic depth would distort the statistics downstream
         for k, batch in enumerate(batches):
@@ -61,8 +66,9 @@ def adapt_batch_norm(network: keras.Model, batches: Iterable[np.ndarray]) -> int
             network(batch, training=True)
             used += len(batch)
     finally:
-        for layer, momentum in zip(norms, momenta, strict=True):
+        for layer, momentum, flag in zip(norms, momenta, trainable, strict=True):
             layer.momentum = momentum
+            layer.trainable = flag
         for layer, rate in zip(drops, rates, strict=True):
             layer.rate = rate
     if used == 0:

@@ -182,6 +182,14 @@ def calibrate_to_site(
 
     reporter = reporter or Reporter(quiet=True)
     loaded = load_model(model)
+    if unlabelled and (loaded.metadata.get("recipe") or {}).get("batchnorm") == "frozen":
+        # Measured (MODEL_CARD.md): cross-fitted AdaBN took the site AUC of a frozen-BN
+        # Lite0 from 0.982 to 0.932; its layers only ever saw the ImageNet statistics.
+        raise DatasetError(
+            f"{loaded.path} was trained with frozen batch normalisation (ImageNet statistics); "
+            "re-estimating them on site images (--unlabelled) makes it worse. "
+            "Calibrate without --unlabelled."
+        )
     table = scan_dataset(data)
     paths = table["path"].tolist()
     before_raw = _raw_scores(loaded, paths, batch_size, reporter)
