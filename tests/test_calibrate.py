@@ -162,3 +162,38 @@ def test_adabn_also_adapts_a_network_trained_with_frozen_batch_norm() -> None:
     norm = network.layers[1]
     np.testing.assert_allclose(norm.moving_mean.numpy(), batch.mean(axis=0), rtol=1e-5)
     assert norm.trainable is False  # the flag is restored
+
+
+def test_head_refit_learns_what_the_site_shows_and_keeps_the_original_otherwise() -> None:
+    from pneumoscan.adapt import refit_head
+
+    rng = np.random.default_rng(0)
+    train_y = np.r_[np.zeros(100, int), np.ones(100, int)]
+    train_x = rng.normal(0, 1, (200, 6))
+    train_x[:, 0] += 2 * train_y  # the training hospital shows pneumonia in feature 0
+    site_y = np.r_[np.zeros(40, int), np.ones(40, int)]
+    site_x = rng.normal(0, 1, (80, 6))
+    site_x[:, 1] += 2 * site_y  # this site shows it in feature 1 instead
+    patients = np.arange(80)
+    blind = rng.uniform(0, 1, 80)  # an original head that ranks the site at random
+    fitted = refit_head(train_x, train_y, site_x, site_y, patients, blind, c=1.0)
+    assert fitted["chosen"] != "original" and fitted["candidates"][fitted["chosen"]] > 0.8
+    assert fitted["coef"][1] > 0.5 and len(fitted["oof_raw"]) == 80
+    perfect = site_y + rng.uniform(0, 0.1, 80)  # an original head already right at the site
+    kept = refit_head(train_x, train_y, site_x, site_y, patients, perfect, c=1.0)
+    assert kept["chosen"] == "original" and "coef" not in kept
+    np.testing.assert_array_equal(kept["oof_raw"], perfect)
+
+
+def test_calibrate_refits_the_head_on_real_xrays(trained_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "head.keras"
+    result = calibrate_to_site(
+        trained_run, FIXTURES, out, target_sensitivity=0.9, refit_head=True,
+        train_data=FIXTURES, train_images=30, export=False,
+    )  # fmt: skip
+    head = result["head_refit"]
+    assert {"original", "1", "50"} <= set(head["candidates"]) and head["train_images"] == 30
+    assert read_metadata(out)["site_calibration"]["head_refit"]["chosen"] == head["chosen"]
+    kernel, _ = load_model(out).network.layers[-1].get_weights()
+    if head["chosen"] != "original":
+        assert np.all(kernel[:, 0] == 0)  # the regression lives in the PNEUMONIA column

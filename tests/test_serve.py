@@ -302,7 +302,8 @@ def test_model_endpoint_gives_card_metadata_and_limits(client: TestClient, engin
     body = client.get("/v1/model").json()
     assert body["name"] == engine.name and body["threshold"] == engine.model.threshold
     assert body["classes"] == ["NORMAL", "PNEUMONIA"] and body["input_size"] == [224, 224]
-    assert body["heatmaps"] is True and body["backend"] == "keras"
+    # The default backend is predict's: the shipped int8 ONNX export, Keras for heatmaps only.
+    assert body["heatmaps"] is True and body["backend"] == "onnx"
     assert "not a diagnosis" in body["intended_use"]
     assert body["model_card"]["validation"]["n"] == body["metadata"]["validation_metrics"]["n"]
     assert body["limits"] == {

@@ -21,7 +21,12 @@ from pneumoscan.calibration import (
     fit_temperature_and_bias,
     threshold_with_confidence,
 )
-from pneumoscan.constants import CLASSES, DEFAULT_CONFIDENCE, DEFAULT_TARGET_SENSITIVITY
+from pneumoscan.constants import (
+    CLASSES,
+    DEFAULT_CONFIDENCE,
+    DEFAULT_HEAD_TRAIN_IMAGES,
+    DEFAULT_TARGET_SENSITIVITY,
+)
 from pneumoscan.data import data_fingerprint, empty_classes, scan_dataset
 from pneumoscan.errors import DatasetError
 from pneumoscan.metrics import binary_metrics, expected_calibration_error, wilson_interval
@@ -149,6 +154,9 @@ def calibrate_to_site(
     unlabelled: str | Path | None = None,
     confidence: float = DEFAULT_CONFIDENCE,
     export: bool = True,
+    refit_head: bool = False,
+    train_data: str | Path | None = None,
+    train_images: int = DEFAULT_HEAD_TRAIN_IMAGES,
 ) -> dict[str, Any]:
     """Refit temperature and threshold on a labelled local sample and save a new model file.
 
@@ -169,6 +177,13 @@ def calibrate_to_site(
             :func:`pneumoscan.calibration.threshold_with_confidence`).
         export: Also write the float32 ONNX export beside ``out`` (``OUT.onnx``), so that
             ``predict`` keeps its TensorFlow-free path for the calibrated model.
+        refit_head: Also refit the final layer on training plus site features
+            (:func:`pneumoscan.adapt.refit_head`; the site's weight, or keeping the original
+            layer, chosen by patient-grouped cross-validation). The threshold is then fitted
+            on the chosen head's out-of-fold scores, as new site images will see it.
+        train_data: The model's training data for ``refit_head`` (default: the root recorded
+            in the model).
+        train_images: How many training images (a seeded sample) the head refit uses.
 
     Returns:
         ``before``, ``after`` (on the sample itself), ``cross_validated`` figures (the
@@ -201,6 +216,10 @@ def calibrate_to_site(
         raise DatasetError(f"{data}: calibration needs readable NORMAL and PNEUMONIA images")
     y_true = (table["label"] == CLASSES[1]).to_numpy().astype(int)
     p_raw, before_raw = p_raw[scored], before_raw[scored]
+    head: dict[str, Any] | None = None
+    if refit_head:
+        head = _refit_head(loaded, table, y_true, p_raw, train_data, train_images, reporter)
+        p_raw = head.pop("oof_raw")
 
     before = operating_figures(
         y_true,
@@ -232,6 +251,7 @@ def calibrate_to_site(
         "warning": warning,
         "target_warning": short,
         "batch_norm_adaptation": adapted,
+        "head_refit": head,
     }
     for message in (warning, short):
         if message:
@@ -244,6 +264,58 @@ def calibrate_to_site(
             result["onnx"] = str(export_onnx(out, Path(out).with_suffix(".onnx")).path)
             advance(1)
     return result
+
+
+def _refit_head(
+    loaded: LoadedModel,
+    table: Any,
+    y_true: np.ndarray,
+    p_raw: np.ndarray,
+    train_data: str | Path | None,
+    train_images: int,
+    reporter: Reporter,
+) -> dict[str, Any]:
+    """Refit the network's final layer in place (when cross-validation says it helps)."""
+    from pneumoscan.adapt import pooled_features, refit_head, set_binary_head
+    from pneumoscan.cache import cached_decode
+    from pneumoscan.evaluate import select_split
+    from pneumoscan.pipeline import decode_all
+    from pneumoscan.preprocess import to_model_input
+
+    root = train_data or (loaded.metadata.get("data") or {}).get("root")
+    if not root or not Path(root).exists():
+        raise DatasetError(
+            f"the head refit needs the model's training data; recorded root {root!r} is not "
+            "here: pass --train-data"
+        )
+    train = select_split(scan_dataset(root), "train", loaded.metadata)
+    train = train[train["error"] == ""]
+    train = train.sample(n=min(train_images, len(train)), random_state=0).reset_index(drop=True)
+
+    def features(pixels: np.ndarray) -> np.ndarray:
+        batches = (to_model_input(pixels[i : i + 64]) for i in range(0, len(pixels), 64))
+        return pooled_features(loaded.network, batches)
+
+    with reporter.task("head refit: training features", total=len(train)) as advance:
+        train_pixels, kept, _ = cached_decode(train["path"].tolist(), loaded.preprocess, None)
+        advance(len(train) // 2)
+        train_x = features(train_pixels)
+        advance(len(train) - len(train) // 2)
+    train_y = (train["label"].to_numpy()[kept] == CLASSES[1]).astype(int)
+    site_pixels, site_kept, _ = decode_all(table["path"].tolist(), loaded.preprocess)
+    if len(site_kept) != len(table):
+        raise DatasetError("a site image became unreadable during calibration; run it again")
+    site_x = features(site_pixels)
+    fitted = refit_head(train_x, train_y, site_x, y_true, table["patient_id"].to_numpy(), p_raw)
+    coef, intercept = fitted.pop("coef", None), fitted.pop("intercept", None)
+    if coef is not None and intercept is not None:
+        set_binary_head(loaded.network, coef, intercept)
+    reporter.info(
+        "head refit: out-of-fold site AUC "
+        + ", ".join(f"{k} {v:.4f}" for k, v in fitted["candidates"].items())
+        + f"; kept {fitted['chosen']}"
+    )
+    return fitted | {"train_images": len(train_y), "train_data": str(root)}
 
 
 def _raw_scores(
@@ -293,12 +365,16 @@ def _save_calibrated(
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.resolve() == source.resolve():
         raise DatasetError(f"{out}: choose a new file; the input model is kept unchanged")
-    if result["batch_norm_adaptation"]:
+    head = result.get("head_refit")
+    if result["batch_norm_adaptation"] or (head and head["chosen"] != "original"):
         save_model(loaded.network, out, metadata)
     else:
         shutil.copyfile(source, out)
     keys = ("data", "n", "n_pneumonia", "confidence", "before", "after", "cross_validated")
-    site = {k: result[k] for k in keys} | {"batch_norm_adaptation": result["batch_norm_adaptation"]}
+    site = {k: result[k] for k in keys} | {
+        "batch_norm_adaptation": result["batch_norm_adaptation"],
+        "head_refit": result.get("head_refit"),
+    }
     updated = metadata | {
         "temperature": result["temperature"],
         "logit_bias": result["logit_bias"],

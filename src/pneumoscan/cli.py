@@ -368,11 +368,13 @@ def predict(
     except (FileExistsError, ValueError) as exc:
         _fail(str(exc))
     skipped = 0
-    if resume and out is not None:
+    if resume and out is not None and writer is not None:
         done = completed_paths(out)
         skipped = len(done & set(files))
         stderr.print(f"resuming {out}: {skipped} files already done", highlight=False)
         files = [f for f in files if f not in done]
+        # Retried files and re-listed problems replace their earlier rows: one row per path.
+        writer.forget([*files, *(r["path"] for r in results)])
     try:
         loaded, network, note = open_model(model, backend, onnx, keras_network=bool(heatmaps))
     except (PneumoscanError, ValueError) as exc:
@@ -391,6 +393,10 @@ def predict(
         heatmap_network=network, workers=workers, detector=detector,
     )  # fmt: skip
     started = time.perf_counter()
+    if writer is not None:
+        for problem in results:
+            writer.write(problem)
+    failure: Exception | None = None
     try:
         with Reporter(stderr).task("predicting", total=len(files)) as advance:
             for result in stream:
@@ -398,9 +404,13 @@ def predict(
                 if writer is not None:
                     writer.write(result)
                 advance(1)
+    except Exception as exc:  # only the model can fail here: keep what was done, say so
+        failure = exc
     finally:
         if writer is not None:
             writer.close()
+    if failure is not None:
+        _stop_after_model_failure(failure, results, json_out, out, loaded.path, len(files))
     _print_predictions(results, f"pneumoscan {loaded.name} (threshold {loaded.threshold:.3f})")
     seconds = time.perf_counter() - started
     counts = summarise(results)
@@ -416,6 +426,27 @@ def predict(
         write_json(json_out, {"model": str(loaded.path), "results": results})
     if results and counts["ok"] + counts["rejected"] + skipped == 0:
         _fail("no input could be read", code=1)
+
+
+def _stop_after_model_failure(
+    failure: Exception,
+    results: list[dict[str, Any]],
+    json_out: Path | None,
+    out: Path | None,
+    model_path: Path,
+    total: int,
+) -> None:
+    """End a run whose model failed, keeping every result written so far (files never end a
+    run: their failures are results)."""
+    if json_out:
+        write_json(json_out, {"model": str(model_path), "results": results, "incomplete": True})
+    kept = f"; the {len(results)} results so far are in {out}" if out else ""
+    resume = f" (continue with --resume --out {out})" if out else ""
+    _fail(
+        f"the model failed after {len(results)} of {total} files: "
+        f"{type(failure).__name__}: {failure}{kept}{resume}",
+        code=1,
+    )
 
 
 #: Above this many results, predict prints counts instead of a table row per file.
@@ -582,6 +613,17 @@ def calibrate(
     onnx: Annotated[
         bool, typer.Option(help="Write the ONNX export beside --out (predict's fast path).")
     ] = True,
+    refit_head: Annotated[
+        bool,
+        typer.Option(
+            help="Also refit the final layer on training + site features (the site's weight "
+            "chosen by patient-grouped cross-validation)."
+        ),
+    ] = False,
+    train_data: Annotated[
+        Path | None,
+        typer.Option(help="The model's training data, for --refit-head (default: recorded)."),
+    ] = None,
 ) -> None:
     """Refit temperature and threshold to a site's labelled sample.
 
@@ -593,6 +635,7 @@ def calibrate(
         result = calibrate_to_site(
             model, data, out, target_sensitivity, reporter=Reporter(stderr),
             unlabelled=unlabelled, confidence=confidence, export=onnx,
+            refit_head=refit_head, train_data=train_data,
         )  # fmt: skip
     except PneumoscanError as exc:
         _fail(str(exc))
@@ -652,7 +695,13 @@ def serve(
         float, typer.Option(help="Largest accepted request (all files together) in MB.")
     ] = 100.0,
     max_files: Annotated[int, typer.Option(help="Most files in one request.")] = 50,
-    backend: Annotated[str, typer.Option(help="keras, or onnx (ONNX Runtime).")] = "keras",
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="auto: the model's saved ONNX export if any, as predict uses (Keras loads for "
+            "heatmaps only); keras; or onnx (ONNX Runtime)."
+        ),
+    ] = "auto",
 ) -> None:
     """Serve the triage web page and the JSON API (FastAPI on uvicorn); Ctrl-C stops it."""
     import logging
@@ -663,8 +712,8 @@ def serve(
     from pneumoscan.serve import create_app
     from pneumoscan.uploads import MB
 
-    if backend not in ("keras", "onnx"):
-        _fail(f"unknown backend {backend!r}; choose keras or onnx")
+    if backend not in ("auto", "keras", "onnx"):
+        _fail(f"unknown backend {backend!r}; choose auto, keras or onnx")
     # A wrong model path is a typo: say so now rather than from a running server's /health.
     try:
         if model is None or model.suffix.lower() != ".onnx":

@@ -28,6 +28,8 @@ DEFAULT_TARGET_SENSITIVITY = 0.97
 #: site's labelled sample (``pneumoscan calibrate``). Chosen by repeated patient-grouped
 #: cross-validation on the site sample (benchmarks/site_protocol.py; MODEL_CARD.md).
 DEFAULT_CONFIDENCE = 0.8
+#: Training images (a seeded sample) beside the site's in ``calibrate --refit-head``.
+DEFAULT_HEAD_TRAIN_IMAGES = 2000
 #: Training images that calibrate an int8 export's activation ranges.
 DEFAULT_CALIBRATION_IMAGES = 256
 

@@ -11,16 +11,21 @@ that are installed (Pillow, pylibjpeg with its libjpeg and OpenJPEG plugins).
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pneumoscan.errors import ImageReadError
+from pneumoscan.limits import check_pixel_budget
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
+    from pydicom.uid import UID
 
 #: Bytes 128-131 of a DICOM Part 10 file.
 DICOM_MAGIC = b"DICM"
@@ -29,6 +34,55 @@ PREAMBLE_LENGTH = 128
 _RAW_DICOM_STARTS = (b"\x02\x00", b"\x08\x00")
 DECODER_PACKAGES = "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+#: Peak bytes per pixel of decoding an uncompressed greyscale DICOM image: the file's bytes,
+#: the stored array and the uint8 result (the float transforms run a few rows at a time).
+_DICOM_BYTES_PER_PIXEL = 6
+#: Rows transformed at a time, so the float64 temporaries of the grey-level transforms stay a
+#: few MB whatever the image size.
+_ROWS_PER_CHUNK = 256
+#: What pydicom raises, besides its own errors, on content that does not parse: an unknown VR
+#: (NotImplementedError), a value of the wrong length (struct.error), a value of the wrong
+#: type (TypeError, AttributeError) or a structure that does not add up (ValueError...).
+_DAMAGE: tuple[type[Exception], ...] = (
+    NotImplementedError,
+    struct.error,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    EOFError,
+    OSError,
+    OverflowError,
+)
+
+
+def _damage_types() -> tuple[type[Exception], ...]:
+    # pydicom's own exceptions derive from Exception only, so they are named here; the
+    # import is deferred like every pydicom import in this module.
+    from pydicom.errors import BytesLengthException, InvalidDicomError
+
+    return (*_DAMAGE, InvalidDicomError, BytesLengthException)
+
+
+def explain(exc: BaseException) -> str:
+    """An exception as messages show it: its text, then its type (``... (struct.error)``)."""
+    kind = type(exc)
+    module = kind.__module__
+    qualified = kind.__qualname__ if module in ("builtins", "") else f"{module}.{kind.__qualname__}"
+    text = str(exc).strip()
+    return f"{text} ({qualified})" if text else qualified
+
+
+@contextmanager
+def _reading(name: str, what: str) -> Iterator[None]:
+    """Turn pydicom's failures on damaged content into ``ImageReadError("name: what (...)")``."""
+    try:
+        yield
+    except ImageReadError:
+        raise
+    except _damage_types() as exc:
+        raise ImageReadError(f"{name}: {what}: {explain(exc)}") from exc
 
 
 def looks_like_dicom(header: bytes) -> bool:
@@ -50,18 +104,21 @@ def read_dataset(data: bytes, name: str) -> Dataset:
         ImageReadError: The bytes are not a readable DICOM data set.
     """
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     force = data[PREAMBLE_LENGTH : PREAMBLE_LENGTH + 4] != DICOM_MAGIC
-    try:
-        with warnings.catch_warnings():
-            # pydicom warns while guessing a raw data set's encoding; failures still raise.
-            warnings.simplefilter("ignore", UserWarning)
-            ds = pydicom.dcmread(io.BytesIO(data), force=force)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
-        raise ImageReadError(f"{name}: damaged DICOM file ({exc})") from exc
-    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
-        _set_raw_transfer_syntax(ds)
+    # The file meta is parsed eagerly, so an unknown VR or a short value there fails here.
+    with _reading(name, "damaged DICOM file"), warnings.catch_warnings():
+        # pydicom warns while guessing a raw data set's encoding; failures still raise.
+        warnings.simplefilter("ignore", UserWarning)
+        ds = pydicom.dcmread(io.BytesIO(data), force=force)
+        meta = getattr(ds, "file_meta", None)
+        if meta is None or "TransferSyntaxUID" not in meta:
+            _set_raw_transfer_syntax(ds)
+    if len(ds) == 0:
+        # 'DICM' then bytes that hold no element: not a DICOM file without an image.
+        raise ImageReadError(
+            f"{name}: damaged DICOM file: no data element could be read after the header"
+        )
     return ds
 
 
@@ -83,27 +140,65 @@ def _set_raw_transfer_syntax(ds: Dataset) -> None:
     ds.file_meta = meta
 
 
-def _number_of_frames(ds: Dataset) -> int:
+def _number_of_frames(ds: Dataset, name: str) -> int:
+    with _reading(name, "invalid DICOM Number of Frames"):
+        value = ds.get("NumberOfFrames", 1)
     try:
-        return int(ds.get("NumberOfFrames", 1) or 1)
+        return int(value or 1)
     except (TypeError, ValueError):
+        # A blank or non-numeric count is read as one frame, as viewers do.
         return 1
+
+
+def _transfer_syntax(ds: Dataset, name: str) -> UID:
+    """The file's transfer syntax, checked: a damaged file meta may hold any value there."""
+    from pydicom.uid import UID
+
+    with _reading(name, "invalid DICOM Transfer Syntax UID"):
+        value = ds.file_meta.get("TransferSyntaxUID")
+    syntax = UID(str(value).strip("\x00 ")) if value is not None else UID("")
+    if not syntax.is_transfer_syntax:
+        shown = f"{syntax} ({syntax.name})" if syntax.name != syntax else f"{syntax!r}"
+        raise ImageReadError(
+            f"{name}: damaged DICOM file meta: Transfer Syntax UID {shown} is not a transfer syntax"
+        )
+    return syntax
+
+
+def _check_size(ds: Dataset, name: str, frames: int) -> None:
+    """Refuse an image over the pixel budget from its header, before any pixel is decoded."""
+    with _reading(name, "invalid DICOM image size"):
+        rows = int(ds.get("Rows", 0) or 0)
+        columns = int(ds.get("Columns", 0) or 0)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if rows <= 0 or columns <= 0:
+        raise ImageReadError(f"{name}: DICOM image size {rows} x {columns} is not valid")
+    check_pixel_budget(
+        name, columns, rows * frames, bytes_per_pixel=_DICOM_BYTES_PER_PIXEL * max(1, samples)
+    )
 
 
 def _pixels(ds: Dataset, name: str) -> np.ndarray:
     """The stored pixel values, decoding compressed transfer syntaxes with installed plugins."""
-    file_meta = getattr(ds, "file_meta", None)
-    syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    syntax = _transfer_syntax(ds, name)
+    with _reading(name, "damaged DICOM Pixel Data"):
+        if not ds["PixelData"].value:
+            raise ImageReadError(f"{name}: DICOM Pixel Data element is empty")
+    failures: tuple[type[Exception], ...] = (*_damage_types(), RuntimeError)
     try:
-        return np.asarray(ds.pixel_array)
-    except (NotImplementedError, RuntimeError, ValueError, AttributeError, OSError) as exc:
-        if syntax is not None and syntax.is_compressed:
+        with warnings.catch_warnings():
+            # Length mismatches are warned about, then raise (or decode) by themselves.
+            warnings.simplefilter("ignore", UserWarning)
+            return np.asarray(ds.pixel_array)
+    except failures as exc:
+        if syntax.is_compressed and isinstance(exc, NotImplementedError | RuntimeError):
             raise ImageReadError(
-                f"{name}: cannot decode DICOM compressed as {syntax.name} ({exc}); install "
-                f"the decoders with `pip install {DECODER_PACKAGES}`, or export the image "
-                "uncompressed from the PACS"
+                f"{name}: cannot decode DICOM compressed as {syntax.name} ({explain(exc)}); "
+                f"install the decoders with `pip install {DECODER_PACKAGES}`, or export the "
+                "image uncompressed from the PACS"
             ) from exc
-        raise ImageReadError(f"{name}: damaged DICOM pixel data ({exc})") from exc
+        where = f" ({syntax.name})" if syntax.is_compressed else ""
+        raise ImageReadError(f"{name}: damaged DICOM Pixel Data{where}: {explain(exc)}") from exc
 
 
 def _display_range(ds: Dataset, values: np.ndarray, voi_applied: bool) -> tuple[float, float]:
@@ -130,19 +225,20 @@ def _display_range(ds: Dataset, values: np.ndarray, voi_applied: bool) -> tuple[
     return float(values.min()), float(values.max())
 
 
-def _apply_voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
+def _apply_voi(values: np.ndarray, ds: Dataset, integral: bool) -> np.ndarray:
     """The first VOI LUT, else the first window, with pydicom.
 
     A LUT is indexed by integers, so integral values are passed as integers. pydicom 3.0
     indexes an 8-bit LUT with an 8-bit index array, which wraps for LUTs with more than 256
     entries; the descriptor's depth is raised to 16 for the call (the entries are the same
-    numbers) and restored after.
+    numbers) and restored after. ``integral`` says whether every value of the whole image
+    (not only of these rows) is an integer, so that all rows are looked up alike.
     """
     from pydicom.pixels import apply_voi_lut
 
     if "VOILUTSequence" not in ds:
         return np.asarray(apply_voi_lut(values, ds), dtype=np.float64)
-    if np.all(values == np.round(values)):
+    if integral:
         values = values.astype(np.int64)
     item = ds.VOILUTSequence[0]
     descriptor = list(item.LUTDescriptor)
@@ -152,6 +248,36 @@ def _apply_voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
         return np.asarray(apply_voi_lut(values, ds), dtype=np.float64)
     finally:
         item.LUTDescriptor = descriptor
+
+
+def _check_voi_lut(ds: Dataset, name: str) -> None:
+    """Refuse a VOI LUT whose descriptor and data disagree, naming what is wrong.
+
+    pydicom would fail on them with ``NotImplementedError`` (an entry depth it does not know)
+    or ``struct.error`` (fewer entries than the descriptor says).
+    """
+    if not ds.VOILUTSequence:
+        raise ImageReadError(f"{name}: DICOM VOI LUT Sequence is empty")
+    item = ds.VOILUTSequence[0]
+    if "LUTDescriptor" not in item or "LUTData" not in item:
+        raise ImageReadError(f"{name}: DICOM VOI LUT lacks its LUT Descriptor or LUT Data")
+    descriptor = list(item.LUTDescriptor)
+    if len(descriptor) != 3:
+        raise ImageReadError(
+            f"{name}: DICOM VOI LUT Descriptor has {len(descriptor)} values, not 3"
+        )
+    entries, bits = int(descriptor[0]) or 2**16, int(descriptor[2])
+    if bits != 8 and not 10 <= bits <= 16:
+        raise ImageReadError(
+            f"{name}: DICOM VOI LUT of {bits} bits per entry is not valid (8 or 10 to 16)"
+        )
+    data = item.LUTData
+    # OW LUT data is raw 16-bit words; US data is a number or a list of numbers.
+    held = len(data) // 2 if isinstance(data, bytes) else len(np.atleast_1d(np.asarray(data)))
+    if held < entries:
+        raise ImageReadError(
+            f"{name}: DICOM VOI LUT holds {held} entries, its descriptor says {entries}"
+        )
 
 
 def _has_voi(ds: Dataset) -> bool:
@@ -164,23 +290,54 @@ def _inverted(ds: Dataset) -> bool:
     return (ds.PhotometricInterpretation == "MONOCHROME1") != inverse_presentation
 
 
-def _monochrome_to_uint8(ds: Dataset, stored: np.ndarray, name: str) -> np.ndarray:
+def _row_chunks(rows: int) -> Iterator[slice]:
+    for start in range(0, rows, _ROWS_PER_CHUNK):
+        yield slice(start, min(rows, start + _ROWS_PER_CHUNK))
+
+
+def _modality(ds: Dataset, stored: np.ndarray) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut
 
-    try:
-        values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    return np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+
+
+def _grey_range(ds: Dataset, stored: np.ndarray, name: str) -> tuple[np.ndarray, bool]:
+    """Smallest and largest modality value, and whether every one is an integer (one pass,
+    a few rows at a time)."""
+    low, high, integral = np.inf, -np.inf, True
+    for rows in _row_chunks(stored.shape[0]):
+        values = _modality(ds, stored[rows])
+        if not np.all(np.isfinite(values)):
+            raise ImageReadError(f"{name}: DICOM pixel data holds non-finite values")
+        low, high = min(low, float(values.min())), max(high, float(values.max()))
+        integral = integral and bool(np.all(values == np.round(values)))
+    return np.array([low, high]), integral
+
+
+def _monochrome_to_uint8(ds: Dataset, stored: np.ndarray, name: str) -> np.ndarray:
+    """Grey levels to uint8 a few rows at a time: float64 copies of a whole large image
+    would take ~30 bytes per pixel."""
+    if stored.size == 0:
+        raise ImageReadError(f"{name}: DICOM image has no pixels")
+    out = np.empty(stored.shape, np.uint8)
+    with _reading(name, "invalid DICOM grey-level transform"):
         voi = _has_voi(ds)
-        if voi:
-            values = _apply_voi(values, ds)
-        low, high = _display_range(ds, values, voi)
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-        raise ImageReadError(f"{name}: invalid DICOM grey-level transform ({exc})") from exc
-    if not np.all(np.isfinite(values)):
-        raise ImageReadError(f"{name}: DICOM pixel data holds non-finite values")
-    unit = np.clip((values - low) / (high - low), 0.0, 1.0) if high > low else values * 0.0
-    if _inverted(ds):
-        unit = 1.0 - unit
-    return np.round(unit * 255.0).astype(np.uint8)
+        if voi and "VOILUTSequence" in ds:
+            _check_voi_lut(ds, name)
+        extremes, integral = _grey_range(ds, stored, name)
+        low, high = _display_range(ds, extremes, voi)
+        inverted = _inverted(ds)
+        for rows in _row_chunks(stored.shape[0]):
+            values = _modality(ds, stored[rows])
+            if voi:
+                values = _apply_voi(values, ds, integral)
+            if not np.all(np.isfinite(values)):
+                raise ImageReadError(f"{name}: DICOM grey-level transform gives non-finite values")
+            unit = np.clip((values - low) / (high - low), 0.0, 1.0) if high > low else values * 0.0
+            if inverted:
+                unit = 1.0 - unit
+            out[rows] = np.round(unit * 255.0).astype(np.uint8)
+    return out
 
 
 def _colour_to_uint8(ds: Dataset, stored: np.ndarray) -> np.ndarray:
@@ -215,24 +372,42 @@ def dataset_to_uint8(ds: Dataset, name: str = "<DICOM>") -> np.ndarray:
             (the message names the packages to install) or an invalid grey-level transform.
     """
     if "PixelData" not in ds:
-        kind = ds.get("SOPClassUID")
-        what = f" ({kind.name})" if kind is not None and hasattr(kind, "name") else ""
-        raise ImageReadError(f"{name}: DICOM file holds no image{what}")
-    frames = _number_of_frames(ds)
+        if "Rows" in ds or "BitsAllocated" in ds:
+            # Image attributes without pixels: pixels removed, or a damaged element before
+            # them made the parser stop; the message cannot tell which, so it says both.
+            raise ImageReadError(
+                f"{name}: DICOM file holds no image{_sop_class(ds)}: it describes one (Rows, "
+                "Columns) but has no readable Pixel Data element; the file may be cut short "
+                "or damaged"
+            )
+        raise ImageReadError(f"{name}: DICOM file holds no image{_sop_class(ds)}")
+    frames = _number_of_frames(ds, name)
     if frames > 1:
         raise ImageReadError(
             f"{name}: multi-frame DICOM ({frames} frames) is not supported; export the "
             "frontal chest radiograph as a single-frame DICOM file"
         )
+    _check_size(ds, name, frames)
+    with _reading(name, "invalid DICOM Photometric Interpretation"):
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     stored = _pixels(ds, name)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric in _MONOCHROME:
         if stored.ndim != 2:
             raise ImageReadError(f"{name}: unexpected greyscale pixel shape {stored.shape}")
         return _monochrome_to_uint8(ds, stored, name)
     if stored.ndim != 3 or stored.shape[-1] != 3:
         raise ImageReadError(f"{name}: unexpected {photometric} pixel shape {stored.shape}")
-    return _colour_to_uint8(ds, stored)
+    with _reading(name, f"invalid DICOM {photometric} colour data"):
+        return _colour_to_uint8(ds, stored)
+
+
+def _sop_class(ds: Dataset) -> str:
+    """`` (Basic Text SR Storage)`` for messages, or nothing when the class is unreadable."""
+    try:
+        kind = ds.get("SOPClassUID")
+        return f" ({kind.name})" if kind is not None and hasattr(kind, "name") else ""
+    except _damage_types():
+        return ""
 
 
 def read_dicom(data: bytes, name: str = "<DICOM>") -> np.ndarray:

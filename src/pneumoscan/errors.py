@@ -15,5 +15,18 @@ class ImageReadError(PneumoscanError):
     """A file could not be decoded as an image."""
 
 
+class ImageTooLargeError(ImageReadError):
+    """An image's header declares more pixels than pneumoscan decodes (refused unread)."""
+
+
+class UnexpectedDecodeError(ImageReadError):
+    """A decoder failed in a way no specific check foresaw; the message names the exception.
+
+    Raised by the per-file firewall (:func:`pneumoscan.preprocess.decode_image`), so one bad
+    file becomes one error result instead of ending a run. Seeing one is worth a bug report:
+    it means a damaged file got past the checks that give specific messages.
+    """
+
+
 class ModelFileError(PneumoscanError):
     """A model file is missing, damaged or lacks pneumoscan metadata."""

@@ -23,6 +23,7 @@ from pneumoscan.constants import METADATA_MEMBER, POSITIVE_INDEX
 from pneumoscan.errors import ModelFileError
 from pneumoscan.modelfile import LoadedModel, ModelMetadataView, load_model
 from pneumoscan.pipeline import iter_decoded_batches
+from pneumoscan.pixels import as_uint8
 from pneumoscan.preprocess import to_model_input
 
 if TYPE_CHECKING:
@@ -164,12 +165,15 @@ def p_pneumonia(model: AnyModel, pixels: np.ndarray, calibrated: bool = True) ->
 
     Args:
         model: The loaded model (Keras or ONNX Runtime).
-        pixels: Output of :func:`pneumoscan.preprocess.decode_to_uint8`, stacked.
+        pixels: Output of :func:`pneumoscan.preprocess.decode_to_uint8`, stacked; float
+            pixels in [0, 1] (:func:`pneumoscan.preprocess.preprocess_image`) are converted
+            back to uint8 exactly (:func:`pneumoscan.pixels.as_uint8`).
         calibrated: Apply the temperature and logit bias stored in the model (``False`` gives
             the network's raw softmax, which calibration fits on).
     """
     if len(pixels) == 0:
         return np.zeros(0, dtype=np.float64)
+    pixels = as_uint8(pixels, "pixels")
     _check_size(model, pixels)
     probabilities = np.asarray(model.network.predict_on_batch(to_model_input(pixels)))
     raw = probabilities[:, POSITIVE_INDEX].astype(np.float64)
@@ -184,7 +188,11 @@ def calibrate_scores(model: AnyModel, p_raw: np.ndarray) -> np.ndarray:
 def _check_size(model: AnyModel, pixels: np.ndarray) -> None:
     expected = tuple(model.preprocess.image_size)
     if tuple(pixels.shape[1:3]) != expected:
-        raise ValueError(f"images are {pixels.shape[1:3]}, the model expects {expected}")
+        raise ValueError(
+            f"images are {pixels.shape[1:3]}, the model expects {expected}: decode files with "
+            "pneumoscan.preprocess.decode_to_uint8, or use pneumoscan.load().predict_proba, "
+            "which resizes any image"
+        )
 
 
 def feature_network(network: keras.Model, layers: Sequence[str]) -> keras.Model:

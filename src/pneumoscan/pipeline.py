@@ -13,7 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from pneumoscan.errors import ImageReadError
-from pneumoscan.preprocess import PreprocessConfig, decode_to_uint8, to_model_input
+from pneumoscan.preprocess import (
+    PreprocessConfig,
+    decode_to_uint8,
+    failure_message,
+    to_model_input,
+)
 
 DEFAULT_WORKERS = 2
 
@@ -38,6 +43,8 @@ def _decode_one(path: str, config: PreprocessConfig) -> np.ndarray | str:
         return decode_to_uint8(path, config)
     except ImageReadError as exc:
         return str(exc)
+    except Exception as exc:  # the per-file firewall: one file never ends training's decode
+        return failure_message(path, exc)
 
 
 def _collect(

@@ -11,10 +11,13 @@ caller can write them as they arrive (:class:`ResultWriter`) and resume a killed
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
-from collections.abc import Iterator, Sequence
+import os
+import stat
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -28,7 +31,7 @@ from pneumoscan.errors import ImageReadError
 from pneumoscan.inference import AnyModel, OnnxModel, Scorer
 from pneumoscan.modelfile import LoadedModel, read_member
 from pneumoscan.ood import OOD_MEMBER, OodDetector, cheap_reasons
-from pneumoscan.preprocess import DecodedImage, PreprocessConfig, decode_image
+from pneumoscan.preprocess import DecodedImage, PreprocessConfig, decode_image, failure_message
 
 if TYPE_CHECKING:
     import keras
@@ -53,25 +56,99 @@ DEFAULT_PREFETCH = 2
 HEATMAP_MAX_SIDE = 640
 
 
+#: Suffixes of image files: a sub-folder named like one is reported, not silently skipped.
+_IMAGE_SUFFIXES = frozenset(
+    {".jpeg", ".jpg", ".png", ".tif", ".tiff", ".dcm", ".dicom", ".bmp", ".webp", ".gif"}
+)
+_FILE_KINDS = {
+    stat.S_ISFIFO: "a named pipe",
+    stat.S_ISSOCK: "a socket",
+    stat.S_ISCHR: "a character device",
+    stat.S_ISBLK: "a block device",
+}
+
+
 def expand_inputs(inputs: Sequence[str | Path]) -> tuple[list[str], list[dict[str, Any]]]:
     """Files given plus every file under folders given (recursive, any extension).
 
+    Symbolic links are followed, except one that leads back into a folder being walked.
+
     Returns:
-        ``(files, problems)`` where ``problems`` are error results for paths that do not exist.
+        ``(files, problems)``: ``problems`` are error results for every path given or found
+        that is not a readable file: missing paths, broken links, link loops, folders that
+        cannot be listed, pipes and devices, empty sub-folders named like images, and folders
+        given that hold no files.
     """
     files: list[str] = []
     problems: list[dict[str, Any]] = []
     for item in map(Path, inputs):
-        if item.is_dir():
-            found = sorted(str(p) for p in item.rglob("*") if p.is_file())
-            if not found:
+        kind = _entry_kind(item)
+        if kind == "dir":
+            found: list[str] = []
+            _walk(item, found, problems, ancestors=frozenset())
+            if not found and not any(p["path"].startswith(str(item)) for p in problems):
                 problems.append(error_result(str(item), f"{item}: folder holds no files"))
-            files.extend(found)
-        elif item.is_file():
+            files.extend(sorted(found))
+        elif kind == "file":
             files.append(str(item))
         else:
-            problems.append(error_result(str(item), f"{item}: no such file or folder"))
+            problems.append(error_result(str(item), f"{item}: {kind}"))
     return files, problems
+
+
+def _entry_kind(path: Path) -> str:
+    """``file``, ``dir``, or why the path is neither (the reason an error result gives)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop (the link resolves to itself)"
+        if path.is_symlink():
+            return f"broken symbolic link (to {os.readlink(path)})"
+        if exc.errno == errno.ENOENT:
+            return "no such file or folder"
+        return f"cannot read ({exc.strerror or type(exc).__name__}, {type(exc).__name__})"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    for test, name in _FILE_KINDS.items():
+        if test(mode):
+            return f"not a regular file ({name})"
+    return "not a regular file"
+
+
+def _walk(
+    folder: Path, files: list[str], problems: list[dict[str, Any]], ancestors: frozenset[Path]
+) -> None:
+    """Collect ``folder``'s files recursively; everything else found becomes a problem."""
+    real = folder.resolve()
+    if real in ancestors:
+        problems.append(
+            error_result(str(folder), f"{folder}: symbolic link loop (leads back to {real})")
+        )
+        return
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        reason = f"cannot list folder ({exc.strerror or exc}, {type(exc).__name__})"
+        problems.append(error_result(str(folder), f"{folder}: {reason}"))
+        return
+    inside = ancestors | {real}
+    for entry in entries:
+        path = Path(entry.path)
+        kind = _entry_kind(path)
+        if kind == "file":
+            files.append(str(path))
+        elif kind == "dir":
+            before = len(files), len(problems)
+            _walk(path, files, problems, inside)
+            if (len(files), len(problems)) == before and path.suffix.lower() in _IMAGE_SUFFIXES:
+                # Named like an image, so probably meant as one: say why it gave no result.
+                reason = "a folder, not an image file (it holds no files)"
+                problems.append(error_result(str(path), f"{path}: {reason}"))
+        else:
+            problems.append(error_result(str(path), f"{path}: {kind}"))
 
 
 def error_result(path: str, message: str) -> dict[str, Any]:
@@ -161,6 +238,8 @@ def _decode(path: str, config: PreprocessConfig) -> DecodedImage | str:
         return decode_image(path, config)
     except ImageReadError as exc:
         return str(exc)
+    except Exception as exc:  # the per-file firewall: no file's content may end a run
+        return failure_message(path, exc)
 
 
 def iter_decoded(
@@ -312,15 +391,26 @@ def _complete_text(path: Path) -> str:
     return text[: text.rfind("\n") + 1]
 
 
-def read_results(path: str | Path) -> list[dict[str, Any]]:
-    """Results already written to a CSV or JSON lines file (a torn last line is ignored)."""
-    path = Path(path)
-    text = _complete_text(path)
+def _parse_results(path: Path, text: str) -> list[dict[str, Any]]:
     if not text:
         return []
     if output_format(path) == "jsonl":
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     return [dict(row) for row in csv.DictReader(io.StringIO(text))]
+
+
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    """Results already written to a CSV or JSON lines file, one per path.
+
+    A torn last line is ignored. Should a path appear more than once (a file written by an
+    older version, whose ``--resume`` appended retried errors), its last result wins, at the
+    place of its first.
+    """
+    path = Path(path)
+    latest: dict[str, dict[str, Any]] = {}
+    for row in _parse_results(path, _complete_text(path)):
+        latest[str(row.get("path"))] = row
+    return list(latest.values())
 
 
 def completed_paths(path: str | Path) -> set[str]:
@@ -352,19 +442,52 @@ class ResultWriter:
             self.path.write_text(complete, encoding="utf-8")
         self._handle = self.path.open("a", encoding="utf-8", newline="")
         self._csv: csv.DictWriter[str] | None = None
+        self._open_writer(self._handle, header=not complete)
+
+    def forget(self, paths: Iterable[str]) -> int:
+        """Remove the rows of ``paths`` (results about to be redone), keeping every other row.
+
+        The file is rewritten beside itself and swapped in, so a crash leaves either the old
+        or the new file, never half of one.
+
+        Returns:
+            How many rows were removed.
+        """
+        drop = set(paths)
+        text = _complete_text(self.path)
+        rows = _parse_results(self.path, text)
+        keep = [row for row in rows if row.get("path") not in drop]
+        if len(keep) == len(rows):
+            return 0
+        self._handle.close()
+        partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with partial.open("w", encoding="utf-8", newline="") as handle:
+            self._open_writer(handle, header=True)
+            for row in keep:
+                self._write_row(handle, row)
+        os.replace(partial, self.path)
+        self._handle = self.path.open("a", encoding="utf-8", newline="")
+        self._open_writer(self._handle, header=False)
+        return len(rows) - len(keep)
+
+    def _open_writer(self, handle: Any, header: bool) -> None:
+        self._csv = None
         if self.format == "csv":
             self._csv = csv.DictWriter(
-                self._handle, fieldnames=RESULT_FIELDS, extrasaction="ignore", lineterminator="\n"
+                handle, fieldnames=RESULT_FIELDS, extrasaction="ignore", lineterminator="\n"
             )
-            if not complete:
+            if header:
                 self._csv.writeheader()
 
-    def write(self, result: dict[str, Any]) -> None:
-        """Append one result and flush it to the file."""
+    def _write_row(self, handle: Any, result: dict[str, Any]) -> None:
         if self._csv is not None:
             self._csv.writerow(result)
         else:
-            self._handle.write(json.dumps(result, allow_nan=False) + "\n")
+            handle.write(json.dumps(result, allow_nan=False) + "\n")
+
+    def write(self, result: dict[str, Any]) -> None:
+        """Append one result and flush it to the file."""
+        self._write_row(self._handle, result)
         self._handle.flush()
 
     def close(self) -> None:

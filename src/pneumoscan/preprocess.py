@@ -8,6 +8,9 @@ same ``to_model_input`` per batch, so every path feeds the model identical tenso
 from __future__ import annotations
 
 import io
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -16,8 +19,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pneumoscan.constants import DEFAULT_IMAGE_SIZE
-from pneumoscan.dicom import looks_like_dicom
-from pneumoscan.errors import ImageReadError
+from pneumoscan.dicom import explain, looks_like_dicom
+from pneumoscan.errors import ImageReadError, ImageTooLargeError, UnexpectedDecodeError
+from pneumoscan.limits import MAX_PIXELS, check_pixel_budget
 
 ImageSource = str | Path | bytes | BinaryIO
 
@@ -29,6 +33,14 @@ _RESAMPLING = {
 
 
 _INTENSITY = ("none", "equalize")
+#: Estimated peak bytes per pixel of decoding a Pillow image of each mode to upright RGB:
+#: the decoded image, an orientation copy, the conversions to RGB (through RGBA and a black
+#: background for transparent and palette images) and the array views.
+_DECODE_BYTES_PER_PIXEL = {"1": 5, "L": 5, "P": 20, "RGB": 13, "I": 16, "F": 16}
+_DECODE_BYTES_DEFAULT = 26  # RGBA, LA, CMYK...: the most expensive path
+_HIGH_BIT_DEPTH_BYTES = 10  # I;16 and its byte orders
+#: Rows rescaled at a time from 16/32 bits, so the float64 copy stays a few MB.
+_ROWS_PER_CHUNK = 256
 #: Colour spread (see :func:`colour_spread`) up to which an RGB image counts as a tinted grey
 #: picture and is made grey; real X-rays have 0, colour photos 15 and more.
 MAX_TINT_SPREAD = 10.0
@@ -106,11 +118,72 @@ def _read_bytes(source: ImageSource, name: str) -> bytes:
     return data
 
 
+def failure_message(name: str, exc: BaseException) -> str:
+    """The reason given for a file whose decoder failed without a specific message."""
+    if isinstance(exc, MemoryError):
+        return f"{name}: out of memory while decoding this file (MemoryError)"
+    return f"{name}: the decoder failed on this file, which is probably damaged: {explain(exc)}"
+
+
+@contextmanager
+def decode_firewall(name: str) -> Iterator[None]:
+    """The last line of defence around one file's decoding: any exception a decoder raises
+    becomes an :class:`~pneumoscan.errors.UnexpectedDecodeError` naming the file and the
+    exception type, so no file content can end a batch. Specific checks come first; this
+    catches what they did not foresee.
+    """
+    try:
+        yield
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise UnexpectedDecodeError(failure_message(name, exc)) from exc
+
+
+def decode_bytes_per_pixel(mode: str) -> float:
+    """Estimated peak memory per pixel of turning a Pillow image of ``mode`` into RGB."""
+    if mode.startswith("I;16"):
+        return _HIGH_BIT_DEPTH_BYTES
+    return _DECODE_BYTES_PER_PIXEL.get(mode, _DECODE_BYTES_DEFAULT)
+
+
+def _open_pillow(data: bytes, name: str) -> Image.Image:
+    """Open with Pillow, check the declared size against the budget, then decode.
+
+    ``Image.open`` reads only the header, so an oversized image is refused before its pixels
+    are decompressed; Pillow's own bomb limit (about 179 megapixels, 3x ours) still applies.
+    """
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns above its limit; pneumoscan's lower one is checked just below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(
+            f"{name}: image over the {MAX_PIXELS / 1e6:.0f}-megapixel limit; refused without "
+            f"decoding ({explain(exc)})"
+        ) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageReadError(f"{name}: not an image (unrecognised format)") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageReadError(f"{name}: damaged or truncated image header ({explain(exc)})") from exc
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ImageReadError(f"{name}: image size {width} x {height} is not valid")
+    check_pixel_budget(name, width, height, decode_bytes_per_pixel(image.mode))
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageReadError(f"{name}: damaged or truncated image ({explain(exc)})") from exc
+    return image
+
+
 def _open_with_format(source: ImageSource) -> tuple[Image.Image, str]:
     """Decode any supported file into a PIL image and name its format (``JPEG``, ``DICOM``...).
 
     DICOM is recognised by its content (``DICM`` after the preamble) and decoded with pydicom;
     everything else (JPEG, PNG, TIFF, BMP, WebP...) by Pillow, which also sniffs content.
+    Either way the declared size is checked before decoding (:mod:`pneumoscan.limits`).
     """
     name = _describe(source)
     data = _read_bytes(source, name)
@@ -119,13 +192,7 @@ def _open_with_format(source: ImageSource) -> tuple[Image.Image, str]:
         from pneumoscan.dicom import read_dicom
 
         return Image.fromarray(read_dicom(data, name)), "DICOM"
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except UnidentifiedImageError as exc:
-        raise ImageReadError(f"{name}: not an image (unrecognised format)") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageReadError(f"{name}: damaged or truncated image ({exc})") from exc
+    image = _open_pillow(data, name)
     return image, str(image.format or "unknown")
 
 
@@ -139,17 +206,29 @@ def _high_bit_depth_to_8bit(image: Image.Image) -> Image.Image:
     Medical PNGs often store 10-14 significant bits in 16-bit containers; dividing by 65535
     would make them nearly black, so the divisor is the smallest 2**k - 1 >= max value.
     """
-    values = np.asarray(image, dtype=np.float64)
+    values = np.asarray(image)
+    if values.size == 0:
+        raise ValueError("image has no pixels")
     if not np.all(np.isfinite(values)):
         raise ValueError("image contains non-finite values")
-    if image.mode == "F" and values.min() >= 0.0 and values.max() <= 1.0:
+    lowest, highest = float(values.min()), float(values.max())
+    # Rescaled a few rows at a time: a float64 copy of the whole image takes 8 bytes a pixel.
+    if image.mode == "F" and lowest >= 0.0 and highest <= 1.0:
         # Floating-point images in [0, 1] (e.g. TIFFs from research pipelines) are unit scaled.
-        return Image.fromarray(np.round(values * 255.0).astype(np.uint8))
-    values = values - min(0.0, float(values.min()))
-    peak = float(values.max())
+        return Image.fromarray(_rescaled(values, 0.0, 1.0))
+    offset = min(0.0, lowest)
+    peak = highest - offset
     bits = int(np.clip(np.ceil(np.log2(peak + 1.0)), 8, 32)) if peak > 0 else 8
-    scaled = np.round(values / (2.0**bits - 1.0) * 255.0)
-    return Image.fromarray(scaled.astype(np.uint8))
+    return Image.fromarray(_rescaled(values, offset, 2.0**bits - 1.0))
+
+
+def _rescaled(values: np.ndarray, offset: float, full_scale: float) -> np.ndarray:
+    """``round((values - offset) / full_scale * 255)`` as uint8, in float64 row by row."""
+    out = np.empty(values.shape, np.uint8)
+    for start in range(0, values.shape[0], _ROWS_PER_CHUNK):
+        rows = values[start : start + _ROWS_PER_CHUNK].astype(np.float64) - offset
+        out[start : start + _ROWS_PER_CHUNK] = np.round(rows / full_scale * 255.0).astype(np.uint8)
+    return out
 
 
 def colour_spread(pixels: np.ndarray) -> np.ndarray:
@@ -235,7 +314,8 @@ def load_image(source: ImageSource) -> Image.Image:
         ImageReadError: The file is missing, empty, not an image, or damaged; the message
             names the file.
     """
-    return _upright_rgb(_open(source), source)
+    with decode_firewall(_describe(source)):
+        return _upright_rgb(_open(source), source)
 
 
 @dataclass(frozen=True)
@@ -258,7 +338,18 @@ class DecodedImage:
 
 
 def decode_image(source: ImageSource, config: PreprocessConfig | None = None) -> DecodedImage:
-    """Decode and resize a file like :func:`decode_to_uint8`, keeping its size and format."""
+    """Decode and resize a file like :func:`decode_to_uint8`, keeping its size and format.
+
+    Raises:
+        ImageReadError: Whatever the file holds: a specific subclass or message for every
+            known problem (:class:`~pneumoscan.errors.ImageTooLargeError` over the pixel
+            budget), :class:`~pneumoscan.errors.UnexpectedDecodeError` for the rest.
+    """
+    with decode_firewall(_describe(source)):
+        return _decode_image(source, config)
+
+
+def _decode_image(source: ImageSource, config: PreprocessConfig | None) -> DecodedImage:
     config = config or PreprocessConfig()
     height, width = config.image_size
     image, source_format = _open_with_format(source)

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import hmac
 import importlib.util
 import io
 import logging
 import queue
+import re
 import threading
 import time
 import warnings
@@ -78,6 +80,13 @@ PAGE_CSP = (
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
     "form-action 'self'"
 )
+#: Every other response (JSON, PNG...) may load and embed nothing.
+API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+#: A request body not read when the answer is an early error (401, 413...) is read and
+#: discarded up to this size and time, so that every client, including ones that send the
+#: whole body before reading (Python's urllib), gets the answer instead of a reset connection.
+DRAIN_MAX_BYTES = 256 * 1024 * 1024
+DRAIN_SECONDS = 30.0
 
 
 # --------------------------------------------------------------------------- response models
@@ -201,19 +210,29 @@ class Engine:
     def load(
         cls,
         model_path: str | Path | None = None,
-        backend: str = "keras",
+        backend: str = "auto",
         max_batch: int = DEFAULT_MAX_BATCH,
         warm_up: bool = True,
     ) -> Engine:
         """Open a model (default: the shipped one) and start its worker.
 
+        ``auto`` scores on the ONNX export saved beside the model when there is one, as
+        ``pneumoscan predict`` does, so the page and the CLI give one answer per image; the
+        Keras network is then loaded for heatmaps only.
+
         Raises:
             ModelFileError: The model cannot be read.
             ValueError: Unknown backend.
         """
-        from pneumoscan.predict import load_detector, make_scorer, open_model
+        from pneumoscan.modelfile import resolve_model_path
+        from pneumoscan.predict import load_detector, make_scorer, open_model, saved_export
 
         is_onnx = model_path is not None and Path(model_path).suffix.lower() == ".onnx"
+        if backend == "auto":
+            # open_model's auto picks Keras whenever a Keras network is asked for; the service
+            # always wants one (heatmaps), so resolve auto here to score like predict does.
+            has_export = not is_onnx and saved_export(resolve_model_path(model_path)) is not None
+            backend = "onnx" if is_onnx or has_export else "keras"
         model, network, _ = open_model(model_path, backend, keras_network=not is_onnx)
         detector = load_detector(model)
         engine = cls(model, network, detector, make_scorer(model, detector), backend, max_batch)
@@ -348,8 +367,9 @@ def _reason(exc: Exception, filename: str) -> str:
     message = str(exc)
     if isinstance(exc, ImageReadError):
         return message.replace(_UPLOAD_PLACEHOLDER, filename)
-    # Anything else a decoder raises (a decompression bomb, a codec bug): name its kind only.
-    return f"{filename}: cannot decode this file ({type(exc).__name__})"
+    # decode_image turns every failure into an ImageReadError; should anything else get
+    # here, name its kind only (its text might quote file content).
+    return f"{filename}: the decoder failed on this file ({type(exc).__name__})"
 
 
 def decode_upload(data: bytes, filename: str, model: AnyModel) -> DecodedImage | str:
@@ -516,12 +536,69 @@ class SecurityHeaders:
                 if path.startswith("/v1/"):
                     # Results describe patients: no cache may keep them.
                     headers.append((b"cache-control", b"no-store"))
-                if path == "/" or path.startswith("/static/"):
-                    headers.append((b"content-security-policy", PAGE_CSP.encode()))
+                if not any(name.lower() == b"content-security-policy" for name, _ in headers):
+                    # Routes with inline scripts (/docs) set their own policy.
+                    page = path == "/" or path.startswith("/static/")
+                    headers.append(
+                        (b"content-security-policy", (PAGE_CSP if page else API_CSP).encode())
+                    )
                 message["headers"] = headers
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+class DrainUnreadBody:
+    """Read and discard what remains of a request body before an early answer is sent.
+
+    An answer given before the body is read (401 from the key check, 413 at the first byte
+    over a cap) would otherwise be followed by closing a connection the client is still
+    writing to: clients that read only after sending (Python's urllib, many scripts) then
+    see "connection reset" or "broken pipe" instead of the answer. At most
+    :data:`DRAIN_MAX_BYTES` are discarded, within :data:`DRAIN_SECONDS`; a larger declared
+    body is not drained. A client that sent ``Expect: 100-continue`` and got no
+    ``100 Continue`` has sent no body, so its answer goes out at once.
+    """
+
+    def __init__(
+        self, app: ASGIApp, max_bytes: int = DRAIN_MAX_BYTES, seconds: float = DRAIN_SECONDS
+    ) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {name.lower(): value for name, value in scope.get("headers", [])}
+        declared = headers.get(b"content-length", b"")
+        too_long = declared.isdigit() and int(declared) > self.max_bytes
+        waits_for_continue = headers.get(b"expect", b"").lower() == b"100-continue"
+        seen = {"started": False, "ended": False}
+
+        async def tracking_receive() -> Message:
+            message = await receive()
+            seen["started"] = True
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                seen["ended"] = True
+            return message
+
+        async def drain() -> None:
+            discarded = 0
+            with anyio.move_on_after(self.seconds):
+                while not seen["ended"] and discarded <= self.max_bytes:
+                    discarded += len((await tracking_receive()).get("body", b""))
+
+        async def send_after_draining(message: Message) -> None:
+            early = message["type"] == "http.response.start" and not seen["ended"]
+            # Nothing was asked of a client waiting for 100 Continue: it has sent no body.
+            no_body_sent = waits_for_continue and not seen["started"]
+            if early and not too_long and not no_body_sent:
+                await drain()
+            await send(message)
+
+        await self.app(scope, tracking_receive, send_after_draining)
 
 
 # --------------------------------------------------------------------------- routes
@@ -716,15 +793,35 @@ def _add_docs(app: FastAPI) -> None:
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
-        return get_swagger_ui_html(
-            openapi_url="/openapi.json",
-            title="pneumoscan API",
-            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
-            swagger_css_url="/docs-assets/swagger-ui.css",
-            swagger_favicon_url="/docs-assets/favicon.png",
-            # The validator badge would call an external service.
-            swagger_ui_parameters={"validatorUrl": None},
+        return _with_script_hashes(
+            get_swagger_ui_html(
+                openapi_url="/openapi.json",
+                title="pneumoscan API",
+                swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                swagger_css_url="/docs-assets/swagger-ui.css",
+                swagger_favicon_url="/docs-assets/favicon.png",
+                # The validator badge would call an external service.
+                swagger_ui_parameters={"validatorUrl": None},
+            )
         )
+
+
+def _with_script_hashes(response: HTMLResponse) -> HTMLResponse:
+    """The page with a CSP that allows its own files and exactly its inline scripts (Swagger
+    UI starts from one), by hash: no other script can run."""
+    html = bytes(response.body).decode("utf-8")
+    hashes = " ".join(
+        "'sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode() + "'"
+        for script in re.findall(r"<script(?![^>]*\bsrc=)[^>]*>(.*?)</script>", html, re.DOTALL)
+    )
+    # Swagger UI sets style attributes from its scripts, hence the inline styles.
+    policy = (
+        f"default-src 'self'; script-src 'self' {hashes}; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+        "frame-ancestors 'none'; form-action 'self'"
+    )
+    response.headers["content-security-policy"] = policy
+    return response
 
 
 def _add_page_and_health(app: FastAPI) -> None:
@@ -764,7 +861,7 @@ def create_app(
     max_upload_bytes: int = UploadLimits.max_file_bytes,
     max_request_bytes: int = UploadLimits.max_request_bytes,
     max_files: int = UploadLimits.max_files,
-    backend: str = "keras",
+    backend: str = "auto",
     engine: Engine | None = None,
 ) -> FastAPI:
     """Build the service; the model loads in the background when the app starts.
@@ -775,7 +872,8 @@ def create_app(
         max_upload_bytes: Largest accepted file (larger: 413).
         max_request_bytes: Largest accepted request body (larger: 413).
         max_files: Most files per request (more: 413).
-        backend: ``keras`` or ``onnx``.
+        backend: ``auto`` (the saved ONNX export when there is one, as ``pneumoscan predict``
+            does; Keras for heatmaps only), ``keras`` or ``onnx``.
         engine: An already loaded engine to serve (it is not closed with the app), e.g. to
             share one model between test apps.
     """
@@ -806,4 +904,5 @@ def create_app(
     _add_page_and_health(app)
     _add_docs(app)
     app.add_middleware(SecurityHeaders)
+    app.add_middleware(DrainUnreadBody)
     return app

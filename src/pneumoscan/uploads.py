@@ -83,6 +83,8 @@ class _Collector:
         self.limits = limits
         self.uploads: list[Upload] = []
         self.finished = False
+        #: Names of the other form fields seen, for the message when no file arrived.
+        self.other_fields: list[str] = []
         self._part = _Part()
         self._header_field = b""
         self._header_value = b""
@@ -126,6 +128,16 @@ class _Collector:
             self._part.filename = name or "unnamed"
         if self._is_file() and len(self.uploads) >= self.limits.max_files:
             raise UploadError(413, f"too many files: at most {self.limits.max_files} per request")
+        if not self._is_file():
+            if self._part.filename is not None:
+                # A file in another field is a client mistake, not an oversized field: say so
+                # before its bytes arrive, whatever its size.
+                raise UploadError(
+                    400,
+                    f"file {self._part.filename!r} was sent in the form field "
+                    f"{self._part.name!r}; send files in the form field {self.field_name!r}",
+                )
+            self.other_fields.append(self._part.name)
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         part = self._part
@@ -139,7 +151,12 @@ class _Collector:
                 )
             part.chunks.append(data[start:end])
         elif part.size > MAX_FIELD_BYTES:
-            raise UploadError(413, f"form field {part.name!r} is too large")
+            raise UploadError(
+                413,
+                f"form field {part.name!r} is larger than the {describe_size(MAX_FIELD_BYTES)} "
+                f"limit for fields other than {self.field_name!r} (send files in "
+                f"{self.field_name!r})",
+            )
 
     def on_part_end(self) -> None:
         if self._is_file():
@@ -216,5 +233,7 @@ async def read_uploads(
     if not collector.finished:
         raise UploadError(400, "incomplete multipart body (the upload was cut short?)")
     if not collector.uploads:
-        raise UploadError(400, f"no files in the form field {field_name!r}")
+        seen = sorted(set(collector.other_fields))
+        found = f" (the request has the fields {', '.join(map(repr, seen))})" if seen else ""
+        raise UploadError(400, f"no files in the form field {field_name!r}{found}")
     return collector.uploads
