@@ -40,7 +40,7 @@ def _pillow(grey: np.ndarray, fmt: str, **options: object) -> bytes:
 
 def _dicom(stored: np.ndarray, **options: object) -> bytes:
     with tempfile.TemporaryDirectory() as folder:
-        return write_dicom(stored, Path(folder) / "seed.dcm", **options).read_bytes()  # type: ignore[arg-type]
+        return write_dicom(stored, Path(folder) / "seed.dcm", **options).read_bytes()
 
 
 def _with_voi_lut(stored: np.ndarray) -> bytes:
@@ -97,6 +97,8 @@ def mutations(seeds: dict[str, bytes], count: int, seed: int = 0) -> Iterator[tu
         else:  # a 16- or 32-bit field set to an extreme value
             at = int(rng.integers(0, min(len(data) - 4, 800)))
             width = 2 if rng.integers(2) else 4
-            value = [0, 1, 0xFFFF, 0x7FFF, 0xFFFFFFFF][int(rng.integers(5))] & (2 ** (8 * width) - 1)
+            value = [0, 1, 0xFFFF, 0x7FFF, 0xFFFFFFFF][int(rng.integers(5))] & (
+                2 ** (8 * width) - 1
+            )
             data[at : at + width] = int(value).to_bytes(width, "little")
         yield f"{name}#{index}-{kind}", bytes(data)
