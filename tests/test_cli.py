@@ -149,3 +149,40 @@ def test_evaluate_recreates_the_models_validation_split(tmp_path: Path) -> None:
     n_val = sum(n for key, n in recorded.items() if key.startswith("val/"))
     assert json.loads(out_json.read_text())["n"] == n_val
     assert pd.notna(json.loads(out_json.read_text())["auc"])
+
+
+def test_tensorflow_start_up_lines_are_silenced() -> None:
+    """`import pneumoscan` loads no TensorFlow, and TensorFlow's start-up lines (oneDNN, absl)
+    stay off stderr when it loads; other stderr output still gets through."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pneumoscan; assert 'tensorflow' not in sys.modules; "
+        "import os; print(os.environ['TF_CPP_MIN_LOG_LEVEL']); "
+        "import keras; print('after keras', file=sys.stderr)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2"]
+    assert "oneDNN" not in done.stderr and "absl::InitializeLog" not in done.stderr
+    assert "after keras" in done.stderr
+    # A user who asks for TensorFlow's log keeps it.
+    check = "import sys, pneumoscan._quiet_tf as q; print(q._FINDER in sys.meta_path)"
+    loud = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=60,
+        env=env | {"TF_CPP_MIN_LOG_LEVEL": "0"},
+    )  # fmt: skip
+    assert loud.stdout.split() == ["False"], loud.stderr
+
+
+def test_keep_drops_only_the_known_start_up_lines() -> None:
+    from pneumoscan._quiet_tf import keep
+
+    assert not keep("I0000 00:00:17.8 11337 port.cc:153] oneDNN custom operations are on.")
+    assert not keep("WARNING: All log messages before absl::InitializeLog() is called are ...")
+    assert keep("Traceback (most recent call last):") and keep("UserWarning: something")

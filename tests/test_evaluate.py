@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -84,3 +85,21 @@ def test_cli_evaluate_prints_intervals_and_writes_them(tmp_path: Path) -> None:
     assert 0.0 <= metrics["ece"] <= 1.0 and 0.0 <= metrics["brier"] <= 1.0
     assert len(metrics["threshold_sweep"]) >= 19 and len(metrics["calibration_bins"]) == 10
     assert (tmp_path / "cm.png").exists()
+    # Per-image scores: one record per scored image, the same numbers the metrics came from.
+    scores = metrics["scores"]
+    assert len(scores) == metrics["n"]
+    assert set(scores[0]) == {"path", "label", "p_pneumonia", "patient_id"}
+    assert {Path(s["path"]).parent.name for s in scores} == {s["label"] for s in scores}
+    assert {s["label"] for s in scores} == {"NORMAL", "PNEUMONIA"}
+    assert all(0.0 <= s["p_pneumonia"] <= 1.0 for s in scores)
+    flagged = sum(s["p_pneumonia"] >= metrics["threshold"] for s in scores)
+    (_, fp), (_, tp) = metrics["confusion_matrix"]
+    assert flagged == fp + tp
+
+
+def test_cli_evaluate_writes_no_plot_unless_asked(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["evaluate", str(FIXTURES), "--bootstrap", "50"])
+    assert result.exit_code == 0, result.output
+    assert list(tmp_path.iterdir()) == []
+    assert "wrote" not in result.output

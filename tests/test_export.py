@@ -112,3 +112,38 @@ def test_cli_backend_onnx(exported: Path, tmp_path: Path) -> None:
     assert refused.exit_code == 2 and "Keras model" in refused.output
     unknown = runner.invoke(app, ["export", "--format", "tflite", "--out", str(tmp_path / "x")])
     assert unknown.exit_code == 2 and "unknown format" in unknown.output
+
+
+def test_export_writes_beside_the_model_where_predict_finds_it(
+    exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import pneumoscan.export
+    from pneumoscan.export import default_export_path
+    from pneumoscan.predict import saved_export
+
+    model = tmp_path / "run" / "model.keras"
+    model.parent.mkdir()
+    shutil.copy(DEFAULT_MODEL_PATH, model)
+    assert default_export_path(model) == tmp_path / "run" / "model.onnx"
+    assert default_export_path(model, "int8") == tmp_path / "run" / "model.int8.onnx"
+    # The shipped model's folder is the installed package: its export goes to this folder.
+    assert default_export_path(DEFAULT_MODEL_PATH) == Path(DEFAULT_MODEL_PATH.stem + ".onnx")
+
+    written: list[Path] = []
+
+    def fake_export(source: Path, out: Path, **_: object) -> object:
+        # The real conversion is tested above; copy its result to where the CLI asked.
+        written.append(Path(out))
+        shutil.copy(exported, out)  # made from the same bytes: its recorded hash matches
+        return type("S", (), {"path": Path(out), "size_bytes": 1, "outputs": ["p"],
+                              "ood": True, "quantization": None})()  # fmt: skip
+
+    monkeypatch.setattr(pneumoscan.export, "export_onnx", fake_export)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["export", "--model", str(model)])
+    assert result.exit_code == 0, result.output
+    assert written == [tmp_path / "run" / "model.onnx"]
+    assert saved_export(model) == tmp_path / "run" / "model.onnx"  # predict --backend auto
+    assert not (tmp_path / "model.onnx").exists()

@@ -149,3 +149,86 @@ def test_cli_without_ood_check_scores_the_screenshot(folder: Path, tmp_path: Pat
     assert result.exit_code == 0, result.output
     (row,) = read_results(out)
     assert row["status"] == "ok" and 0.0 <= float(row["probability"]) <= 1.0
+
+
+def test_every_result_records_the_model_version_and_time(
+    model: LoadedModel, folder: Path, tmp_path: Path
+) -> None:
+    from datetime import datetime
+
+    from pneumoscan import __version__
+    from pneumoscan.export import file_sha256
+    from pneumoscan.predict import RESULT_FIELDS
+
+    files = sorted(str(p) for p in folder.rglob("*") if p.is_file())[-6:]
+    out = tmp_path / "r.csv"
+    with ResultWriter(out) as writer:
+        for result in predict_files(model, files, batch_size=4):
+            writer.write(result)
+    rows = read_results(out)
+    assert len(rows) == len(files) and {r["status"] for r in rows} >= {"ok", "error"}
+    sha = file_sha256(model.path)
+    for row in rows:  # errors too: every row says which model and version saw the file
+        assert row["model_sha256"] == sha and row["pneumoscan_version"] == __version__
+        assert datetime.fromisoformat(row["scored_at"]).utcoffset().total_seconds() == 0
+    assert out.read_text().splitlines()[0] == ",".join(RESULT_FIELDS)
+
+
+def test_resume_reads_and_upgrades_a_file_without_the_new_columns(
+    model: LoadedModel, folder: Path, tmp_path: Path
+) -> None:
+    files = sorted(str(p) for p in (folder / "NORMAL").glob("*"))[:4]
+    out = tmp_path / "old.csv"
+    old_fields = ["path", "status", "probability", "decision", "threshold", "ood_score"]
+    with out.open("w", newline="") as handle:  # as written before model_sha256 existed
+        writer = csv.DictWriter(handle, old_fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerow({"path": files[0], "status": "ok", "probability": 0.1,
+                         "decision": "NORMAL", "threshold": 0.5})  # fmt: skip
+    assert completed_paths(out) == {files[0]}
+    with ResultWriter(out, resume=True) as writer:
+        for result in predict_files(model, files[1:], batch_size=4):
+            writer.write(result)
+    rows = read_results(out)
+    assert [r["path"] for r in rows] == files
+    assert None not in rows[-1] and rows[-1]["model_sha256"]  # cells line up with the header
+    assert rows[0]["probability"] == "0.1" and rows[0]["model_sha256"] == ""
+    assert completed_paths(out) == set(files)
+
+
+def test_table_shows_names_sorted_likely_pneumonia_first(tmp_path: Path) -> None:
+    from pneumoscan.cli import display_names, sort_results
+
+    results = [
+        {"path": "/a/very/long/folder/NORMAL/1.jpeg", "status": "ok", "probability": 0.2},
+        {"path": "/x/bad.png", "status": "error", "error": "x"},
+        {"path": "/a/very/long/folder/PNEUMONIA/1.jpeg", "status": "ok", "probability": 0.9},
+        {"path": "/x/shot.png", "status": "rejected", "reason": "y"},
+        {"path": "/x/c.jpeg", "status": "ok", "probability": 0.5},
+    ]
+    by_p = [r["path"] for r in sort_results(results, "probability")]
+    assert by_p == [results[i]["path"] for i in (2, 4, 0, 3, 1)]
+    assert sort_results(results, "input") == results
+    assert [r["path"] for r in sort_results(results, "path")] == sorted(r["path"] for r in results)
+    names = display_names([r["path"] for r in results])
+    assert names["/x/c.jpeg"] == "c.jpeg"
+    assert names["/a/very/long/folder/NORMAL/1.jpeg"] == "NORMAL/1.jpeg"  # same name twice
+
+    out = tmp_path / "r.csv"
+    result = runner.invoke(app, ["predict", "--samples", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    shown = [n for n in ("person127_bacteria_603", "person127_bacteria_604", "IM-0006", "IM-0031")
+             if any(n in line for line in lines)]  # fmt: skip
+    assert len(shown) == 4 and "…" not in result.output and "/src/" not in result.output
+    order = [next(i for i, line in enumerate(lines) if n in line) for n in shown]
+    written = read_results(out)
+    probability = {Path(r["path"]).name: float(r["probability"]) for r in written}
+    by_name = {n: next(p for k, p in probability.items() if k.startswith(n)) for n in shown}
+    assert sorted(shown, key=lambda n: order[shown.index(n)]) == sorted(
+        shown, key=lambda n: -by_name[n]
+    )
+    # The streamed file keeps input order (the sample folders, NORMAL first).
+    assert [Path(r["path"]).parent.name for r in written] == ["NORMAL"] * 2 + ["PNEUMONIA"] * 2
+    bad = runner.invoke(app, ["predict", "--samples", "--sort", "size"])
+    assert bad.exit_code == 2 and "--sort" in bad.output

@@ -66,6 +66,29 @@ def test_numbers_carry_their_json_path_and_exact_value() -> None:
     assert display(None) == "n/a" and display(3) == "3" and display(0.5) == "0.500"
 
 
+def test_thresholds_never_round_to_one() -> None:
+    from pneumoscan.formatting import format_probability, format_threshold
+
+    assert number({"threshold": 0.9996}, "threshold").endswith(">0.9996</span>")
+    assert number({"threshold": 0.99996}, "threshold").endswith(">0.99996</span>")
+    assert number({"sweep": [{"threshold": 0.5}]}, "sweep.0.threshold").endswith(">0.5000</span>")
+    assert format_threshold(0.787) == "0.7870" and format_threshold(0.00004) == "0.00004"
+    assert format_threshold(1.0) == "1.0000" and format_threshold(None) == "n/a"
+    assert format_probability(0.99951, 0.99996) == "0.99951"
+    assert format_probability(0.25) == "0.250"
+
+
+def test_intended_use_block_is_escaped_html() -> None:
+    from pneumoscan.report import INTENDED_USE_FILE, intended_use_html
+
+    assert INTENDED_USE_FILE.is_file()  # shipped with the package (assets/*.md)
+    block = intended_use_html("## For <you>\nA line\ncontinued.\n\n- one\n  more\n- two\n")
+    assert block == (
+        '<div id="intended-use"><h3>For &lt;you&gt;</h3><p>A line continued.</p>'
+        "<ul><li>one more</li><li>two</li></ul></div>"
+    )
+
+
 def test_training_history_only_beside_a_run_folder_model(tmp_path: Path) -> None:
     assert training_history(DEFAULT_MODEL_PATH) is None
     (tmp_path / "history.csv").write_text("epoch,loss\n1,0.5\n")
@@ -89,6 +112,12 @@ def test_report_is_one_self_contained_file(site_report: tuple[Path, dict[str, An
     assert json.loads(embedded.group(1).replace("<\\/", "</")) == metrics
     assert f"n={metrics['n']}" in " ".join(output.split())
     assert "wrote" in output and str(html_path.name) in output
+    # The model card carries the intended use and known limits.
+    card = page[page.index('<section id="model-card">') :]
+    assert '<div id="intended-use">' in card
+    for heading in ("What it is for", "What it is not for", "Known limits"):
+        assert f"<h3>{heading}</h3>" in card
+    assert "not a diagnosis" in card and "Calibrate the threshold to each site" in card
 
 
 def test_report_of_a_run_folder_shows_its_training_curves(tmp_path: Path) -> None:

@@ -358,3 +358,46 @@ def test_cli_serve_refuses_a_missing_model(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "not found" in result.output
     help_text = CliRunner().invoke(cli_app, ["serve", "--help"]).output
     assert "--api-key" in help_text and "PNEUMOSCAN_API_KEY" in help_text
+
+
+def test_each_result_records_the_model_version_and_time(client: TestClient, engine: Engine) -> None:
+    from datetime import datetime
+
+    from pneumoscan import __version__
+    from pneumoscan.export import file_sha256
+
+    good = fixture_images("NORMAL")[0]
+    files = [upload(good), upload_bytes("notes.txt", b"not an image")]
+    response = client.post("/v1/predict", files=files)
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [r["status"] for r in results] == ["ok", "error"]
+    for result in results:  # the file that scored it: the ONNX export on the auto backend
+        assert result["model_sha256"] == file_sha256(engine.model.path)
+        assert result["pneumoscan_version"] == __version__
+        scored_at = datetime.fromisoformat(result["scored_at"])
+        assert scored_at.utcoffset() is not None and scored_at.utcoffset().total_seconds() == 0
+
+
+def test_page_shows_thresholds_with_enough_digits() -> None:
+    """The page's JavaScript formats thresholds as format_threshold does (run in Node)."""
+    import json
+    import shutil
+    import subprocess
+
+    from pneumoscan.formatting import format_threshold
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    script = (WEB_DIR / "app.js").read_text()
+    start = script.index("  function thresholdDecimals")
+    end = script.index("  function localError")
+    values = [0.9996, 0.99996, 0.5, 0.787, 0.00004, 0.123456]
+    code = script[start:end] + f"console.log(JSON.stringify({values}.map(formatThreshold)));"
+    shown = json.loads(subprocess.run([node, "-e", code], capture_output=True, check=True,
+                                      text=True, timeout=30).stdout)  # fmt: skip
+    assert shown == [format_threshold(v) for v in values]
+    assert shown[:2] == ["0.9996", "0.99996"] and "toFixed(3)" not in script.replace(
+        "p.toFixed(threshold == null ? 3", ""
+    )

@@ -11,7 +11,8 @@ import pytest
 
 from pneumoscan.errors import DatasetError, PneumoscanError
 from pneumoscan.modelfile import read_metadata
-from pneumoscan.train import TrainOptions, options_to_command, train
+from pneumoscan.progress import Reporter
+from pneumoscan.train import TrainOptions, options_to_command, small_validation_warning, train
 
 from conftest import FIXTURES
 
@@ -65,8 +66,14 @@ def test_unreadable_images_are_skipped_and_recorded(tmp_path: Path) -> None:
     good = next((data / "PNEUMONIA").glob("*.jpeg")).read_bytes()
     (data / "PNEUMONIA" / "person9999_bacteria_1.jpeg").write_bytes(good[: len(good) // 2])
     out = tmp_path / "run"
-    result = train(TrainOptions(data=str(data), out=str(out), epochs=1, val_fraction=0.25))
+    reporter = Reporter(quiet=True)
+    options = TrainOptions(data=str(data), out=str(out), epochs=1, val_fraction=0.25)
+    result = train(options, reporter)
     skipped = pd.read_csv(out / "skipped.csv")
+    # 48 fixture images give a validation split far too small to choose a threshold on.
+    (small,) = [w for w in reporter.warnings if "validation split has" in w]
+    counts = json.loads((out / "config.json").read_text())["split"]["counts"]
+    assert f"{counts['val/PNEUMONIA']} pneumonia and {counts['val/NORMAL']} normal" in small
     assert "person9999_bacteria_1.jpeg" in " ".join(skipped["path"])
     assert result.model_path.exists()
 
@@ -77,6 +84,16 @@ def test_a_class_without_images_is_refused(tmp_path: Path) -> None:
     (data / "PNEUMONIA").mkdir()
     with pytest.raises(DatasetError, match="PNEUMONIA"):
         train(TrainOptions(data=str(data), out=str(tmp_path / "run"), epochs=1))
+
+
+def test_small_validation_split_warns_with_counts_and_a_remedy() -> None:
+    assert small_validation_warning(50, 20) is None
+    assert small_validation_warning(400, 130) is None
+    for pneumonia, normal in ((49, 200), (300, 19), (5, 3)):
+        message = small_validation_warning(pneumonia, normal)
+        assert message is not None
+        assert f"{pneumonia} pneumonia and {normal} normal" in message
+        assert "--val-fraction" in message and "pneumoscan calibrate" in message
 
 
 def test_command_reproduces_options() -> None:

@@ -12,9 +12,21 @@ TensorFlow only when a Keras network is needed (``backend="keras"``, ``Model.hea
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 from typing import TYPE_CHECKING, Any
+
+# TensorFlow's C++ start-up lines (oneDNN custom operations, CPU features, cuda and absl
+# notices) drown pneumoscan's own output. The log level is read from the environment when
+# TensorFlow loads, so it is set before any import of it (every pneumoscan import runs this
+# first; a value the user set is kept); the lines TensorFlow 2.21 writes before reading it
+# are filtered by an import hook (pneumoscan._quiet_tf).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from pneumoscan import _quiet_tf  # standard library only: TensorFlow stays unloaded
+
+_quiet_tf.install()
 
 __version__ = "0.1.0"
 

@@ -561,17 +561,18 @@ def evaluate(
 
     Returns:
         JSON values (NaN as ``None``): ``n``, ``auc``, ``sensitivity``, ``specificity``,
-        ``confusion_matrix``, intervals, ``model``, ``data``, ``split``, ``skipped``...
+        ``confusion_matrix``, intervals, ``model``, ``data``, ``split``, ``skipped``...,
+        and ``scores``: one ``path, label, p_pneumonia, patient_id`` record per image.
 
     Raises:
         DatasetError: The folder holds no readable labelled image.
     """
-    from pneumoscan.evaluate import score_images, summarise
+    from pneumoscan.evaluate import image_scores, score_images, summarise
     from pneumoscan.jsonio import jsonable
 
     chosen = model if isinstance(model, Model) else load(model)
     scored = score_images(data, chosen._loaded, split, batch_size)
-    metrics = summarise(scored, n_resamples, seed)
+    metrics = summarise(scored, n_resamples, seed) | {"scores": image_scores(scored)}
     # The CLI's --json leaves out the printed text report; so does this.
     result: dict[str, Any] = jsonable({k: v for k, v in metrics.items() if k != "report"})
     return result

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,6 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from pneumoscan import __version__
 from pneumoscan.constants import (
@@ -27,11 +27,12 @@ from pneumoscan.constants import (
     SAMPLES_DIR,
 )
 from pneumoscan.errors import PneumoscanError
+from pneumoscan.formatting import format_probability, format_threshold
 from pneumoscan.jsonio import write_json
 from pneumoscan.progress import Reporter
 
-# TensorFlow's C++ start-up chatter (oneDNN, CPU features) drowns the CLI's own output.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TF_CPP_MIN_LOG_LEVEL (TensorFlow's start-up lines) is set in pneumoscan/__init__.py, which
+# runs before this module and before any TensorFlow import.
 
 app = typer.Typer(
     help="Flag pneumonia on pediatric frontal chest X-rays (triage support, not a diagnosis).",
@@ -120,7 +121,7 @@ def audit_model(
         _fail(str(exc))
     table = Table(
         title=f"Shortcut audit on {data} (n={result['n']}, {result['n_pneumonia']} pneumonia; "
-        f"threshold {result['threshold']:.4f})"
+        f"threshold {format_threshold(result['threshold'])})"
     )
     for column in (
         "perturbation", "mean shift (95% CI)", "normal", "pneumonia", "mean |shift|",
@@ -243,7 +244,7 @@ def train(
     stdout.print(
         f"validation (patient-grouped split of the training data, not a test score): "
         f"AUC {_fmt(val['auc'])}, sensitivity {_fmt(val['sensitivity'])}, "
-        f"specificity {_fmt(val['specificity'])} at threshold {val['threshold']:.2f}"
+        f"specificity {_fmt(val['specificity'])} at threshold {format_threshold(val['threshold'])}"
     )
     stdout.print(
         f"model: {result.model_path}  ({result.epochs_run} epochs, {result.seconds:.0f} s)"
@@ -258,11 +259,12 @@ def evaluate(
     model: ScoringModelOption = None,
     split: Annotated[str, typer.Option(help="Split of a dataset root to evaluate.")] = "test",
     json_out: Annotated[
-        Path | None, typer.Option("--json", help="Write the metrics as JSON.")
+        Path | None,
+        typer.Option("--json", help="Write the metrics and every image's score as JSON."),
     ] = None,
-    plot: Annotated[Path, typer.Option(help="Confusion-matrix heatmap PNG.")] = Path(
-        "confusion_matrix.png"
-    ),
+    plot: Annotated[
+        Path | None, typer.Option(help="Write the confusion-matrix heatmap to this PNG.")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images scored at a time.")] = 32,
     bootstrap: Annotated[
         int, typer.Option(help="Bootstrap resamples (over patients) for the AUC and F1 CIs.")
@@ -282,7 +284,7 @@ def evaluate(
     stdout.print(f"model {metrics['model']} on {metrics['data']} ({where})")
     stdout.print(metrics["report"])
     (tn, fp), (fn, tp) = metrics["confusion_matrix"]
-    table = Table(title=f"Confusion matrix at threshold {metrics['threshold']:.3f}")
+    table = Table(title=f"Confusion matrix at threshold {format_threshold(metrics['threshold'])}")
     for column in ("", "predicted NORMAL", "predicted PNEUMONIA"):
         table.add_column(column)
     table.add_row("true NORMAL", str(tn), str(fp))
@@ -295,7 +297,8 @@ def evaluate(
     _print_uncertainty(metrics)
     if metrics["skipped"]:
         stdout.print(f"{len(metrics['skipped'])} unreadable images skipped")
-    stdout.print(f"wrote {plot}")
+    if plot is not None:
+        stdout.print(f"wrote {plot}")
     if json_out:
         write_json(json_out, {k: v for k, v in metrics.items() if k != "report"})
 
@@ -345,6 +348,14 @@ def predict(
         typer.Option(help="ONNX file for --backend onnx (default: exported from the model)."),
     ] = None,
     workers: Annotated[int, typer.Option(help="Decoding threads.")] = 2,
+    sort: Annotated[
+        str,
+        typer.Option(
+            help="Order of the printed table: probability (likely pneumonia first, then "
+            "rejected and unreadable files), path, or input (as given). --out and --json "
+            "keep input order."
+        ),
+    ] = "probability",
 ) -> None:
     """P(pneumonia) and a decision per file; non-X-rays are rejected, bad files listed."""
     from pneumoscan.predict import (
@@ -352,10 +363,15 @@ def predict(
         completed_paths,
         expand_inputs,
         load_detector,
+        model_provenance,
         open_model,
         predict_files,
+        stamp,
         summarise,
     )
+
+    if sort not in TABLE_SORTS:
+        _fail(f"unknown --sort {sort!r}; choose one of {', '.join(TABLE_SORTS)}")
 
     inputs = [*(paths or []), *(sorted(SAMPLES_DIR.glob("*/*.jpeg")) if samples else [])]
     if not inputs:
@@ -381,6 +397,8 @@ def predict(
         _fail(str(exc))
     if note:
         stderr.print(note, highlight=False)
+    provenance = model_provenance(loaded)
+    results = [stamp(problem, provenance) for problem in results]
     detector = load_detector(loaded) if ood_check else None
     if ood_check and detector is None:
         stderr.print(
@@ -390,7 +408,7 @@ def predict(
         )
     stream = predict_files(
         loaded, files, batch_size, ood_check=ood_check, heatmaps=heatmaps,
-        heatmap_network=network, workers=workers, detector=detector,
+        heatmap_network=network, workers=workers, detector=detector, provenance=provenance,
     )  # fmt: skip
     started = time.perf_counter()
     if writer is not None:
@@ -411,7 +429,12 @@ def predict(
             writer.close()
     if failure is not None:
         _stop_after_model_failure(failure, results, json_out, out, loaded.path, len(files))
-    _print_predictions(results, f"pneumoscan {loaded.name} (threshold {loaded.threshold:.3f})")
+    _print_predictions(
+        results,
+        f"pneumoscan {loaded.name} (threshold {format_threshold(loaded.threshold)})",
+        loaded.threshold,
+        sort,
+    )
     seconds = time.perf_counter() - started
     counts = summarise(results)
     stdout.print(
@@ -451,21 +474,70 @@ def _stop_after_model_failure(
 
 #: Above this many results, predict prints counts instead of a table row per file.
 MAX_TABLE_ROWS = 200
+#: Orders of predict's printed table (the first is the default).
+TABLE_SORTS = ("probability", "path", "input")
 
 
-def _print_predictions(results: list[dict[str, Any]], title: str) -> None:
+def sort_results(results: list[dict[str, Any]], order: str) -> list[dict[str, Any]]:
+    """Results in a table order: ``probability`` (scored files by falling P(pneumonia), then
+    rejected, then unreadable files, each in input order), ``path`` or ``input``."""
+    if order == "input":
+        return list(results)
+    if order == "path":
+        return sorted(results, key=lambda r: str(r["path"]))
+    if order != "probability":
+        raise ValueError(f"unknown order {order!r}; choose one of {TABLE_SORTS}")
+    rank = {"ok": 0, "rejected": 1}
+    return sorted(
+        results,
+        key=lambda r: (rank.get(r["status"], 2), -float(r.get("probability") or 0.0)),
+    )
+
+
+def display_names(paths: list[str]) -> dict[str, str]:
+    """A short name per path: the file name, with parent folders added only where two
+    shown files share a name (``NORMAL/1.jpeg`` and ``PNEUMONIA/1.jpeg``)."""
+    parts = {path: Path(path).parts or (path,) for path in set(paths)}
+    depth = dict.fromkeys(parts, 1)
+    while True:
+        shown: dict[str, list[str]] = {}
+        for path, pieces in parts.items():
+            shown.setdefault("/".join(pieces[-depth[path] :]), []).append(path)
+        clashes = [
+            path
+            for group in shown.values()
+            if len(group) > 1
+            for path in group
+            if depth[path] < len(parts[path])
+        ]
+        if not clashes:
+            return {path: "/".join(parts[path][-depth[path] :]) for path in parts}
+        for path in clashes:
+            depth[path] += 1
+
+
+def _print_predictions(
+    results: list[dict[str, Any]],
+    title: str,
+    threshold: float | None = None,
+    order: str = "probability",
+) -> None:
     if len(results) > MAX_TABLE_ROWS:
         return
+    names = display_names([str(r["path"]) for r in results])
     table = Table(title=title)
-    for column in ("file", "status", "P(pneumonia)", "decision / reason"):
+    table.add_column("file", overflow="fold")
+    for column in ("status", "P(pneumonia)", "decision / reason"):
         table.add_column(column)
-    for result in results:
+    for result in sort_results(results, order):
+        name = Text(names[str(result["path"])])  # a file name is never Rich markup
         if result["status"] == "ok":
-            table.add_row(result["path"], "ok", f"{result['probability']:.3f}", result["decision"])
+            probability = format_probability(result["probability"], threshold)
+            table.add_row(name, "ok", probability, result["decision"])
         elif result["status"] == "rejected":
-            table.add_row(result["path"], "[yellow]rejected[/yellow]", "", result["reason"])
+            table.add_row(name, "[yellow]rejected[/yellow]", "", result["reason"])
         else:
-            table.add_row(result["path"], "[red]error[/red]", "", result["error"])
+            table.add_row(name, "[red]error[/red]", "", result["error"])
     stdout.print(table)
 
 
@@ -475,7 +547,10 @@ def export_model(
     export_format: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
     out: Annotated[
         Path | None,
-        typer.Option(help="File to write (default: MODEL_NAME.onnx, or .int8.onnx, here)."),
+        typer.Option(
+            help="File to write (default: beside the model, MODEL.onnx or MODEL.int8.onnx, "
+            "where `predict --backend auto` finds it; the shipped model's: this folder)."
+        ),
     ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 17,
     quantize: Annotated[
@@ -492,16 +567,16 @@ def export_model(
     seed: Annotated[int, typer.Option(help="Seed of the calibration sample.")] = DEFAULT_SEED,
 ) -> None:
     """Export a model (with its metadata and OOD detector) to ONNX for ONNX Runtime."""
-    from pneumoscan.export import FORMATS, export_onnx
+    from pneumoscan.export import FORMATS, default_export_path, export_onnx
     from pneumoscan.modelfile import resolve_model_path
 
     if export_format not in FORMATS:
         _fail(f"unknown format {export_format!r}; choose one of {FORMATS}")
     try:
         source = resolve_model_path(model)
-        suffix = f".{quantize}.onnx" if quantize else ".onnx"
+        target = out or default_export_path(source, quantize)
         summary = export_onnx(
-            source, out or Path(source.stem + suffix), opset=opset, quantize=quantize,
+            source, target, opset=opset, quantize=quantize,
             calibration_data=calibration_data, calibration_images=calibration_images, seed=seed,
         )  # fmt: skip
     except (PneumoscanError, ValueError) as exc:
@@ -584,7 +659,7 @@ def _figures_row(name: str, figures: dict[str, Any]) -> list[str]:
         low, high = figures[f"{key}_ci"]
         return f"{_fmt(figures[key])} ({_fmt(low)}-{_fmt(high)})"
 
-    threshold = f"{figures['threshold']:.3f}" if "threshold" in figures else "per fold"
+    threshold = format_threshold(figures["threshold"]) if "threshold" in figures else "per fold"
     return [name, threshold, with_ci("sensitivity"), with_ci("specificity"), _fmt(figures["ece"])]
 
 
@@ -654,7 +729,8 @@ def calibrate(
     written = f"{out}" + (f" and {result['onnx']}" if result.get("onnx") else "")
     stdout.print(
         f"temperature {result['temperature']:.3f}, logit bias {result['logit_bias']:+.3f}, "
-        f"threshold {result['threshold']:.4f} (target sensitivity {target_sensitivity}, "
+        f"threshold {format_threshold(result['threshold'])} "
+        f"(target sensitivity {target_sensitivity}, "
         f"held at a one-sided {confidence:.0%} lower bound on the sample); wrote {written}"
     )
     stdout.print(
@@ -773,7 +849,7 @@ def _print_uncertainty(metrics: dict[str, Any]) -> None:
     resampled = f"bootstrap, {boot['n_units']} {boot['unit']}s"
     table = Table(
         title=f"95% confidence intervals (n={metrics['n']} images, threshold "
-        f"{metrics['threshold']:.3f})"
+        f"{format_threshold(metrics['threshold'])})"
     )
     for column in ("metric", "value", "95% CI", "method"):
         table.add_column(column)
@@ -857,7 +933,7 @@ def compare(
             label,
             *(f"{_fmt(m[key])} ({_fmt_ci(m[key + '_ci'])})" for m in (a, b)),
         )
-    table.add_row("threshold", f"{a['threshold']:.3f}", f"{b['threshold']:.3f}")
+    table.add_row("threshold", format_threshold(a["threshold"]), format_threshold(b["threshold"]))
     stdout.print(table)
     difference = result["auc_difference"]
     low, high = difference["ci"]

@@ -22,6 +22,7 @@ from pneumoscan.data import (
     source_from_name,
 )
 from pneumoscan.errors import DatasetError
+from pneumoscan.formatting import format_threshold
 from pneumoscan.metrics import DEFAULT_RESAMPLES, evaluation_metrics, report_text
 from pneumoscan.progress import Reporter
 
@@ -164,6 +165,26 @@ def score_images(
     )
 
 
+def image_scores(scored: ScoredImages) -> list[dict[str, Any]]:
+    """Every scored image as a record: ``path``, ``label``, ``p_pneumonia``, ``patient_id``
+    (in scoring order), so a JSON reader can redo any figure or look at single images."""
+    return [
+        {
+            "path": str(path),
+            "label": str(label),
+            "p_pneumonia": float(p),
+            "patient_id": str(patient),
+        }
+        for path, label, patient, p in zip(
+            scored.table["path"],
+            scored.table["label"],
+            scored.table["patient_id"],
+            scored.p_pneumonia,
+            strict=True,
+        )
+    ]
+
+
 def summarise(
     scored: ScoredImages, n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED
 ) -> dict[str, Any]:
@@ -212,7 +233,7 @@ def evaluate(
         seed: Bootstrap seed.
 
     Returns:
-        See :func:`summarise`.
+        See :func:`summarise`, plus ``scores``: every image's record (:func:`image_scores`).
 
     Raises:
         DatasetError: No readable labelled image is left.
@@ -220,13 +241,14 @@ def evaluate(
     from pneumoscan.inference import load_any_model
 
     loaded = load_any_model(model)
-    metrics = summarise(score_images(data, loaded, split, batch_size, reporter), n_resamples, seed)
+    scored = score_images(data, loaded, split, batch_size, reporter)
+    metrics = summarise(scored, n_resamples, seed) | {"scores": image_scores(scored)}
     if plot_path is not None:
         from pneumoscan.plots import plot_confusion_matrix
 
         title = (
             f"Confusion matrix, {Path(data).name} (n={metrics['n']}, "
-            f"threshold {loaded.threshold:.2f})"
+            f"threshold {format_threshold(loaded.threshold)})"
         )
         plot_confusion_matrix(np.array(metrics["confusion_matrix"]), plot_path, title=title)
     return metrics

@@ -23,7 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from pneumoscan.constants import DEFAULT_CALIBRATION_IMAGES, DEFAULT_SEED, METADATA_MEMBER
+from pneumoscan.constants import (
+    ASSETS_DIR,
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_SEED,
+    METADATA_MEMBER,
+)
 from pneumoscan.errors import ModelFileError, PneumoscanError
 from pneumoscan.inference import (
     FEATURES,
@@ -38,6 +43,22 @@ from pneumoscan.ood import OOD_MEMBER, ood_feature_layers
 
 FORMATS = ("onnx",)
 DEFAULT_OPSET = 17
+
+
+def default_export_path(model_path: str | Path, quantize: str | None = None) -> Path:
+    """Where ``pneumoscan export`` writes by default: beside the model, ``MODEL.onnx`` or
+    ``MODEL.int8.onnx``, which is where ``predict --backend auto`` looks
+    (:func:`pneumoscan.predict.saved_export`).
+
+    The shipped model is the exception: its folder is part of the installed package (and
+    already holds its int8 export), so its export goes to the current folder instead.
+    """
+    model_path = Path(model_path)
+    suffix = f".{quantize}.onnx" if quantize else ".onnx"
+    name = model_path.stem + suffix
+    if model_path.resolve().parent == (ASSETS_DIR / "models").resolve():
+        return Path(name)
+    return model_path.with_name(name)
 
 
 def file_sha256(path: str | Path) -> str:

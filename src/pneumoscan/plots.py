@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from pneumoscan.constants import CLASSES
+from pneumoscan.formatting import format_threshold
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
@@ -192,7 +193,7 @@ def plot_roc_pr(
         fmt="o",
         color="#C44E52",
         capsize=4,
-        label=f"threshold {threshold:.2f}: sensitivity {sensitivity:.3f}, "
+        label=f"threshold {format_threshold(threshold)}: sensitivity {sensitivity:.3f}, "
         f"specificity {specificity:.3f}",
     )
     roc_ax.legend(loc="lower right", fontsize=8)
@@ -216,7 +217,8 @@ def plot_roc_pr(
         fmt="o",
         color="#C44E52",
         capsize=4,
-        label=f"threshold {threshold:.2f}: sensitivity {sensitivity:.3f}, PPV {ppv:.3f}",
+        label=f"threshold {format_threshold(threshold)}: sensitivity {sensitivity:.3f}, "
+        f"PPV {ppv:.3f}",
     )
     pr_ax.legend(loc="lower left", fontsize=8)
     if title:

@@ -47,7 +47,12 @@ RESULT_FIELDS = (
     "reason",
     "error",
     "heatmap",
+    "model_sha256",
+    "pneumoscan_version",
+    "scored_at",
 )
+#: Keys of :func:`model_provenance` and :func:`stamp` that every result carries.
+PROVENANCE_FIELDS = ("model_sha256", "pneumoscan_version", "scored_at")
 OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 #: Statuses a resumed run does not redo (errors are retried: the file may be readable now).
 FINAL_STATUSES = frozenset({"ok", "rejected"})
@@ -154,6 +159,46 @@ def _walk(
 def error_result(path: str, message: str) -> dict[str, Any]:
     """The result of a file that produced no probability."""
     return {"path": path, "status": "error", "error": message, "reason": message}
+
+
+_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def model_sha256(model: AnyModel) -> str | None:
+    """SHA-256 of the model file scoring (cached per file, size and modification time).
+
+    A temporary ONNX export (``--backend onnx`` without a saved one) is gone once loaded:
+    its source ``.keras`` file's hash, recorded in the export, stands for it.
+    """
+    from pneumoscan.export import file_sha256
+
+    path = Path(model.path)
+    try:
+        info = path.stat()
+    except OSError:
+        recorded = (model.metadata.get("export") or {}).get("source_sha256")
+        return str(recorded) if recorded else None
+    key = (str(path.resolve()), info.st_size, info.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        _SHA256_CACHE[key] = file_sha256(path)
+    return _SHA256_CACHE[key]
+
+
+def model_provenance(model: AnyModel) -> dict[str, Any]:
+    """What every result records about how it was made: ``model_sha256`` and
+    ``pneumoscan_version`` (:func:`stamp` adds the time)."""
+    from pneumoscan import __version__
+
+    return {"model_sha256": model_sha256(model), "pneumoscan_version": __version__}
+
+
+def stamp(result: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:
+    """``result`` with the model's hash, the pneumoscan version and ``scored_at`` (now, UTC
+    ISO 8601); keys the result already has are kept."""
+    from pneumoscan.modelfile import now_utc
+
+    extra = provenance | {"scored_at": now_utc()}
+    return result | {key: value for key, value in extra.items() if key not in result}
 
 
 def decide(probability: float, threshold: float) -> str:
@@ -325,6 +370,7 @@ def predict_files(
     prefetch: int = DEFAULT_PREFETCH,
     scorer: Scorer | None = None,
     detector: OodDetector | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """One result per file, in order, streamed as batches finish; bad files never stop it.
 
@@ -339,7 +385,10 @@ def predict_files(
         prefetch: Batches decoded ahead.
         scorer: Reuse a scorer (default: built for ``model`` and its detector).
         detector: The OOD detector (default: the model's own, if fitted).
+        provenance: What each result records of the model (default:
+            :func:`model_provenance`); every result also gets ``scored_at``.
     """
+    provenance = model_provenance(model) if provenance is None else provenance
     if detector is None and ood_check:
         detector = load_detector(model)
     scorer = scorer or make_scorer(model, detector, ood_check)
@@ -368,9 +417,9 @@ def predict_files(
         for offset, item in enumerate(items):
             position = start + offset
             if isinstance(item, str):
-                yield error_result(files[position], item)
+                yield stamp(error_result(files[position], item), provenance)
             else:
-                yield {"path": files[position]} | scored[position]
+                yield stamp({"path": files[position]} | scored[position], provenance)
 
 
 def output_format(path: str | Path) -> str:
@@ -397,6 +446,11 @@ def _parse_results(path: Path, text: str) -> list[dict[str, Any]]:
     if output_format(path) == "jsonl":
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     return [dict(row) for row in csv.DictReader(io.StringIO(text))]
+
+
+def _csv_header(text: str) -> list[str]:
+    """The column names on a CSV text's first line."""
+    return next(csv.reader(io.StringIO(text)), [])
 
 
 def read_results(path: str | Path) -> list[dict[str, Any]]:
@@ -443,6 +497,10 @@ class ResultWriter:
         self._handle = self.path.open("a", encoding="utf-8", newline="")
         self._csv: csv.DictWriter[str] | None = None
         self._open_writer(self._handle, header=not complete)
+        if self.format == "csv" and complete and _csv_header(complete) != list(RESULT_FIELDS):
+            # Written by a version with other columns: rewrite it with today's header (the
+            # missing cells stay empty), so appended rows line up with their columns.
+            self._rewrite(_parse_results(self.path, complete))
 
     def forget(self, paths: Iterable[str]) -> int:
         """Remove the rows of ``paths`` (results about to be redone), keeping every other row.
@@ -459,6 +517,11 @@ class ResultWriter:
         keep = [row for row in rows if row.get("path") not in drop]
         if len(keep) == len(rows):
             return 0
+        self._rewrite(keep)
+        return len(rows) - len(keep)
+
+    def _rewrite(self, keep: Sequence[dict[str, Any]]) -> None:
+        """Replace the file by ``keep``'s rows, atomically, and go on appending to it."""
         self._handle.close()
         partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         with partial.open("w", encoding="utf-8", newline="") as handle:
@@ -468,7 +531,6 @@ class ResultWriter:
         os.replace(partial, self.path)
         self._handle = self.path.open("a", encoding="utf-8", newline="")
         self._open_writer(self._handle, header=False)
-        return len(rows) - len(keep)
 
     def _open_writer(self, handle: Any, header: bool) -> None:
         self._csv = None

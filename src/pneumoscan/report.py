@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from pneumoscan.constants import CLASSES, DEFAULT_SEED
+from pneumoscan.constants import ASSETS_DIR, CLASSES, DEFAULT_SEED
 from pneumoscan.evaluate import ScoredImages, score_images, summarise
+from pneumoscan.formatting import format_threshold
 from pneumoscan.jsonio import jsonable
 from pneumoscan.metrics import DEFAULT_RESAMPLES
 from pneumoscan.progress import Reporter
@@ -103,11 +104,14 @@ def display(value: Any) -> str:
 
 
 def number(metrics: dict[str, Any], key: str) -> str:
-    """A metric as HTML, tagged with its JSON path and exact value for automated checks."""
+    """A metric as HTML, tagged with its JSON path and exact value for automated checks.
+
+    A threshold shows as many decimals as it needs (:func:`format_threshold`)."""
     value = jsonable(_lookup(metrics, key))
+    shown = format_threshold(value) if key.split(".")[-1] == "threshold" else display(value)
     return (
         f'<span data-key="{html.escape(key)}" data-value="{html.escape(json.dumps(value))}">'
-        f"{display(value)}</span>"
+        f"{shown}</span>"
     )
 
 
@@ -328,7 +332,7 @@ def _sweep(metrics: dict[str, Any]) -> str:
     sweep = metrics["threshold_sweep"]
     rows = [
         [
-            f"{row['threshold']:.2f}",
+            format_threshold(row["threshold"]),
             display(row["sensitivity"]),
             display(row["specificity"]),
             display(row["ppv"]),
@@ -419,6 +423,46 @@ def _probability(value: float) -> str:
     return f"{value:.3f}"
 
 
+#: Intended use and limits of pneumoscan's models, shipped with the package.
+INTENDED_USE_FILE = ASSETS_DIR / "INTENDED_USE.md"
+
+
+def intended_use_html(text: str | None = None) -> str:
+    """The intended use and known limits (``## heading``, ``- item`` and plain lines of
+    :data:`INTENDED_USE_FILE`) as HTML, every piece of text escaped."""
+    if text is None:
+        text = INTENDED_USE_FILE.read_text(encoding="utf-8")
+    parts: list[str] = []
+    paragraph: list[str] = []
+    items: list[str] = []
+
+    def flush() -> None:
+        if paragraph:
+            parts.append(f"<p>{html.escape(' '.join(paragraph))}</p>")
+            paragraph.clear()
+        if items:
+            parts.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>")
+            items.clear()
+
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("#"):
+            flush()
+            parts.append(f"<h3>{html.escape(line.lstrip('#').strip())}</h3>")
+        elif line.startswith("- "):
+            if paragraph:
+                flush()
+            items.append(line[2:].strip())
+        elif not line:
+            flush()
+        elif items:
+            items[-1] += " " + line  # a list item continued on the next line
+        else:
+            paragraph.append(line)
+    flush()
+    return '<div id="intended-use">' + "".join(parts) + "</div>"
+
+
 def _model_card(metadata: dict[str, Any]) -> str:
     data = metadata.get("data", {})
     split = data.get("split", {})
@@ -438,7 +482,7 @@ def _model_card(metadata: dict[str, Any]) -> str:
         (
             "validation metrics",
             ", ".join(
-                f"{k} {display(val[k])}"
+                f"{k} {format_threshold(val[k]) if k == 'threshold' else display(val[k])}"
                 for k in ("n", "auc", "sensitivity", "specificity", "threshold")
                 if k in val
             )
@@ -453,6 +497,7 @@ def _model_card(metadata: dict[str, Any]) -> str:
     text = f"<pre>{html.escape(str(card))}</pre>" if card else ""
     return (
         '<section id="model-card"><h2>Model card</h2>'
+        + intended_use_html()
         + text
         + _table(["fact", "value"], rows, text=True)
         + "</section>"
@@ -553,6 +598,7 @@ def _draw_figures(
     table, y_true, p = scored.table, scored.y_true, scored.p_pneumonia
     n = metrics["n"]
     name = Path(scored.data).name
+    threshold = format_threshold(scored.threshold)
     counts = pd.crosstab(pd.Series(scored.split, index=table.index, name="split"), table["label"])
     sample = table.sample(n=min(SAMPLE_IMAGES, len(table)), random_state=seed)
     intervals = {
@@ -575,7 +621,7 @@ def _draw_figures(
         "confusion_matrix": lambda path: plot_confusion_matrix(
             np.array(metrics["confusion_matrix"]),
             path,
-            title=f"Confusion matrix, {name} (images, threshold {scored.threshold:.2f})",
+            title=f"Confusion matrix, {name} (images, threshold {threshold})",
         ),
         "reliability": lambda path: plot_reliability(
             reliability_table(y_true, p), path, metrics["ece"], metrics["brier"]
@@ -594,7 +640,7 @@ def _draw_figures(
                 plot_error_gallery,
                 images,
                 _captions(scored, rows),
-                f"{label}, {len(rows)} most confident, threshold {scored.threshold:.2f}; "
+                f"{label}, {len(rows)} most confident, threshold {threshold}; "
                 "colour: Grad-CAM evidence for the model's decision",
                 heatmaps,
             )

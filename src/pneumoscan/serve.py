@@ -121,6 +121,15 @@ class FileResult(BaseModel):
         default=None,
         description="The decoded image, base64 PNG (readable files, with ?image=true).",
     )
+    model_sha256: str | None = Field(
+        default=None, description="SHA-256 of the model file that scored the file."
+    )
+    pneumoscan_version: str = Field(
+        default=__version__, description="The pneumoscan version that produced the result."
+    )
+    scored_at: str | None = Field(
+        default=None, description="When the result was made (UTC, ISO 8601)."
+    )
 
 
 class PredictResponse(BaseModel):
@@ -202,6 +211,10 @@ class Engine:
         self.scorer = scorer
         self.backend = backend
         self.max_batch = max_batch
+        from pneumoscan.predict import model_provenance
+
+        #: What each result records of the model (its file's hash, the pneumoscan version).
+        self.provenance = model_provenance(model)
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._serve, name="pneumoscan-model", daemon=True)
         self._thread.start()
@@ -422,13 +435,21 @@ def build_result(
     scored: Scored | None,
     threshold: float,
     with_image: bool,
+    provenance: dict[str, Any] | None = None,
 ) -> FileResult:
-    """The API's result for one file from its decoding and scoring."""
-    from pneumoscan.predict import display_at_original_aspect
+    """The API's result for one file from its decoding and scoring.
 
+    ``provenance`` (:func:`pneumoscan.predict.model_provenance`) gives the model's hash; the
+    result also records the pneumoscan version and when it was made.
+    """
+    from pneumoscan.predict import display_at_original_aspect, stamp
+
+    recorded = stamp({}, provenance or {"pneumoscan_version": __version__})
     if isinstance(decoded, str) or scored is None:
         reason = decoded if isinstance(decoded, str) else f"{filename}: not scored"
-        return FileResult(filename=filename, status="error", threshold=threshold, reason=reason)
+        return FileResult(
+            filename=filename, status="error", threshold=threshold, reason=reason, **recorded
+        )
     result = scored.result
     cam = scored.heatmap
     heatmap = None
@@ -450,6 +471,7 @@ def build_result(
         format=decoded.source_format,
         heatmap=heatmap,
         image=image,
+        **recorded,
     )
 
 
@@ -712,7 +734,7 @@ async def _predict_uploads(
 
     def assemble() -> list[FileResult]:
         return [
-            build_result(u.filename, d, s, model.threshold, image)
+            build_result(u.filename, d, s, model.threshold, image, engine.provenance)
             for u, (d, s) in zip(uploads, pairs, strict=True)
         ]
 

@@ -130,6 +130,8 @@ def options_to_command(options: TrainOptions) -> str:
         flag = "--" + name.replace("_", "-")
         if name == "resume" or value is None or value is False:
             continue
+        if name == "distill_weight" and not options.teacher:
+            continue  # meaningless without a teacher
         words += [flag] if value is True else [flag, str(value)]
     return shlex.join(words)
 
@@ -167,6 +169,30 @@ def prepare_split(options: TrainOptions, reporter: Reporter) -> pd.DataFrame:
         if empty_classes(table[table["split"] == split]):
             raise DatasetError(f"{options.data}: the {split} split lacks a class; add images")
     return table
+
+
+#: Fewest validation images per class for a threshold the split can support: the threshold is
+#: chosen for a sensitivity on the pneumonia images, and checked for specificity on the normal.
+MIN_VAL_PNEUMONIA = 50
+MIN_VAL_NORMAL = 20
+
+
+def small_validation_warning(n_pneumonia: int, n_normal: int) -> str | None:
+    """Why a validation split is too small to choose the operating threshold, or ``None``.
+
+    With few pneumonia images each one moves the measured sensitivity by several points, so
+    the threshold chosen for the target sensitivity is mostly noise; with few normal images
+    its specificity is unknown.
+    """
+    if n_pneumonia >= MIN_VAL_PNEUMONIA and n_normal >= MIN_VAL_NORMAL:
+        return None
+    return (
+        f"the validation split has {n_pneumonia} pneumonia and {n_normal} normal images "
+        f"(fewer than {MIN_VAL_PNEUMONIA} pneumonia or {MIN_VAL_NORMAL} normal): the operating "
+        "threshold chosen on it is unreliable. Use more training data or a larger "
+        "--val-fraction, or set the threshold on a labelled sample of your own site with "
+        "`pneumoscan calibrate`"
+    )
 
 
 def _class_weights(labels: np.ndarray, mode: str) -> dict[int, float] | None:
@@ -297,6 +323,9 @@ def train(
         f"train {len(train_y)} images ({int(train_y.sum())} pneumonia), "
         f"val {len(val_y)} ({int(val_y.sum())} pneumonia), {table['patient_id'].nunique()} patients"
     )
+    small = small_validation_warning(int(val_y.sum()), int(len(val_y) - val_y.sum()))
+    if small:
+        reporter.warn(small)
 
     from pneumoscan.augment import build_augmenter, unwrap, wrap_for_training
 

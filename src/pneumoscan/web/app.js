@@ -60,7 +60,7 @@
     }
     state.model = await response.json();
     $("#key-row").hidden = true;
-    const threshold = state.model.threshold.toFixed(3);
+    const threshold = formatThreshold(state.model.threshold);
     $("#model").textContent =
       `Model ${state.model.name} · operating threshold P(pneumonia) ≥ ${threshold}`;
     const limits = state.model.limits;
@@ -69,6 +69,30 @@
   }
 
   // ----------------------------------------------------------------------------- uploading
+
+  // Thresholds show at least 4 decimals, more where fewer would round them to 0 or 1 (0.99996
+  // must not read 1.0000): as pneumoscan.formatting.format_threshold.
+  function thresholdDecimals(value) {
+    let decimals = 4;
+    while (decimals < 10) {
+      const shown = Number(value.toFixed(decimals));
+      if ((shown >= 1 && value < 1) || (shown <= 0 && value > 0)) {
+        decimals += 1;
+      } else {
+        break;
+      }
+    }
+    return decimals;
+  }
+
+  function formatThreshold(value) {
+    return value == null || Number.isNaN(value) ? "n/a" : value.toFixed(thresholdDecimals(value));
+  }
+
+  // A probability shown with as many decimals as the threshold beside it.
+  function formatProbability(p, threshold) {
+    return p.toFixed(threshold == null ? 3 : Math.max(3, thresholdDecimals(threshold)));
+  }
 
   function localError(file, reason) {
     return {
@@ -181,13 +205,14 @@
     meter.setAttribute("aria-label", `P(pneumonia) for ${result.filename}`);
     meter.setAttribute(
       "aria-valuetext",
-      `${(p * 100).toFixed(1)}% (threshold ${(result.threshold * 100).toFixed(1)}%)`,
+      `${(p * 100).toFixed(1)}% (threshold ${formatThreshold(result.threshold)})`,
     );
     // Style properties set from script are allowed by the page's CSP (no inline styles).
     item.querySelector(".fill").style.width = `${(p * 100).toFixed(2)}%`;
     item.querySelector(".threshold-mark").style.left = `${(result.threshold * 100).toFixed(2)}%`;
     item.querySelector(".meter-text").textContent =
-      `P(pneumonia) ${p.toFixed(3)} · threshold ${result.threshold.toFixed(3)}`;
+      `P(pneumonia) ${formatProbability(p, result.threshold)} · ` +
+      `threshold ${formatThreshold(result.threshold)}`;
   }
 
   function renderPicture(item, result) {
