@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from pneumoscan.backends import open_model
 from pneumoscan.cli import app
 from pneumoscan.constants import DEFAULT_MODEL_PATH
 from pneumoscan.export import export_onnx, onnx_matches
 from pneumoscan.inference import OnnxModel, Scorer, load_onnx_model, p_pneumonia
 from pneumoscan.modelfile import LoadedModel, load_model
-from pneumoscan.predict import load_detector, open_model, predict_files
+from pneumoscan.predict import load_detector, predict_files
 from pneumoscan.preprocess import decode_to_uint8
 
 from conftest import FIXTURES, SITE_SAMPLE, fixture_images
@@ -120,8 +121,8 @@ def test_export_writes_beside_the_model_where_predict_finds_it(
     import shutil
 
     import pneumoscan.export
+    from pneumoscan.backends import saved_export
     from pneumoscan.export import default_export_path
-    from pneumoscan.predict import saved_export
 
     model = tmp_path / "run" / "model.keras"
     model.parent.mkdir()

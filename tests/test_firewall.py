@@ -21,10 +21,9 @@ import fuzzcorpus
 from pneumoscan import limits
 from pneumoscan.dicom import write_dicom
 from pneumoscan.errors import ImageReadError, ImageTooLargeError, UnexpectedDecodeError
-from pneumoscan.pipeline import _decode_one
+from pneumoscan.pipeline import _decode, _decode_one
 from pneumoscan.predict import (
     ResultWriter,
-    _decode,
     completed_paths,
     expand_inputs,
     read_results,
@@ -249,7 +248,7 @@ def test_predict_and_training_decode_survive_non_read_errors(
     def explode(*_: object) -> None:
         raise RecursionError("deep")
 
-    monkeypatch.setattr("pneumoscan.predict.decode_image", explode)
+    monkeypatch.setattr("pneumoscan.pipeline.decode_image", explode)
     monkeypatch.setattr("pneumoscan.pipeline.decode_to_uint8", explode)
     assert "RecursionError" in str(_decode("a.png", SMALL))
     assert "RecursionError" in str(_decode_one("a.png", SMALL))

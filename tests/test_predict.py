@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 import nonxray
 from pneumoscan.cli import app
 from pneumoscan.modelfile import LoadedModel, load_model
+from pneumoscan.pipeline import iter_decoded
 from pneumoscan.predict import (
     ResultWriter,
     completed_paths,
-    iter_decoded,
     load_detector,
     make_scorer,
     predict_batch,

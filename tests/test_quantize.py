@@ -12,13 +12,13 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
+from pneumoscan.backends import open_model
 from pneumoscan.cli import app
 from pneumoscan.constants import DEFAULT_MODEL_PATH, DEFAULT_ONNX_PATH
 from pneumoscan.data import assign_validation_split, scan_dataset
 from pneumoscan.export import onnx_matches
 from pneumoscan.inference import OnnxModel, load_onnx_model, p_pneumonia
 from pneumoscan.modelfile import LoadedModel, load_model
-from pneumoscan.predict import open_model
 from pneumoscan.preprocess import decode_to_uint8
 from pneumoscan.quantize import calibration_paths
 

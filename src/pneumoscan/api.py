@@ -529,7 +529,7 @@ def load(model: PathLike | None = None, backend: str = "auto") -> Model:
         ModelFileError: The file is missing or unreadable.
         ValueError: Unknown backend.
     """
-    from pneumoscan.predict import open_model
+    from pneumoscan.backends import open_model
 
     loaded, network, note = open_model(model, backend)
     if note:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from pneumoscan.jsonio import atomic_write
 from pneumoscan.pipeline import iter_decoded_batches
 from pneumoscan.preprocess import PreprocessConfig
 
@@ -58,12 +59,10 @@ def config_key(config: PreprocessConfig) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as handle:
+    with atomic_write(path) as tmp, open(tmp, "w") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 class Shard:
@@ -213,18 +212,17 @@ def _table_view(shard: Shard, rows: np.ndarray) -> np.ndarray:
     digest = hashlib.sha1(rows.astype(np.int64).tobytes(), usedforsecurity=False).hexdigest()
     target = views / f"{digest[:20]}.npy"
     if not target.exists():
-        tmp = views / f".{target.stem}.{os.getpid()}.tmp.npy"
-        out = np.lib.format.open_memmap(
-            tmp, mode="w+", dtype=np.uint8, shape=(len(rows), *shard.row_shape)
-        )
-        for start in range(0, len(rows), _COPY_CHUNK):
-            chunk = rows[start : start + _COPY_CHUNK]
-            order = np.argsort(chunk, kind="stable")
-            # Sorted reads from the shard, written back in the requested order.
-            out[start + order] = store[chunk[order]]
-        out.flush()
-        del out
-        os.replace(tmp, target)
+        with atomic_write(target) as tmp:
+            out = np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=np.uint8, shape=(len(rows), *shard.row_shape)
+            )
+            for start in range(0, len(rows), _COPY_CHUNK):
+                chunk = rows[start : start + _COPY_CHUNK]
+                order = np.argsort(chunk, kind="stable")
+                # Sorted reads from the shard, written back in the requested order.
+                out[start + order] = store[chunk[order]]
+            out.flush()
+            del out
     else:
         os.utime(target)
     _prune_views(views)

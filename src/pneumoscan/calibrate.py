@@ -25,12 +25,18 @@ from pneumoscan.constants import (
     CLASSES,
     DEFAULT_CONFIDENCE,
     DEFAULT_HEAD_TRAIN_IMAGES,
-    DEFAULT_TARGET_SENSITIVITY,
+    DEFAULT_SITE_TARGET_SENSITIVITY,
 )
 from pneumoscan.data import data_fingerprint, empty_classes, scan_dataset
 from pneumoscan.errors import DatasetError
 from pneumoscan.metrics import binary_metrics, expected_calibration_error, wilson_interval
-from pneumoscan.modelfile import LoadedModel, now_utc, save_model, write_metadata
+from pneumoscan.modelfile import (
+    LoadedModel,
+    OperatingPoint,
+    now_utc,
+    save_model,
+    write_metadata,
+)
 from pneumoscan.progress import Reporter
 
 #: Widest 95% interval on the sensitivity target tolerated without a warning.
@@ -148,7 +154,7 @@ def calibrate_to_site(
     model: str | Path | None,
     data: str | Path,
     out: str | Path,
-    target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
+    target_sensitivity: float = DEFAULT_SITE_TARGET_SENSITIVITY,
     batch_size: int = 32,
     reporter: Reporter | None = None,
     unlabelled: str | Path | None = None,
@@ -375,16 +381,22 @@ def _save_calibrated(
         "batch_norm_adaptation": result["batch_norm_adaptation"],
         "head_refit": result.get("head_refit"),
     }
-    updated = metadata | {
-        "temperature": result["temperature"],
-        "logit_bias": result["logit_bias"],
-        "threshold": result["threshold"],
-        "threshold_rule": (
+    point = OperatingPoint(
+        threshold=result["threshold"],
+        temperature=result["temperature"],
+        logit_bias=result["logit_bias"],
+        threshold_rule=(
             f"highest threshold whose site-sample sensitivity has a one-sided "
             f"{result['confidence']:.0%} lower bound >= {result['target_sensitivity']}"
         ),
-        "target_sensitivity": result["target_sensitivity"],
-        "site_calibration": site
-        | {"fingerprint": fingerprint, "date": now_utc(), "source": str(source)},
-    }
+        target_sensitivity=result["target_sensitivity"],
+    )
+    updated = (
+        metadata
+        | point.to_metadata()
+        | {
+            "site_calibration": site
+            | {"fingerprint": fingerprint, "date": now_utc(), "source": str(source)},
+        }
+    )
     write_metadata(out, updated)

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 from scipy.optimize import minimize_scalar
 
+from pneumoscan.modelfile import OperatingPoint
+
 _EPS = 1e-7
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 
@@ -144,7 +146,12 @@ def threshold_with_confidence(
 
 
 def fit_operating_point(
-    y_true: np.ndarray, p_raw: np.ndarray, target_sensitivity: float, split: str, fitted_on: str
+    y_true: np.ndarray,
+    p_raw: np.ndarray,
+    target_sensitivity: float,
+    split: str,
+    fitted_on: str,
+    threshold_rule: str | None = None,
 ) -> dict[str, Any]:
     """Platt scaling of raw scores, then the highest threshold reaching the target sensitivity.
 
@@ -156,6 +163,7 @@ def fit_operating_point(
         target_sensitivity: Sensitivity the threshold must reach on these images.
         split: Description of the images, stored as ``validation_metrics["split"]``.
         fitted_on: Stored as ``calibration["fitted_on"]``.
+        threshold_rule: The rule in words; given, it is stored with the target sensitivity.
 
     Returns:
         The model metadata entries ``threshold``, ``temperature``, ``logit_bias``,
@@ -171,10 +179,14 @@ def fit_operating_point(
     validation = binary_metrics(y_true, p_fitted, threshold)
     validation["split"] = split
     validation["ece"] = expected_calibration_error(y_true, p_fitted)
-    return {
-        "threshold": threshold,
-        "temperature": temperature,
-        "logit_bias": bias,
+    point = OperatingPoint(
+        threshold=threshold,
+        temperature=temperature,
+        logit_bias=bias,
+        threshold_rule=threshold_rule,
+        target_sensitivity=None if threshold_rule is None else target_sensitivity,
+    )
+    return point.to_metadata() | {
         "calibration": {
             "method": "Platt scaling of the logit (temperature and bias)",
             "fitted_on": fitted_on,

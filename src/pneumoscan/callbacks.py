@@ -11,9 +11,9 @@ import numpy as np
 from sklearn.metrics import log_loss
 
 from pneumoscan.constants import DEFAULT_THRESHOLD, POSITIVE_INDEX
-from pneumoscan.jsonio import write_json
+from pneumoscan.inference import keras_probabilities
+from pneumoscan.jsonio import atomic_write, write_json
 from pneumoscan.metrics import binary_metrics
-from pneumoscan.preprocess import to_model_input
 from pneumoscan.progress import Reporter
 
 _HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_auc", "seconds"]
@@ -22,16 +22,15 @@ _HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "va
 def predict_pixels(network: keras.Model, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """P(pneumonia) for uint8 images held in memory, in batches."""
     scores = [
-        np.asarray(network.predict_on_batch(to_model_input(pixels[i : i + batch_size])))
+        keras_probabilities(network, pixels[i : i + batch_size])
         for i in range(0, len(pixels), batch_size)
     ]
     return np.concatenate(scores)[:, POSITIVE_INDEX] if scores else np.zeros(0)
 
 
 def _atomic_save(network: keras.Model, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".partial.keras")
-    network.save(tmp)
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        network.save(tmp)
 
 
 class EpochCheckpoint(keras.callbacks.Callback):

@@ -9,12 +9,13 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperCommand
 
 from pneumoscan import __version__
 from pneumoscan.constants import (
@@ -22,6 +23,7 @@ from pneumoscan.constants import (
     DEFAULT_CONFIDENCE,
     DEFAULT_RESAMPLES,
     DEFAULT_SEED,
+    DEFAULT_SITE_TARGET_SENSITIVITY,
     DEFAULT_TARGET_SENSITIVITY,
     DEFAULT_VAL_FRACTION,
     SAMPLES_DIR,
@@ -34,7 +36,27 @@ from pneumoscan.progress import Reporter
 # TF_CPP_MIN_LOG_LEVEL (TensorFlow's start-up lines) is set in pneumoscan/__init__.py, which
 # runs before this module and before any TensorFlow import.
 
-app = typer.Typer(
+
+class _Command(TyperCommand):
+    """A command whose deliberate failures (:class:`PneumoscanError`) end as one ``error:``
+    line and exit status 2: the CLI's one error handler."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PneumoscanError as exc:
+            _fail(str(exc))
+
+
+class _Typer(typer.Typer):
+    """A Typer app whose commands all use :class:`_Command`."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("cls", _Command)
+        return super().command(*args, **kwargs)
+
+
+app = _Typer(
     help="Flag pneumonia on pediatric frontal chest X-rays (triage support, not a diagnosis).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -55,7 +77,7 @@ ScoringModelOption = Annotated[
 ]
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     stderr.print(f"[red]error:[/red] {message}", highlight=False)
     raise typer.Exit(code)
 
@@ -89,10 +111,7 @@ def audit(
     """Counts, size gap between classes, duplicates, shared patients, unreadable files."""
     from pneumoscan.audit import print_audit, write_audit
 
-    try:
-        result = write_audit(data, out, seed=seed, console=stderr)
-    except PneumoscanError as exc:
-        _fail(str(exc))
+    result = write_audit(data, out, seed=seed, console=stderr)
     print_audit(result, stdout)
     stdout.print(
         f"wrote {out / 'audit.json'}, {out / 'class_balance.png'}, {out / 'sample_grid.png'}"
@@ -115,10 +134,7 @@ def audit_model(
     orientation change (mean shift with 95% CI, and the share of decisions that flip)."""
     from pneumoscan.shortcuts import audit_model as run_audit
 
-    try:
-        result = run_audit(data, model, perturbation, reporter=Reporter(stderr))
-    except PneumoscanError as exc:
-        _fail(str(exc))
+    result = run_audit(data, model, perturbation, reporter=Reporter(stderr))
     table = Table(
         title=f"Shortcut audit on {data} (n={result['n']}, {result['n_pneumonia']} pneumonia; "
         f"threshold {format_threshold(result['threshold'])})"
@@ -234,12 +250,7 @@ def train(
         teacher=teacher, distill_weight=distill_weight, keep_checkpoints=keep_checkpoints,
         target_sensitivity=target_sensitivity, resume=resume,
     )  # fmt: skip
-    try:
-        result = run_training(
-            options, Reporter(stderr), cache_dir=cache_dir, use_cache=not no_cache
-        )
-    except PneumoscanError as exc:
-        _fail(str(exc))
+    result = run_training(options, Reporter(stderr), cache_dir=cache_dir, use_cache=not no_cache)
     val = result.validation
     stdout.print(
         f"validation (patient-grouped split of the training data, not a test score): "
@@ -274,12 +285,9 @@ def evaluate(
     """Classification report, confusion matrix, ROC AUC and every rate with its 95% CI."""
     from pneumoscan.evaluate import evaluate as run_evaluation
 
-    try:
-        metrics = run_evaluation(
-            data, model, split, batch_size, plot, Reporter(stderr), bootstrap, seed
-        )
-    except PneumoscanError as exc:
-        _fail(str(exc))
+    metrics = run_evaluation(
+        data, model, split, batch_size, plot, Reporter(stderr), bootstrap, seed
+    )
     where = f"split {metrics['split']}, n={metrics['n']}"
     stdout.print(f"model {metrics['model']} on {metrics['data']} ({where})")
     stdout.print(metrics["report"])
@@ -358,13 +366,13 @@ def predict(
     ] = "probability",
 ) -> None:
     """P(pneumonia) and a decision per file; non-X-rays are rejected, bad files listed."""
+    from pneumoscan.backends import open_model
     from pneumoscan.predict import (
         ResultWriter,
         completed_paths,
         expand_inputs,
         load_detector,
         model_provenance,
-        open_model,
         predict_files,
         stamp,
         summarise,
@@ -379,10 +387,7 @@ def predict(
     if resume and out is None:
         _fail("--resume needs --out FILE (the results file to continue)")
     files, results = expand_inputs(inputs)
-    try:
-        writer = ResultWriter(out, resume=resume) if out is not None else None
-    except (FileExistsError, ValueError) as exc:
-        _fail(str(exc))
+    writer = ResultWriter(out, resume=resume) if out is not None else None
     skipped = 0
     if resume and out is not None and writer is not None:
         done = completed_paths(out)
@@ -391,10 +396,7 @@ def predict(
         files = [f for f in files if f not in done]
         # Retried files and re-listed problems replace their earlier rows: one row per path.
         writer.forget([*files, *(r["path"] for r in results)])
-    try:
-        loaded, network, note = open_model(model, backend, onnx, keras_network=bool(heatmaps))
-    except (PneumoscanError, ValueError) as exc:
-        _fail(str(exc))
+    loaded, network, note = open_model(model, backend, onnx, keras_network=bool(heatmaps))
     if note:
         stderr.print(note, highlight=False)
     provenance = model_provenance(loaded)
@@ -572,15 +574,12 @@ def export_model(
 
     if export_format not in FORMATS:
         _fail(f"unknown format {export_format!r}; choose one of {FORMATS}")
-    try:
-        source = resolve_model_path(model)
-        target = out or default_export_path(source, quantize)
-        summary = export_onnx(
-            source, target, opset=opset, quantize=quantize,
-            calibration_data=calibration_data, calibration_images=calibration_images, seed=seed,
-        )  # fmt: skip
-    except (PneumoscanError, ValueError) as exc:
-        _fail(str(exc))
+    source = resolve_model_path(model)
+    target = out or default_export_path(source, quantize)
+    summary = export_onnx(
+        source, target, opset=opset, quantize=quantize,
+        calibration_data=calibration_data, calibration_images=calibration_images, seed=seed,
+    )  # fmt: skip
     detector = "included" if summary.ood else "none (run fit-ood first to include one)"
     if summary.quantization:
         used = summary.quantization["calibration_images"]
@@ -609,15 +608,12 @@ def fit_ood_command(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
 ) -> None:
     """Fit the out-of-distribution detector on the model's training images and store it."""
-    from pneumoscan.ood import fit_ood
+    from pneumoscan.ood_fit import fit_ood
 
-    try:
-        ood = fit_ood(
-            model, data, out, check or [], retention, batch_size=batch_size,
-            reporter=Reporter(stderr),
-        )  # fmt: skip
-    except (PneumoscanError, ValueError) as exc:
-        _fail(str(exc))
+    ood = fit_ood(
+        model, data, out, check or [], retention, batch_size=batch_size,
+        reporter=Reporter(stderr),
+    )  # fmt: skip
     fitted, rates = ood["fitted_on"], ood["training_rejection"]
     stdout.print(
         f"fitted on {fitted['n_images']} images of {fitted['n_patients']} patients "
@@ -671,8 +667,9 @@ def calibrate(
     out: Annotated[Path, typer.Option(help="Calibrated model file to write.")],
     model: ModelOption = None,
     target_sensitivity: Annotated[
-        float, typer.Option(help="Sensitivity the new threshold must reach on the sample.")
-    ] = DEFAULT_TARGET_SENSITIVITY,
+        float,
+        typer.Option(help="Sensitivity the new threshold must reach (with --confidence)."),
+    ] = DEFAULT_SITE_TARGET_SENSITIVITY,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures.")] = None,
     unlabelled: Annotated[
         Path | None,
@@ -706,14 +703,11 @@ def calibrate(
     """
     from pneumoscan.calibrate import calibrate_to_site
 
-    try:
-        result = calibrate_to_site(
-            model, data, out, target_sensitivity, reporter=Reporter(stderr),
-            unlabelled=unlabelled, confidence=confidence, export=onnx,
-            refit_head=refit_head, train_data=train_data,
-        )  # fmt: skip
-    except PneumoscanError as exc:
-        _fail(str(exc))
+    result = calibrate_to_site(
+        model, data, out, target_sensitivity, reporter=Reporter(stderr),
+        unlabelled=unlabelled, confidence=confidence, export=onnx,
+        refit_head=refit_head, train_data=train_data,
+    )  # fmt: skip
     table = Table(
         title=f"Site calibration on {data} (n={result['n']}, {result['n_pneumonia']} pneumonia)"
     )
@@ -791,13 +785,10 @@ def serve(
     if backend not in ("auto", "keras", "onnx"):
         _fail(f"unknown backend {backend!r}; choose auto, keras or onnx")
     # A wrong model path is a typo: say so now rather than from a running server's /health.
-    try:
-        if model is None or model.suffix.lower() != ".onnx":
-            resolve_model_path(model)
-        elif not model.is_file():
-            _fail(f"{model}: ONNX file not found")
-    except PneumoscanError as exc:
-        _fail(str(exc))
+    if model is None or model.suffix.lower() != ".onnx":
+        resolve_model_path(model)
+    elif not model.is_file():
+        _fail(f"{model}: ONNX file not found")
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         stderr.print(
             f"[yellow]warning:[/yellow] listening on {host} without an API key: anyone who "
@@ -824,16 +815,13 @@ def info(model: ScoringModelOption = None) -> None:
     """Print a model file's metadata (reads no weights)."""
     from pneumoscan.modelfile import read_metadata, resolve_model_path
 
-    try:
-        path = resolve_model_path(model)
-        if path.suffix.lower() == ".onnx":
-            from pneumoscan.inference import read_onnx_metadata
+    path = resolve_model_path(model)
+    if path.suffix.lower() == ".onnx":
+        from pneumoscan.inference import read_onnx_metadata
 
-            metadata = read_onnx_metadata(path)
-        else:
-            metadata = read_metadata(path)
-    except PneumoscanError as exc:
-        _fail(str(exc))
+        metadata = read_onnx_metadata(path)
+    else:
+        metadata = read_metadata(path)
     stdout.print(f"{path}")
     stdout.print_json(json.dumps(metadata, default=str))
 
@@ -908,12 +896,9 @@ def compare(
     """Compare two models on the same images: ROC AUC difference with a paired bootstrap CI."""
     from pneumoscan.compare import compare_models
 
-    try:
-        result = compare_models(
-            model_a, model_b, data, split, batch_size, Reporter(stderr), bootstrap, seed
-        )
-    except PneumoscanError as exc:
-        _fail(str(exc))
+    result = compare_models(
+        model_a, model_b, data, split, batch_size, Reporter(stderr), bootstrap, seed
+    )
     stdout.print(
         f"{result['data']} (split {result['split']}, n={result['n']} images, "
         f"{result['n_patients']} patients)"
@@ -970,12 +955,7 @@ def report(
     """One self-contained HTML evaluation report: curves, calibration, sweep, errors, card."""
     from pneumoscan.report import build_report
 
-    try:
-        result = build_report(
-            out, data, model, split, batch_size, Reporter(stderr), bootstrap, seed
-        )
-    except PneumoscanError as exc:
-        _fail(str(exc))
+    result = build_report(out, data, model, split, batch_size, Reporter(stderr), bootstrap, seed)
     metrics = result.metrics
     stdout.print(
         f"ROC AUC {_fmt(metrics['auc'])} ({_fmt_ci(metrics['auc_ci'])})  sensitivity "

@@ -89,7 +89,7 @@ def compare_models(
     Raises:
         DatasetError: No image readable by both models.
     """
-    from pneumoscan.inference import load_any_model
+    from pneumoscan.backends import load_any_model
     from pneumoscan.modelfile import resolve_model_path
 
     reporter = reporter or Reporter(quiet=True)

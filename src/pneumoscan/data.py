@@ -28,7 +28,7 @@ from pneumoscan.constants import (
     MIN_VAL_IMAGES,
     SPLITS,
 )
-from pneumoscan.errors import DatasetError
+from pneumoscan.errors import DatasetError, InvalidInputError
 
 COLUMNS = [
     "path",
@@ -253,7 +253,7 @@ def assign_validation_split(
         return table
     table.loc[table["split"] == "val", "split"] = "train"
     if not 0.0 < fraction < 0.5:
-        raise ValueError(f"val fraction must be in (0, 0.5), got {fraction}")
+        raise InvalidInputError(f"val fraction must be in (0, 0.5), got {fraction}")
     pool = table.index[table["split"] == "train"]
     n_splits = max(2, round(1.0 / fraction))
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)

@@ -7,6 +7,15 @@ class PneumoscanError(Exception):
     """Base class of every error pneumoscan raises on purpose."""
 
 
+class InvalidInputError(PneumoscanError, ValueError):
+    """An argument or option is not one pneumoscan accepts (also a ``ValueError``, so code
+    that caught the bare ``ValueError`` this used to be keeps working)."""
+
+
+class OutputExistsError(PneumoscanError, FileExistsError):
+    """An output file exists and would be overwritten (also a ``FileExistsError``)."""
+
+
 class DatasetError(PneumoscanError):
     """A dataset folder is missing, empty or not laid out as expected."""
 

@@ -238,7 +238,7 @@ def evaluate(
     Raises:
         DatasetError: No readable labelled image is left.
     """
-    from pneumoscan.inference import load_any_model
+    from pneumoscan.backends import load_any_model
 
     loaded = load_any_model(model)
     scored = score_images(data, loaded, split, batch_size, reporter)

@@ -14,8 +14,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +26,9 @@ from pneumoscan.constants import (
     DEFAULT_CALIBRATION_IMAGES,
     DEFAULT_SEED,
     METADATA_MEMBER,
+    OOD_MEMBER,
 )
-from pneumoscan.errors import ModelFileError, PneumoscanError
+from pneumoscan.errors import InvalidInputError, ModelFileError, PneumoscanError
 from pneumoscan.inference import (
     FEATURES,
     ONNX_OOD_KEY,
@@ -37,9 +36,9 @@ from pneumoscan.inference import (
     feature_network,
     read_onnx_metadata,
 )
-from pneumoscan.jsonio import jsonable
+from pneumoscan.jsonio import atomic_write, jsonable
 from pneumoscan.modelfile import load_model, now_utc, read_member
-from pneumoscan.ood import OOD_MEMBER, ood_feature_layers
+from pneumoscan.ood import ood_feature_layers
 
 FORMATS = ("onnx",)
 DEFAULT_OPSET = 17
@@ -126,9 +125,11 @@ def export_onnx(
     from pneumoscan.quantize import QUANTIZE_CHOICES
 
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
-        raise ValueError(f"unknown quantisation {quantize!r}; choose one of {QUANTIZE_CHOICES}")
+        raise InvalidInputError(
+            f"unknown quantisation {quantize!r}; choose one of {QUANTIZE_CHOICES}"
+        )
     if quantize is not None and calibration_data is None:
-        raise ValueError("int8 quantisation needs --calibration-data (the training images)")
+        raise InvalidInputError("int8 quantisation needs --calibration-data (the training images)")
 
     loaded = load_model(model)
     ood = loaded.metadata.get("ood") or {}
@@ -138,11 +139,7 @@ def export_onnx(
     # Keras exports only models that have been called on data.
     graph.predict_on_batch(np.zeros((1, height, width, 3), np.float32))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(suffix=".onnx", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_write(out) as tmp:
         try:
             with warnings.catch_warnings():
                 # Keras' tf2onnx patch probes np.object, which NumPy 2 warns about.
@@ -181,10 +178,6 @@ def export_onnx(
             properties[ONNX_OOD_KEY] = base64.b64encode(ood_npz).decode("ascii")
         onnx.helper.set_model_props(proto, properties)
         onnx.save(proto, str(tmp))
-        tmp.chmod(0o644)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return ExportSummary(
         path=out,
         source=loaded.path,

@@ -20,8 +20,8 @@ import numpy as np
 
 from pneumoscan.calibration import apply_temperature
 from pneumoscan.constants import METADATA_MEMBER, POSITIVE_INDEX
-from pneumoscan.errors import ModelFileError
-from pneumoscan.modelfile import LoadedModel, ModelMetadataView, load_model
+from pneumoscan.errors import InvalidInputError, ModelFileError
+from pneumoscan.modelfile import LoadedModel, ModelMetadataView
 from pneumoscan.pipeline import iter_decoded_batches
 from pneumoscan.pixels import as_uint8
 from pneumoscan.preprocess import to_model_input
@@ -146,18 +146,6 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     return metadata
 
 
-def load_any_model(model: str | Path | None) -> AnyModel:
-    """Open a ``.keras`` file, run folder or shipped model on Keras, or an ``.onnx`` export
-    (float32 or int8) on ONNX Runtime.
-
-    Raises:
-        ModelFileError: The file is missing or unreadable.
-    """
-    if model is not None and Path(model).suffix.lower() == ".onnx":
-        return load_onnx_model(model)
-    return load_model(model)
-
-
 def p_pneumonia(model: AnyModel, pixels: np.ndarray, calibrated: bool = True) -> np.ndarray:
     """P(pneumonia) for a batch of decoded uint8 images ``(n, H, W, 3)``.
 
@@ -173,10 +161,7 @@ def p_pneumonia(model: AnyModel, pixels: np.ndarray, calibrated: bool = True) ->
     """
     if len(pixels) == 0:
         return np.zeros(0, dtype=np.float64)
-    pixels = as_uint8(pixels, "pixels")
-    _check_size(model, pixels)
-    probabilities = np.asarray(model.network.predict_on_batch(to_model_input(pixels)))
-    raw = probabilities[:, POSITIVE_INDEX].astype(np.float64)
+    raw = Scorer(model).forward(as_uint8(pixels, "pixels")).p_raw
     return calibrate_scores(model, raw) if calibrated else raw
 
 
@@ -188,7 +173,7 @@ def calibrate_scores(model: AnyModel, p_raw: np.ndarray) -> np.ndarray:
 def _check_size(model: AnyModel, pixels: np.ndarray) -> None:
     expected = tuple(model.preprocess.image_size)
     if tuple(pixels.shape[1:3]) != expected:
-        raise ValueError(
+        raise InvalidInputError(
             f"images are {pixels.shape[1:3]}, the model expects {expected}: decode files with "
             "pneumoscan.preprocess.decode_to_uint8, or use pneumoscan.load().predict_proba, "
             "which resizes any image"
@@ -220,6 +205,16 @@ def _pad_batch(inputs: np.ndarray) -> np.ndarray:
         return inputs
     padding = np.zeros((size - n, *inputs.shape[1:]), dtype=inputs.dtype)
     return np.concatenate([inputs, padding])
+
+
+def keras_probabilities(network: Any, pixels: np.ndarray) -> Any:
+    """A Keras network's outputs for uint8 images ``(n, H, W, 3)``, the batch padded to a
+    power of two (:func:`_pad_batch`) and the padding cut off again; a list of arrays when
+    the network has several outputs."""
+    outputs = network.predict_on_batch(_pad_batch(to_model_input(pixels)))
+    if isinstance(outputs, list | tuple):
+        return [np.asarray(out)[: len(pixels)] for out in outputs]
+    return np.asarray(outputs)[: len(pixels)]
 
 
 @dataclass
@@ -259,17 +254,16 @@ class Scorer:
         if len(pixels) == 0:
             return ForwardPass(np.zeros(0), np.zeros((0, 0)) if self.with_features else None)
         _check_size(self.model, pixels)
-        inputs = to_model_input(pixels)
         features = None
         if isinstance(self.model, OnnxModel):
-            outputs = self.model.network.run(inputs)
+            outputs = self.model.network.run(to_model_input(pixels))
             probabilities = outputs[0]
             if self.with_features:
                 features = outputs[1]
         elif self._keras is not None:
-            probabilities, features = self._keras.predict_on_batch(_pad_batch(inputs))
+            probabilities, features = keras_probabilities(self._keras, pixels)
         else:
-            probabilities = self.model.network.predict_on_batch(_pad_batch(inputs))
+            probabilities = keras_probabilities(self.model.network, pixels)
         probabilities = np.asarray(probabilities)[: len(pixels)]
         features = None if features is None else np.asarray(features)[: len(pixels)]
         p_raw = probabilities[:, POSITIVE_INDEX].astype(np.float64)

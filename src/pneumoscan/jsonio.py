@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +34,28 @@ def dumps(payload: Any) -> str:
 
 def write_json(path: str | Path, payload: Any) -> None:
     """Write ``payload`` as strict JSON; the file appears only once complete."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(dumps(payload) + "\n")
+
+
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write; it replaces ``path`` only when the block ends
+    without an exception, and is removed otherwise, so ``path`` is never seen half written.
+
+    The temporary name keeps ``path``'s suffix (Keras and NumPy insist on theirs); the
+    parent folder is created; the file ends up readable by all (``0o644``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dumps(payload) + "\n")
-    tmp.replace(path)
+    fd, name = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent
+    )
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        tmp.chmod(0o644)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

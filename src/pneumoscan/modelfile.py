@@ -9,10 +9,9 @@ alone, so inspecting a model never imports TensorFlow.
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
@@ -20,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pneumoscan.constants import DEFAULT_MODEL_PATH, METADATA_MEMBER
-from pneumoscan.errors import ModelFileError
-from pneumoscan.jsonio import dumps
+from pneumoscan.errors import InvalidInputError, ModelFileError
+from pneumoscan.jsonio import atomic_write, dumps
 from pneumoscan.preprocess import PreprocessConfig
 
 if TYPE_CHECKING:
@@ -94,22 +93,15 @@ def write_metadata(path: str | Path, metadata: dict[str, Any]) -> None:
 
 def _replace_member(path: Path, name: str, data: bytes) -> None:
     """Rewrite the zip with member ``name`` added or replaced; the file is swapped in whole."""
-    fd, tmp_name = tempfile.mkstemp(suffix=".keras", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        with (
-            zipfile.ZipFile(path) as source,
-            zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as out,
-        ):
-            for item in source.infolist():
-                if item.filename != name:
-                    out.writestr(item, source.read(item.filename))
-            out.writestr(name, data)
-        tmp.chmod(0o644)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with (
+        atomic_write(path) as tmp,
+        zipfile.ZipFile(path) as source,
+        zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as out,
+    ):
+        for item in source.infolist():
+            if item.filename != name:
+                out.writestr(item, source.read(item.filename))
+        out.writestr(name, data)
 
 
 def read_member(path: str | Path, name: str) -> bytes | None:
@@ -128,20 +120,55 @@ def read_member(path: str | Path, name: str) -> bytes | None:
 def write_member(path: str | Path, name: str, data: bytes) -> None:
     """Add or replace an extra zip member of a model file, atomically (Keras ignores it)."""
     if name == METADATA_MEMBER:
-        raise ValueError(f"use write_metadata for {METADATA_MEMBER}")
+        raise InvalidInputError(f"use write_metadata for {METADATA_MEMBER}")
     _replace_member(Path(path), name, data)
 
 
 def save_model(model: keras.Model, path: str | Path, metadata: dict[str, Any]) -> Path:
     """Save a Keras model with its metadata; the file appears only once complete."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format_version": FORMAT_VERSION, "saved": now_utc()} | metadata
-    tmp = path.with_name(path.stem + ".partial.keras")
-    model.save(tmp)
-    write_metadata(tmp, metadata)
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        model.save(tmp)
+        write_metadata(tmp, metadata)
     return path
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """How a model turns its raw score into a decision: Platt scaling of the logit
+    (``temperature``, ``logit_bias``), then ``threshold`` on the calibrated P(pneumonia), with
+    the rule that chose it. The one schema of these metadata keys, read and written here only.
+    """
+
+    threshold: float
+    temperature: float = 1.0
+    logit_bias: float = 0.0
+    threshold_rule: str | None = None
+    target_sensitivity: float | None = None
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> OperatingPoint:
+        """The operating point in a model's metadata (``KeyError`` without a threshold)."""
+        target = metadata.get("target_sensitivity")
+        rule = metadata.get("threshold_rule")
+        return cls(
+            threshold=float(metadata["threshold"]),
+            temperature=float(metadata.get("temperature", 1.0)),
+            logit_bias=float(metadata.get("logit_bias", 0.0)),
+            threshold_rule=None if rule is None else str(rule),
+            target_sensitivity=None if target is None else float(target),
+        )
+
+    def to_metadata(self) -> dict[str, Any]:
+        """The metadata entries, in the order model files have always had them; the rule and
+        the target are left out when unknown."""
+        entries: dict[str, Any] = {"threshold": self.threshold}
+        if self.threshold_rule is not None:
+            entries["threshold_rule"] = self.threshold_rule
+        if self.target_sensitivity is not None:
+            entries["target_sensitivity"] = self.target_sensitivity
+        return entries | {"temperature": self.temperature, "logit_bias": self.logit_bias}
 
 
 class ModelMetadataView:
@@ -156,19 +183,24 @@ class ModelMetadataView:
         return PreprocessConfig.from_dict(self.metadata["preprocess"])
 
     @property
+    def operating_point(self) -> OperatingPoint:
+        """Calibration, threshold and the rule that chose it (:class:`OperatingPoint`)."""
+        return OperatingPoint.from_metadata(self.metadata)
+
+    @property
     def threshold(self) -> float:
         """Operating threshold on P(pneumonia)."""
-        return float(self.metadata["threshold"])
+        return self.operating_point.threshold
 
     @property
     def temperature(self) -> float:
         """Temperature applied to the network's logit (1.0: none)."""
-        return float(self.metadata.get("temperature", 1.0))
+        return self.operating_point.temperature
 
     @property
     def logit_bias(self) -> float:
         """Bias added to the temperature-scaled logit (0.0: none)."""
-        return float(self.metadata.get("logit_bias", 0.0))
+        return self.operating_point.logit_bias
 
     @property
     def name(self) -> str:

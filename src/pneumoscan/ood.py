@@ -26,16 +26,17 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pneumoscan.constants import OOD_MEMBER
 from pneumoscan.preprocess import MAX_TINT_SPREAD, colour_spread
+
+__all__ = ["OOD_MEMBER", "OodDetector", "cheap_reasons", "fit_detector"]
 
 METHOD = "ppca-mahalanobis-v1"
 #: Zip member of the model file holding the detector's arrays.
-OOD_MEMBER = "pneumoscan_ood.npz"
 DEFAULT_RETENTION = 0.995
 DEFAULT_COMPONENTS = 32
 DEFAULT_FOLDS = 5
@@ -264,10 +265,16 @@ class OodDetector:
         self, pixels: np.ndarray, features: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """``(appearance ratio, feature ratio or None)``: distances over their thresholds."""
-        appearance = self.appearance.score(appearance_features(pixels)) / self.appearance_threshold
+        return self.ratios(appearance_features(pixels), features)
+
+    def ratios(
+        self, appearance: np.ndarray, features: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`scores` from already computed :func:`appearance_features`."""
+        ratio = self.appearance.score(appearance) / self.appearance_threshold
         if self.features is None or features is None or self.features_threshold is None:
-            return appearance, None
-        return appearance, self.features.score(features) / self.features_threshold
+            return ratio, None
+        return ratio, self.features.score(features) / self.features_threshold
 
     def assess(
         self, pixels: np.ndarray, features: np.ndarray | None = None
@@ -422,184 +429,6 @@ def ood_feature_layers(network: Any) -> list[str]:
     Earlier, larger maps detect no more (measured on the shipped model) and cost Keras a
     full-size copy of each: pooling them triples the forward pass on CPU.
     """
-    from pneumoscan.heatmap import last_conv_layer
+    from pneumoscan.heatmap import last_conv_layer  # lazy: heatmap imports TensorFlow
 
     return [last_conv_layer(network)]
-
-
-def _fit_table(data: str | Path, metadata: dict[str, Any]) -> Any:
-    """The model's training images in ``data``: every split but ``test``."""
-    from pneumoscan.data import scan_dataset
-    from pneumoscan.errors import DatasetError
-
-    table = scan_dataset(data, read_headers=False)
-    table = table[table["split"] != "test"].reset_index(drop=True)
-    if table.empty:
-        raise DatasetError(f"{data}: no training images (only a test split)")
-    return table
-
-
-@dataclass
-class _Extracted:
-    appearance: np.ndarray
-    features: np.ndarray | None
-    cheap: list[str | None]
-    kept: list[int]
-    errors: list[tuple[str, str]]
-
-
-def _extract(
-    scorer: Any,
-    paths: Sequence[str],
-    config: Any,
-    batch_size: int,
-    advance: Any,
-) -> _Extracted:
-    """Appearance features, network features and cheap-check results of readable images."""
-    from pneumoscan.predict import iter_decoded
-    from pneumoscan.preprocess import DecodedImage
-
-    appearance, features, cheap, kept, errors = [], [], [], [], []
-    for start, items in iter_decoded(paths, config, batch_size):
-        decoded = [item for item in items if isinstance(item, DecodedImage)]
-        for offset, item in enumerate(items):
-            if isinstance(item, str):
-                errors.append((paths[start + offset], item))
-            else:
-                kept.append(start + offset)
-        if decoded:
-            display = np.stack([d.display for d in decoded])
-            appearance.append(appearance_features(display))
-            sizes = [d.original_size for d in decoded]
-            cheap.extend(cheap_reasons(display, sizes, polarity_check=False))
-            forward = scorer.forward(np.stack([d.pixels for d in decoded]))
-            if forward.features is not None:
-                features.append(forward.features)
-        advance(len(items))
-    if not kept:
-        raise ValueError("none of the images could be read")
-    return _Extracted(
-        np.concatenate(appearance),
-        np.concatenate(features) if features else None,
-        cheap,
-        kept,
-        errors,
-    )
-
-
-def check_folder(
-    model: Any,
-    detector: OodDetector,
-    folder: str | Path,
-    batch_size: int = 64,
-) -> dict[str, Any]:
-    """How many images of a folder of X-rays (e.g. another site's) the check rejects."""
-    from pneumoscan.predict import expand_inputs, predict_files
-
-    files, _ = expand_inputs([folder])
-    results = list(predict_files(model, files, batch_size, detector=detector))
-    rejected = [r for r in results if r["status"] == "rejected"]
-    return {
-        "n": sum(r["status"] != "error" for r in results),
-        "rejected": len(rejected),
-        "unreadable": sum(r["status"] == "error" for r in results),
-        "rejected_files": [{"path": r["path"], "reason": r["reason"]} for r in rejected],
-    }
-
-
-def fit_ood(
-    model: str | Path | None,
-    data: str | Path,
-    out: str | Path,
-    checks: Sequence[str | Path] = (),
-    retention: float = DEFAULT_RETENTION,
-    n_components: int = DEFAULT_COMPONENTS,
-    batch_size: int = 64,
-    reporter: Any = None,
-) -> dict[str, Any]:
-    """Fit the OOD detector on a model's training images and store it in a model file.
-
-    Args:
-        model: Model file or run folder (default: the shipped model).
-        data: The data set the model was trained on (every split but ``test`` is used).
-        out: Model file to write: a copy of ``model`` with the detector (may be ``model``).
-        checks: Folders of X-rays that must pass (e.g. another site's sample); their
-            rejection counts are reported and stored, not used for fitting.
-        retention: Target share of training images accepted.
-        n_components: Principal directions of each PPCA.
-        batch_size: Images per forward pass.
-        reporter: Progress sink (:class:`pneumoscan.progress.Reporter`).
-
-    Returns:
-        The ``ood`` metadata written into ``out``.
-    """
-    import shutil
-
-    from pneumoscan.inference import Scorer
-    from pneumoscan.modelfile import load_model, now_utc, write_member, write_metadata
-    from pneumoscan.progress import Reporter
-
-    reporter = reporter or Reporter(quiet=True)
-    loaded = load_model(model)
-    layers = ood_feature_layers(loaded.network)
-    table = _fit_table(data, loaded.metadata)
-    paths = table["path"].tolist()
-    scorer = Scorer(loaded, layers)
-    with reporter.task("features of the training images", total=len(paths)) as advance:
-        extracted = _extract(scorer, paths, loaded.preprocess, batch_size, advance)
-    groups = table["patient_id"].to_numpy()[extracted.kept]
-    detector, report = fit_detector(
-        extracted.appearance, extracted.features, groups, layers, retention, n_components
-    )
-    cheap_rejected = np.array([reason is not None for reason in extracted.cheap])
-    # In-sample rates of the final detector (with the cheap checks), next to the out-of-fold
-    # estimate: the first is optimistic, the second honest.
-    appearance = detector.appearance.score(extracted.appearance) / detector.appearance_threshold
-    combined = appearance
-    if detector.features is not None and detector.features_threshold is not None:
-        assert extracted.features is not None  # the scorer had feature layers
-        network = detector.features.score(extracted.features) / detector.features_threshold
-        combined = np.maximum(appearance, network)
-    in_sample = cheap_rejected | (combined > 1.0)
-    metadata = dict(loaded.metadata)
-    ood: dict[str, Any] = {
-        "method": METHOD,
-        "threshold": 1.0,
-        "score": "max(appearance, features) distance over its threshold; above 1 is rejected",
-        "appearance_threshold": detector.appearance_threshold,
-        "features_threshold": detector.features_threshold,
-        "layers": detector.layers,
-        "retention": retention,
-        "n_components": n_components,
-        "cheap_checks": {
-            "min_grey_spread": MIN_GREY_SPREAD,
-            "max_colour_spread": MAX_COLOUR_SPREAD,
-            "aspect_range": list(ASPECT_RANGE),
-            "min_polarity": MIN_POLARITY,
-        },
-        "fitted_on": {
-            "data": str(data),
-            "n_images": report.n_images,
-            "n_patients": report.n_patients,
-            "unreadable": len(extracted.errors),
-        },
-        "training_rejection": {
-            "out_of_fold": report.out_of_fold_rejection,
-            "in_sample": float(in_sample.mean()),
-            "cheap_checks": float(cheap_rejected.mean()),
-        },
-        "fitted": now_utc(),
-    }
-    out = Path(out)
-    if out.resolve() != loaded.path.resolve():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(loaded.path, out)
-    write_member(out, OOD_MEMBER, detector.to_npz())
-    ood["checks"] = {}
-    for folder in checks:
-        found = check_folder(loaded, detector, folder, batch_size)
-        ood["checks"][str(folder)] = {k: v for k, v in found.items() if k != "rejected_files"}
-        ood["checks"][str(folder)]["rejected_files"] = found["rejected_files"][:20]
-    metadata["ood"] = ood
-    write_metadata(out, metadata)
-    return ood

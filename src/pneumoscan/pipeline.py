@@ -6,21 +6,29 @@ Decoding goes through :func:`pneumoscan.preprocess.decode_to_uint8`, scaling thr
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
+from pneumoscan.constants import DEFAULT_WORKERS
 from pneumoscan.errors import ImageReadError
 from pneumoscan.preprocess import (
+    DecodedImage,
     PreprocessConfig,
+    decode_image,
     decode_to_uint8,
     failure_message,
     to_model_input,
 )
 
-DEFAULT_WORKERS = 2
+#: Batches decoded ahead of the consumer by :func:`iter_decoded`.
+DEFAULT_PREFETCH = 2
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -47,12 +55,9 @@ def _decode_one(path: str, config: PreprocessConfig) -> np.ndarray | str:
         return failure_message(path, exc)
 
 
-def _collect(
-    start: int, futures: list[Future[np.ndarray | str]], config: PreprocessConfig
-) -> DecodedBatch:
+def _collect(start: int, results: list[np.ndarray | str], config: PreprocessConfig) -> DecodedBatch:
     indices, arrays, errors = [], [], []
-    for offset, future in enumerate(futures):
-        result = future.result()
+    for offset, result in enumerate(results):
         if isinstance(result, str):
             errors.append((start + offset, result))
         else:
@@ -74,18 +79,58 @@ def iter_decoded_batches(
     Memory holds at most two batches whatever the number of files, and an unreadable file
     is reported in its batch's ``errors`` instead of stopping the stream.
     """
-    starts = range(0, len(paths), batch_size)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    decode = functools.partial(_decode_one, config=config)
+    for start, results in _stream(paths, decode, batch_size, workers, prefetch=1):
+        yield _collect(start, results, config)
 
-        def submit(start: int) -> list[Future[np.ndarray | str]]:
-            return [pool.submit(_decode_one, p, config) for p in paths[start : start + batch_size]]
 
-        pending = submit(0) if len(paths) else []
-        for position, start in enumerate(starts):
-            current = pending
-            if position + 1 < len(starts):
-                pending = submit(starts[position + 1])
-            yield _collect(start, current, config)
+def _decode(path: str, config: PreprocessConfig) -> DecodedImage | str:
+    try:
+        return decode_image(path, config)
+    except ImageReadError as exc:
+        return str(exc)
+    except Exception as exc:  # the per-file firewall: no file's content may end a run
+        return failure_message(path, exc)
+
+
+def iter_decoded(
+    paths: Sequence[str],
+    config: PreprocessConfig,
+    batch_size: int = 32,
+    workers: int = DEFAULT_WORKERS,
+    prefetch: int = DEFAULT_PREFETCH,
+) -> Iterator[tuple[int, list[DecodedImage | str]]]:
+    """``(start, decoded or error message per file)`` batch by batch, in order.
+
+    ``workers`` threads decode up to ``prefetch`` batches ahead of the consumer (Pillow and
+    the network release the GIL, so decoding overlaps scoring); memory holds at most
+    ``prefetch + 1`` batches whatever the number of files.
+    """
+    yield from _stream(
+        paths, functools.partial(_decode, config=config), batch_size, workers, prefetch
+    )
+
+
+def _stream(
+    paths: Sequence[str],
+    decode: Callable[[str], T],
+    batch_size: int,
+    workers: int,
+    prefetch: int,
+) -> Iterator[tuple[int, list[T]]]:
+    """The one streaming decoder: ``(start, decode(path) per file)`` batch by batch, in order,
+    ``workers`` threads running up to ``prefetch`` batches ahead of the consumer."""
+    starts = list(range(0, len(paths), batch_size))
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending: list[tuple[int, list[Future[T]]]] = []
+        for start in starts:
+            chunk = paths[start : start + batch_size]
+            pending.append((start, [pool.submit(decode, p) for p in chunk]))
+            if len(pending) > prefetch:
+                first, futures = pending.pop(0)
+                yield first, [future.result() for future in futures]
+        for first, futures in pending:
+            yield first, [future.result() for future in futures]
 
 
 def decode_all(

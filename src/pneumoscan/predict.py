@@ -18,7 +18,6 @@ import json
 import os
 import stat
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -26,12 +25,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from pneumoscan.constants import CLASSES
-from pneumoscan.errors import ImageReadError
+from pneumoscan.constants import CLASSES, DEFAULT_WORKERS, HEATMAP_MAX_SIDE, OOD_MEMBER
+from pneumoscan.errors import InvalidInputError, OutputExistsError
+from pneumoscan.export import file_sha256
 from pneumoscan.inference import AnyModel, OnnxModel, Scorer
+from pneumoscan.jsonio import atomic_write
 from pneumoscan.modelfile import LoadedModel, read_member
-from pneumoscan.ood import OOD_MEMBER, OodDetector, cheap_reasons
-from pneumoscan.preprocess import DecodedImage, PreprocessConfig, decode_image, failure_message
+from pneumoscan.ood import OodDetector, cheap_reasons
+from pneumoscan.pipeline import DEFAULT_PREFETCH, iter_decoded
+from pneumoscan.preprocess import DecodedImage
 
 if TYPE_CHECKING:
     import keras
@@ -56,9 +58,6 @@ PROVENANCE_FIELDS = ("model_sha256", "pneumoscan_version", "scored_at")
 OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 #: Statuses a resumed run does not redo (errors are retried: the file may be readable now).
 FINAL_STATUSES = frozenset({"ok", "rejected"})
-DEFAULT_WORKERS = 2
-DEFAULT_PREFETCH = 2
-HEATMAP_MAX_SIDE = 640
 
 
 #: Suffixes of image files: a sub-folder named like one is reported, not silently skipped.
@@ -170,8 +169,6 @@ def model_sha256(model: AnyModel) -> str | None:
     A temporary ONNX export (``--backend onnx`` without a saved one) is gone once loaded:
     its source ``.keras`` file's hash, recorded in the export, stands for it.
     """
-    from pneumoscan.export import file_sha256
-
     path = Path(model.path)
     try:
         info = path.stat()
@@ -278,41 +275,6 @@ def predict_batch(
     return results
 
 
-def _decode(path: str, config: PreprocessConfig) -> DecodedImage | str:
-    try:
-        return decode_image(path, config)
-    except ImageReadError as exc:
-        return str(exc)
-    except Exception as exc:  # the per-file firewall: no file's content may end a run
-        return failure_message(path, exc)
-
-
-def iter_decoded(
-    paths: Sequence[str],
-    config: PreprocessConfig,
-    batch_size: int = 32,
-    workers: int = DEFAULT_WORKERS,
-    prefetch: int = DEFAULT_PREFETCH,
-) -> Iterator[tuple[int, list[DecodedImage | str]]]:
-    """``(start, decoded or error message per file)`` batch by batch, in order.
-
-    ``workers`` threads decode up to ``prefetch`` batches ahead of the consumer (Pillow and
-    the network release the GIL, so decoding overlaps scoring); memory holds at most
-    ``prefetch + 1`` batches whatever the number of files.
-    """
-    starts = list(range(0, len(paths), batch_size))
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pending: list[tuple[int, list[Future[DecodedImage | str]]]] = []
-        for start in starts:
-            chunk = paths[start : start + batch_size]
-            pending.append((start, [pool.submit(_decode, p, config) for p in chunk]))
-            if len(pending) > prefetch:
-                first, futures = pending.pop(0)
-                yield first, [future.result() for future in futures]
-        for first, futures in pending:
-            yield first, [future.result() for future in futures]
-
-
 def heatmap_file(directory: Path, path: str) -> Path:
     """Overlay file for an input: its stem plus a hash of its path (names repeat in folders)."""
     digest = hashlib.sha1(path.encode("utf-8"), usedforsecurity=False).hexdigest()[:8]
@@ -395,7 +357,7 @@ def predict_files(
     directory = Path(heatmaps) if heatmaps is not None else None
     if directory is not None and heatmap_network is None:
         if not isinstance(model, LoadedModel):
-            raise ValueError("heatmaps need the Keras model (Grad-CAM needs gradients)")
+            raise InvalidInputError("heatmaps need the Keras model (Grad-CAM needs gradients)")
         heatmap_network = model.network
     for start, items in iter_decoded(files, model.preprocess, batch_size, workers, prefetch):
         decoded = [item for item in items if isinstance(item, DecodedImage)]
@@ -430,7 +392,7 @@ def output_format(path: str | Path) -> str:
     """
     suffix = Path(path).suffix.lower()
     if suffix not in OUTPUT_FORMATS:
-        raise ValueError(f"{path}: use a .csv or .jsonl file for streamed results")
+        raise InvalidInputError(f"{path}: use a .csv or .jsonl file for streamed results")
     return OUTPUT_FORMATS[suffix]
 
 
@@ -444,7 +406,10 @@ def _parse_results(path: Path, text: str) -> list[dict[str, Any]]:
     if not text:
         return []
     if output_format(path) == "jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        try:
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:  # a damaged results file is the user's to fix
+            raise InvalidInputError(str(exc)) from exc
     return [dict(row) for row in csv.DictReader(io.StringIO(text))]
 
 
@@ -487,7 +452,7 @@ class ResultWriter:
         self.path = Path(path)
         self.format = output_format(self.path)
         if self.path.exists() and self.path.stat().st_size > 0 and not resume:
-            raise FileExistsError(
+            raise OutputExistsError(
                 f"{self.path} already exists: use --resume to continue it, or remove it"
             )
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -523,12 +488,13 @@ class ResultWriter:
     def _rewrite(self, keep: Sequence[dict[str, Any]]) -> None:
         """Replace the file by ``keep``'s rows, atomically, and go on appending to it."""
         self._handle.close()
-        partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with partial.open("w", encoding="utf-8", newline="") as handle:
+        with (
+            atomic_write(self.path) as partial,
+            partial.open("w", encoding="utf-8", newline="") as handle,
+        ):
             self._open_writer(handle, header=True)
             for row in keep:
                 self._write_row(handle, row)
-        os.replace(partial, self.path)
         self._handle = self.path.open("a", encoding="utf-8", newline="")
         self._open_writer(self._handle, header=False)
 
@@ -574,89 +540,3 @@ def summarise(results: Sequence[dict[str, Any]]) -> dict[str, int]:
     for result in results:
         counts[result["status"]] = counts.get(result["status"], 0) + 1
     return counts
-
-
-def _export_to_temporary(model_path: Path) -> OnnxModel:
-    """Export a ``.keras`` model to a temporary ONNX file and open it (the file is removed
-    once ONNX Runtime has read it)."""
-    import tempfile
-
-    from pneumoscan.export import export_onnx
-    from pneumoscan.inference import load_onnx_model
-
-    with tempfile.TemporaryDirectory(prefix="pneumoscan-onnx-") as folder:
-        target = Path(folder) / (model_path.stem + ".onnx")
-        export_onnx(model_path, target)
-        return load_onnx_model(target)
-
-
-def saved_export(model_path: Path) -> Path | None:
-    """The ONNX export beside a ``.keras`` file made from exactly that file (checked by content
-    hash): ``MODEL.onnx`` (float32) first, then ``MODEL.int8.onnx``; ``None`` when neither."""
-    from pneumoscan.export import onnx_matches
-
-    for candidate in (model_path.with_suffix(".onnx"), model_path.with_suffix(".int8.onnx")):
-        if candidate.is_file() and onnx_matches(candidate, model_path):
-            return candidate
-    return None
-
-
-def open_model(
-    model: str | Path | None,
-    backend: str = "keras",
-    onnx_path: str | Path | None = None,
-    keras_network: bool = False,
-) -> tuple[AnyModel, keras.Model | None, str | None]:
-    """Open a model for prediction on a backend.
-
-    ``model`` may be a ``.keras`` file, a run folder or an ``.onnx`` file (which implies the
-    ONNX backend). For ``backend="onnx"`` with a Keras model, the ONNX file is ``onnx_path``,
-    else the export saved beside the model (:func:`saved_export`), else a temporary export.
-    ``backend="auto"`` takes the saved export when there is one and no Keras network is
-    needed (the shipped model has an int8 one), and Keras otherwise: TensorFlow is imported
-    only when it is needed.
-
-    Args:
-        model: Model file or run folder (default: the shipped model).
-        backend: ``auto``, ``keras`` or ``onnx``.
-        onnx_path: An exported ONNX file to use.
-        keras_network: Also load the Keras network (Grad-CAM needs it on any backend).
-
-    Returns:
-        ``(model, Keras network or None, note for the user or None)``.
-
-    Raises:
-        ModelFileError: A file is missing or unreadable, or heatmaps were asked of an ONNX
-            file without its Keras model.
-        ValueError: Unknown backend.
-    """
-    from pneumoscan.errors import ModelFileError
-    from pneumoscan.inference import BACKENDS, load_onnx_model
-    from pneumoscan.modelfile import load_model, resolve_model_path
-
-    if backend not in (*BACKENDS, "auto"):
-        raise ValueError(f"unknown backend {backend!r}; choose auto or one of {BACKENDS}")
-    if model is not None and Path(model).suffix.lower() == ".onnx":
-        if keras_network:
-            raise ModelFileError("heatmaps need the Keras model: give --model MODEL.keras")
-        return load_onnx_model(model), None, None
-    path = resolve_model_path(model)
-    if backend == "auto":
-        saved = None if keras_network or onnx_path else saved_export(path)
-        if saved is not None:
-            return load_onnx_model(saved), None, None
-        backend = "onnx" if onnx_path else "keras"
-    if backend == "keras":
-        loaded = load_model(path)
-        return loaded, loaded.network, None
-    network = load_model(path).network if keras_network else None
-    if onnx_path is not None:
-        return load_onnx_model(onnx_path), network, None
-    saved = saved_export(path)
-    if saved is not None:
-        return load_onnx_model(saved), network, None
-    note = (
-        f"exported {path.name} to ONNX for this run; `pneumoscan export --model {path} --out "
-        f"{path.with_suffix('.onnx').name}` once saves that time"
-    )
-    return _export_to_temporary(path), network, note

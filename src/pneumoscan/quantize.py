@@ -21,6 +21,7 @@ import numpy as np
 
 from pneumoscan.constants import CLASSES, DEFAULT_CALIBRATION_IMAGES, DEFAULT_SEED, POSITIVE_INDEX
 from pneumoscan.errors import DatasetError
+from pneumoscan.modelfile import OperatingPoint
 from pneumoscan.pipeline import iter_decoded_batches
 from pneumoscan.preprocess import PreprocessConfig, to_model_input
 
@@ -148,7 +149,7 @@ def refit_operating_point(
     from pneumoscan.evaluate import select_split
     from pneumoscan.inference import OnnxModel, OnnxNetwork, onnx_session, score_files
 
-    target = metadata.get("target_sensitivity")
+    target = OperatingPoint.from_metadata(metadata).target_sensitivity
     try:
         table = select_split(scan_dataset(data, read_headers=False), "val", metadata)
     except DatasetError:
@@ -167,4 +168,5 @@ def refit_operating_point(
         target,
         split="val (patient-grouped, from the training data); int8 model",
         fitted_on="validation split, int8 model",
+        threshold_rule=metadata.get("threshold_rule"),
     )

@@ -29,6 +29,7 @@ from pneumoscan.evaluate import ScoredImages, score_images, summarise
 from pneumoscan.formatting import format_threshold
 from pneumoscan.jsonio import jsonable
 from pneumoscan.metrics import DEFAULT_RESAMPLES
+from pneumoscan.modelfile import OperatingPoint
 from pneumoscan.progress import Reporter
 
 if TYPE_CHECKING:
@@ -468,6 +469,7 @@ def _model_card(metadata: dict[str, Any]) -> str:
     split = data.get("split", {})
     val = metadata.get("validation_metrics", {})
     recipe = metadata.get("recipe", {})
+    point = OperatingPoint.from_metadata(metadata) if "threshold" in metadata else None
     facts = [
         ("architecture", metadata.get("arch")),
         ("training data", data.get("root")),
@@ -476,8 +478,8 @@ def _model_card(metadata: dict[str, Any]) -> str:
         ("split counts", ", ".join(f"{k} {v}" for k, v in split.get("counts", {}).items())),
         ("patients", ", ".join(f"{k} {v}" for k, v in split.get("patients", {}).items())),
         ("recipe", ", ".join(f"{k} {v}" for k, v in recipe.items())),
-        ("threshold", metadata.get("threshold")),
-        ("threshold rule", metadata.get("threshold_rule")),
+        ("threshold", point and point.threshold),
+        ("threshold rule", point and point.threshold_rule),
         ("temperature", metadata.get("temperature")),
         (
             "validation metrics",

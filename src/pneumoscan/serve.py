@@ -44,7 +44,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from pneumoscan import __version__
-from pneumoscan.constants import CLASSES
+from pneumoscan.constants import CLASSES, HEATMAP_MAX_SIDE
 from pneumoscan.errors import ImageReadError
 from pneumoscan.uploads import UploadError, UploadLimits, read_uploads
 
@@ -64,7 +64,6 @@ UPLOAD_FIELD = "files"
 #: Images scored in one forward pass; batches are padded to powers of two, so keep it one.
 DEFAULT_MAX_BATCH = 32
 PREVIEW_MAX_SIDE = 512
-HEATMAP_MAX_SIDE = 640
 INTENDED_USE = (
     "Triage support, not a diagnosis: estimates P(pneumonia) on pediatric frontal chest "
     "X-rays so that likely pneumonia is read first. Every image still needs a radiologist."
@@ -237,8 +236,9 @@ class Engine:
             ModelFileError: The model cannot be read.
             ValueError: Unknown backend.
         """
+        from pneumoscan.backends import open_model, saved_export
         from pneumoscan.modelfile import resolve_model_path
-        from pneumoscan.predict import load_detector, make_scorer, open_model, saved_export
+        from pneumoscan.predict import load_detector, make_scorer
 
         is_onnx = model_path is not None and Path(model_path).suffix.lower() == ".onnx"
         if backend == "auto":
@@ -764,7 +764,7 @@ def describe_model(engine: Engine, limits: UploadLimits) -> ModelInfo:
         "architecture": metadata.get("arch"),
         "training_data": metadata.get("data", {}).get("root"),
         "split": metadata.get("data", {}).get("split", {}).get("method"),
-        "threshold_rule": metadata.get("threshold_rule"),
+        "threshold_rule": engine.model.operating_point.threshold_rule,
         "temperature": metadata.get("temperature"),
         "validation": {k: validation.get(k) for k in ("n", "auc", "sensitivity", "specificity")},
         "ood_check": metadata.get("ood", {}).get("method") if metadata.get("ood") else None,

@@ -165,7 +165,8 @@ def audit_model(
     Raises:
         DatasetError: No readable labelled image, or an unknown perturbation name.
     """
-    from pneumoscan.inference import load_any_model, p_pneumonia
+    from pneumoscan.backends import load_any_model
+    from pneumoscan.inference import p_pneumonia
     from pneumoscan.pipeline import decode_all
 
     reporter = reporter or Reporter(quiet=True)

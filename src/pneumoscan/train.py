@@ -34,9 +34,9 @@ from pneumoscan.data import (
     patients_in_several_splits,
     scan_dataset,
 )
-from pneumoscan.errors import DatasetError, ModelFileError, PneumoscanError
+from pneumoscan.errors import DatasetError, InvalidInputError, ModelFileError, PneumoscanError
 from pneumoscan.jsonio import write_json
-from pneumoscan.modelfile import library_versions, now_utc, save_model
+from pneumoscan.modelfile import OperatingPoint, library_versions, now_utc, save_model
 from pneumoscan.models import Recipe, create_model, get_spec
 from pneumoscan.pipeline import decode_all, make_tf_dataset, steps_per_epoch
 from pneumoscan.preprocess import PreprocessConfig
@@ -210,7 +210,7 @@ def _build_optimizer(recipe: Recipe, total_steps: int) -> Any:
         initial = recipe.learning_rate or 1e-3
         config["learning_rate"] = keras.optimizers.schedules.CosineDecay(initial, total_steps)
     elif recipe.schedule != "constant":
-        raise ValueError(f"unknown schedule {recipe.schedule!r} (constant or cosine)")
+        raise InvalidInputError(f"unknown schedule {recipe.schedule!r} (constant or cosine)")
     elif recipe.learning_rate is not None:
         config["learning_rate"] = recipe.learning_rate
     return keras.optimizers.get({"class_name": recipe.optimizer, "config": config})
@@ -222,7 +222,7 @@ def dtype_policy(name: str) -> Iterator[None]:
     import keras
 
     if name not in PRECISIONS:
-        raise ValueError(f"unknown precision {name!r}; choose one of {PRECISIONS}")
+        raise InvalidInputError(f"unknown precision {name!r}; choose one of {PRECISIONS}")
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(name)
     try:
@@ -517,6 +517,9 @@ def _finish(
         options.target_sensitivity,
         split="val (patient-grouped, from the training data)",
         fitted_on="validation split",
+        threshold_rule=(
+            f"highest threshold with validation sensitivity >= {options.target_sensitivity}"
+        ),
     )
     validation = fitted["validation_metrics"]
     metadata = {
@@ -525,13 +528,7 @@ def _finish(
         "positive_class": CLASSES[1],
         "input_size": list(config["preprocess"]["image_size"]),
         "preprocess": config["preprocess"],
-        "threshold": fitted["threshold"],
-        "threshold_rule": (
-            f"highest threshold with validation sensitivity >= {options.target_sensitivity}"
-        ),
-        "target_sensitivity": options.target_sensitivity,
-        "temperature": fitted["temperature"],
-        "logit_bias": fitted["logit_bias"],
+        **OperatingPoint.from_metadata(fitted).to_metadata(),
         "calibration": fitted["calibration"],
         "recipe": recipe.to_dict(),
         "seed": options.seed,
