@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     if name in _API:
-        from pneumoscan import api
+        from pneumoscan import api  # lazy: loads pandas
 
         return getattr(api, name)
     raise AttributeError(f"module 'pneumoscan' has no attribute {name!r}")

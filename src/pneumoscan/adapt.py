@@ -111,7 +111,7 @@ def pooled_features(network: keras.Model, inputs: Iterable[np.ndarray]) -> np.nd
 def _fit_logistic(
     features: np.ndarray, labels: np.ndarray, weights: np.ndarray, c: float
 ) -> tuple[np.ndarray, float]:
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # lazy: loads scikit-learn
 
     fit = LogisticRegression(C=c, max_iter=2000).fit(features, labels, sample_weight=weights)
     return fit.coef_[0].astype(np.float64), float(fit.intercept_[0])
@@ -146,8 +146,8 @@ def refit_head(
         what new site images will look like to it, for fitting the threshold), and for a
         refit ``coef`` and ``intercept`` fitted on all images.
     """
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedGroupKFold
+    from sklearn.metrics import roc_auc_score  # lazy: loads scikit-learn
+    from sklearn.model_selection import StratifiedGroupKFold  # lazy: loads scikit-learn
 
     n_folds = min(folds, int(np.bincount(site_labels, minlength=2).min()))
     if n_folds < 2:

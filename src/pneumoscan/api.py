@@ -40,7 +40,11 @@ from pneumoscan.constants import (
     SAMPLES_DIR,
 )
 from pneumoscan.errors import ImageReadError, ModelFileError
+from pneumoscan.heatmap import gradcam, heatmap_title, overlay_png
+from pneumoscan.jsonio import jsonable
+from pneumoscan.modelfile import LoadedModel, load_model, resolve_model_path
 from pneumoscan.pixels import UINT8_MAX, as_uint8
+from pneumoscan.preprocess import DecodedImage, decode_image
 
 if TYPE_CHECKING:
     import keras
@@ -168,7 +172,6 @@ def _split_inputs(inputs: Inputs) -> tuple[list[Path] | None, list[bytes]]:
 
 def _decode_all(data: Sequence[bytes], model: AnyModel) -> list[DecodedImage | str]:
     """Decode in-memory images as files are decoded; a failure is a message, not a raise."""
-    from pneumoscan.preprocess import decode_image
 
     decoded: list[DecodedImage | str] = []
     for index, item in enumerate(data):
@@ -217,7 +220,7 @@ class Model:
         keras_path: Path | None = None,
         network: keras.Model | None = None,
     ) -> None:
-        from pneumoscan.inference import OnnxModel
+        from pneumoscan.inference import OnnxModel  # lazy: loads SciPy
 
         self._loaded = loaded
         self._keras_path = keras_path
@@ -264,8 +267,6 @@ class Model:
                 ``.keras`` file beside it.
         """
         if self._network is None:
-            from pneumoscan.modelfile import LoadedModel, load_model
-
             if isinstance(self._loaded, LoadedModel):
                 self._network = self._loaded.network
             elif self._keras_path is None:
@@ -279,7 +280,7 @@ class Model:
 
     def _parts(self, ood_check: bool) -> tuple[Scorer, OodDetector | None]:
         """The scorer and detector, built once per setting (Keras builds a feature model)."""
-        from pneumoscan.predict import load_detector, make_scorer
+        from pneumoscan.predict import load_detector, make_scorer  # lazy: loads SciPy
 
         if not self._detector_loaded:
             self._detector = load_detector(self._loaded)
@@ -293,7 +294,7 @@ class Model:
         self, inputs: Inputs, batch_size: int, ood_check: bool
     ) -> tuple[str, list[dict[str, Any]]]:
         """``(first column name, one result dict per input)`` through predict's own code."""
-        from pneumoscan.predict import expand_inputs, predict_files
+        from pneumoscan.predict import expand_inputs, predict_files  # lazy: loads SciPy
 
         scorer, detector = self._parts(ood_check)
         paths, data = _split_inputs(inputs)
@@ -317,8 +318,7 @@ class Model:
         detector: OodDetector | None,
         ood_check: bool,
     ) -> Iterator[dict[str, Any]]:
-        from pneumoscan.predict import error_result, predict_batch
-        from pneumoscan.preprocess import DecodedImage
+        from pneumoscan.predict import error_result, predict_batch  # lazy: loads SciPy
 
         for start in range(0, len(data), batch_size):
             items = _decode_all(data[start : start + batch_size], self._loaded)
@@ -442,9 +442,8 @@ class Model:
                 an image that is rejected or unreadable.
             ModelFileError: No Keras network for this model.
         """
-        from pneumoscan.heatmap import gradcam, heatmap_title, overlay_png
+        # lazy: loads SciPy
         from pneumoscan.predict import display_at_original_aspect, expand_inputs, predict_batch
-        from pneumoscan.preprocess import decode_image
 
         paths, data = _split_inputs(image)
         if paths is not None:
@@ -501,7 +500,6 @@ class Model:
 
 def _keras_source(model: PathLike | None) -> Path | None:
     """The ``.keras`` file a model's scores come from, when there is one (for heatmaps)."""
-    from pneumoscan.modelfile import resolve_model_path
 
     if model is None or Path(model).suffix.lower() != ".onnx":
         return resolve_model_path(model)
@@ -509,7 +507,7 @@ def _keras_source(model: PathLike | None) -> Path | None:
     model = Path(model)
     candidate = model.with_suffix("").with_suffix(".keras")
     if candidate.is_file():
-        from pneumoscan.export import onnx_matches
+        from pneumoscan.export import onnx_matches  # lazy: loads SciPy
 
         if onnx_matches(model, candidate):
             return candidate
@@ -529,7 +527,7 @@ def load(model: PathLike | None = None, backend: str = "auto") -> Model:
         ModelFileError: The file is missing or unreadable.
         ValueError: Unknown backend.
     """
-    from pneumoscan.backends import open_model
+    from pneumoscan.backends import open_model  # lazy: loads SciPy
 
     loaded, network, note = open_model(model, backend)
     if note:
@@ -567,8 +565,7 @@ def evaluate(
     Raises:
         DatasetError: The folder holds no readable labelled image.
     """
-    from pneumoscan.evaluate import image_scores, score_images, summarise
-    from pneumoscan.jsonio import jsonable
+    from pneumoscan.evaluate import image_scores, score_images, summarise  # lazy: loads pandas
 
     chosen = model if isinstance(model, Model) else load(model)
     scored = score_images(data, chosen._loaded, split, batch_size)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from pneumoscan.cache import cached_decode
 from pneumoscan.calibration import (
     apply_temperature,
     fit_temperature_and_bias,
@@ -33,10 +34,13 @@ from pneumoscan.metrics import binary_metrics, expected_calibration_error, wilso
 from pneumoscan.modelfile import (
     LoadedModel,
     OperatingPoint,
+    load_model,
     now_utc,
     save_model,
     write_metadata,
 )
+from pneumoscan.pipeline import decode_all, iter_decoded_batches
+from pneumoscan.preprocess import to_model_input
 from pneumoscan.progress import Reporter
 
 #: Widest 95% interval on the sensitivity target tolerated without a warning.
@@ -199,7 +203,6 @@ def calibrate_to_site(
     Raises:
         DatasetError: A class has no readable image.
     """
-    from pneumoscan.modelfile import load_model
 
     reporter = reporter or Reporter(quiet=True)
     loaded = load_model(model)
@@ -264,7 +267,7 @@ def calibrate_to_site(
             reporter.warn(message)
     _save_calibrated(loaded, Path(out), result, data_fingerprint(table))
     if export:
-        from pneumoscan.export import export_onnx
+        from pneumoscan.export import export_onnx  # lazy: loads SciPy
 
         with reporter.task("writing the ONNX export beside it", total=1) as advance:
             result["onnx"] = str(export_onnx(out, Path(out).with_suffix(".onnx")).path)
@@ -282,11 +285,9 @@ def _refit_head(
     reporter: Reporter,
 ) -> dict[str, Any]:
     """Refit the network's final layer in place (when cross-validation says it helps)."""
+    # lazy: loads TensorFlow
     from pneumoscan.adapt import pooled_features, refit_head, set_binary_head
-    from pneumoscan.cache import cached_decode
-    from pneumoscan.evaluate import select_split
-    from pneumoscan.pipeline import decode_all
-    from pneumoscan.preprocess import to_model_input
+    from pneumoscan.evaluate import select_split  # lazy: loads pandas
 
     root = train_data or (loaded.metadata.get("data") or {}).get("root")
     if not root or not Path(root).exists():
@@ -328,7 +329,7 @@ def _raw_scores(
     loaded: LoadedModel, paths: list[str], batch_size: int, reporter: Reporter
 ) -> np.ndarray:
     """Uncalibrated P(pneumonia) per path; NaN where a file cannot be read."""
-    from pneumoscan.inference import score_files
+    from pneumoscan.inference import score_files  # lazy: loads SciPy
 
     p_raw = np.full(len(paths), np.nan)
     with reporter.task("scoring the labelled sample", total=len(paths)) as advance:
@@ -345,10 +346,8 @@ def _adapt(
     loaded: LoadedModel, folder: Path, batch_size: int, reporter: Reporter
 ) -> dict[str, Any]:
     """Re-estimate batch-norm statistics on every readable image under ``folder``."""
-    from pneumoscan.adapt import adapt_batch_norm
-    from pneumoscan.pipeline import iter_decoded_batches
-    from pneumoscan.predict import expand_inputs
-    from pneumoscan.preprocess import to_model_input
+    from pneumoscan.adapt import adapt_batch_norm  # lazy: loads TensorFlow
+    from pneumoscan.predict import expand_inputs  # lazy: loads SciPy
 
     files, problems = expand_inputs([folder])
     if problems:

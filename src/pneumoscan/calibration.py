@@ -68,7 +68,7 @@ def fit_temperature_and_bias(y_true: np.ndarray, p_pneumonia: np.ndarray) -> tup
     Raises:
         ValueError: A class is missing.
     """
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # lazy: loads scikit-learn
 
     y_true = np.asarray(y_true).astype(int)
     if len(np.unique(y_true)) < 2:
@@ -103,7 +103,7 @@ def sensitivity_lower_bound(caught: int, positives: int, confidence: float) -> f
     """
     if confidence <= 0.5:
         return caught / positives
-    from scipy.stats import binomtest
+    from scipy.stats import binomtest  # lazy: loads SciPy
 
     interval = binomtest(caught, positives).proportion_ci(2 * confidence - 1, method="wilson")
     return float(interval.low)
@@ -169,7 +169,7 @@ def fit_operating_point(
         The model metadata entries ``threshold``, ``temperature``, ``logit_bias``,
         ``calibration`` and ``validation_metrics`` (rates at the threshold, with ECE).
     """
-    from pneumoscan.metrics import binary_metrics, expected_calibration_error
+    from pneumoscan.metrics import binary_metrics, expected_calibration_error  # lazy: loads pandas
 
     # Platt scaling rather than a temperature alone: class weights train the network for a
     # balanced prior, so its raw scores are biased against the data's real class balance.

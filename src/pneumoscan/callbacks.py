@@ -111,7 +111,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         )
 
     def _append_history(self, row: dict[str, Any]) -> None:
-        import pandas as pd
+        import pandas as pd  # lazy: loads pandas
 
         path: Path = self.run.history
         history = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=_HISTORY_COLUMNS)

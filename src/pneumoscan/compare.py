@@ -24,6 +24,7 @@ from pneumoscan.metrics import (
     paired_auc_difference,
     rates_with_intervals,
 )
+from pneumoscan.modelfile import resolve_model_path
 from pneumoscan.progress import Reporter
 
 
@@ -89,8 +90,7 @@ def compare_models(
     Raises:
         DatasetError: No image readable by both models.
     """
-    from pneumoscan.backends import load_any_model
-    from pneumoscan.modelfile import resolve_model_path
+    from pneumoscan.backends import load_any_model  # lazy: loads SciPy
 
     reporter = reporter or Reporter(quiet=True)
     path_a, path_b = resolve_model_path(model_a), resolve_model_path(model_b)

@@ -103,7 +103,7 @@ def read_dataset(data: bytes, name: str) -> Dataset:
     Raises:
         ImageReadError: The bytes are not a readable DICOM data set.
     """
-    import pydicom
+    import pydicom  # lazy: loads pydicom
 
     force = data[PREAMBLE_LENGTH : PREAMBLE_LENGTH + 4] != DICOM_MAGIC
     # The file meta is parsed eagerly, so an unknown VR or a short value there fails here.
@@ -124,8 +124,8 @@ def read_dataset(data: bytes, name: str) -> Dataset:
 
 def _set_raw_transfer_syntax(ds: Dataset) -> None:
     """A raw data set has no file meta: record the uncompressed encoding it was read with."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import (
+    from pydicom.dataset import FileMetaDataset  # lazy: loads pydicom
+    from pydicom.uid import (  # lazy: loads pydicom
         ExplicitVRBigEndian,
         ExplicitVRLittleEndian,
         ImplicitVRLittleEndian,
@@ -152,7 +152,7 @@ def _number_of_frames(ds: Dataset, name: str) -> int:
 
 def _transfer_syntax(ds: Dataset, name: str) -> UID:
     """The file's transfer syntax, checked: a damaged file meta may hold any value there."""
-    from pydicom.uid import UID
+    from pydicom.uid import UID  # lazy: loads pydicom
 
     with _reading(name, "invalid DICOM Transfer Syntax UID"):
         value = ds.file_meta.get("TransferSyntaxUID")
@@ -210,7 +210,7 @@ def _display_range(ds: Dataset, values: np.ndarray, voi_applied: bool) -> tuple[
     ready and keeps its full 0-255 range; deeper raw data is shown from its minimum to its
     maximum, as viewers show unwindowed images.
     """
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut  # lazy: loads pydicom
 
     if voi_applied:
         if "VOILUTSequence" in ds:
@@ -234,7 +234,7 @@ def _apply_voi(values: np.ndarray, ds: Dataset, integral: bool) -> np.ndarray:
     numbers) and restored after. ``integral`` says whether every value of the whole image
     (not only of these rows) is an integer, so that all rows are looked up alike.
     """
-    from pydicom.pixels import apply_voi_lut
+    from pydicom.pixels import apply_voi_lut  # lazy: loads pydicom
 
     if "VOILUTSequence" not in ds:
         return np.asarray(apply_voi_lut(values, ds), dtype=np.float64)
@@ -296,7 +296,7 @@ def _row_chunks(rows: int) -> Iterator[slice]:
 
 
 def _modality(ds: Dataset, stored: np.ndarray) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut
+    from pydicom.pixels import apply_modality_lut  # lazy: loads pydicom
 
     return np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
 
@@ -341,7 +341,7 @@ def _monochrome_to_uint8(ds: Dataset, stored: np.ndarray, name: str) -> np.ndarr
 
 
 def _colour_to_uint8(ds: Dataset, stored: np.ndarray) -> np.ndarray:
-    from pydicom.pixels import apply_color_lut
+    from pydicom.pixels import apply_color_lut  # lazy: loads pydicom
 
     if ds.PhotometricInterpretation == "PALETTE COLOR":
         stored = np.asarray(apply_color_lut(stored, ds))
@@ -438,8 +438,8 @@ def write_dicom(
             JPEG 2000 Lossless) using pydicom's installed encoders; ``None`` for uncompressed.
         extra: More attributes (keyword -> value) to set.
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import (
+    from pydicom.dataset import Dataset, FileMetaDataset  # lazy: loads pydicom
+    from pydicom.uid import (  # lazy: loads pydicom
         DigitalXRayImageStorageForPresentation,
         ExplicitVRLittleEndian,
         generate_uid,

@@ -103,7 +103,7 @@ def score_table(
     Returns:
         ``(p_pneumonia, skipped)``: one score per row and the unreadable files with reasons.
     """
-    from pneumoscan.inference import score_files
+    from pneumoscan.inference import score_files  # lazy: loads SciPy
 
     reporter = reporter or Reporter(quiet=True)
     paths = table["path"].tolist()
@@ -238,13 +238,13 @@ def evaluate(
     Raises:
         DatasetError: No readable labelled image is left.
     """
-    from pneumoscan.backends import load_any_model
+    from pneumoscan.backends import load_any_model  # lazy: loads SciPy
 
     loaded = load_any_model(model)
     scored = score_images(data, loaded, split, batch_size, reporter)
     metrics = summarise(scored, n_resamples, seed) | {"scores": image_scores(scored)}
     if plot_path is not None:
-        from pneumoscan.plots import plot_confusion_matrix
+        from pneumoscan.plots import plot_confusion_matrix  # lazy: loads matplotlib
 
         title = (
             f"Confusion matrix, {Path(data).name} (n={metrics['n']}, "

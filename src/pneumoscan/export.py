@@ -39,6 +39,12 @@ from pneumoscan.inference import (
 from pneumoscan.jsonio import atomic_write, jsonable
 from pneumoscan.modelfile import load_model, now_utc, read_member
 from pneumoscan.ood import ood_feature_layers
+from pneumoscan.quantize import (
+    QUANTIZE_CHOICES,
+    calibration_paths,
+    quantize_int8,
+    refit_operating_point,
+)
 
 FORMATS = ("onnx",)
 DEFAULT_OPSET = 17
@@ -120,9 +126,7 @@ def export_onnx(
         ValueError: Unknown ``quantize``, or int8 without ``calibration_data``.
         DatasetError: No calibration image could be read.
     """
-    import onnx
-
-    from pneumoscan.quantize import QUANTIZE_CHOICES
+    import onnx  # lazy: loads onnx
 
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise InvalidInputError(
@@ -203,7 +207,6 @@ def _quantize(
         The quantisation record, and the metadata entries its refitted operating point
         replaces (see :func:`pneumoscan.quantize.refit_operating_point`).
     """
-    from pneumoscan.quantize import calibration_paths, quantize_int8, refit_operating_point
 
     paths = calibration_paths(calibration_data, metadata, calibration_images, seed)
     quantized = onnx_file.with_name(onnx_file.stem + ".int8.onnx")

@@ -111,7 +111,7 @@ def _logit_score(head_input: Any, probabilities: Any, head: Any, classes: Any) -
     softmax class is its logit minus the log-sum-exp of the others; a one-unit sigmoid head's
     logit is the log-odds of class 1). Any other head falls back to log(p / (1 - p)).
     """
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: loads TensorFlow
 
     if type(head).__name__ == "Dense":
         logits = tf.matmul(head_input, head.kernel)
@@ -159,7 +159,7 @@ def gradcam(
         ``(n, H, W)`` float32 maps in [0, 1] at the input's size; each is scaled by its own
         maximum, and is all zeros when nothing in the image raised the score.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: loads TensorFlow
 
     batch = np.asarray(image_batch)
     if batch.ndim != 4:
@@ -208,7 +208,7 @@ def overlay_png(
     Returns:
         The PNG file's bytes.
     """
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: loads matplotlib
 
     grey = np.asarray(Image.fromarray(np.asarray(image, np.uint8)).convert("L"))
     scale = min(1.0, max_side / max(grey.shape))

@@ -83,7 +83,7 @@ def onnx_session(path: str | Path, threads: int | None = None) -> Any:
     Raises:
         ModelFileError: Missing file, or ONNX Runtime cannot load it.
     """
-    import onnxruntime as ort
+    import onnxruntime as ort  # lazy: loads ONNX Runtime
 
     path = Path(path)
     if not path.is_file():
@@ -132,7 +132,7 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     Raises:
         ModelFileError: Missing, not ONNX, or no pneumoscan metadata inside.
     """
-    import onnx
+    import onnx  # lazy: loads onnx
 
     path = Path(path)
     try:
@@ -183,7 +183,7 @@ def _check_size(model: AnyModel, pixels: np.ndarray) -> None:
 def feature_network(network: keras.Model, layers: Sequence[str]) -> keras.Model:
     """A Keras model with two outputs: the class probabilities and the global averages of
     ``layers``' feature maps, concatenated (the OOD detector's network features)."""
-    import keras
+    import keras  # lazy: loads TensorFlow
 
     pooled = [
         keras.layers.GlobalAveragePooling2D(name=f"ood_pool_{i}")(network.get_layer(name).output)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import norm
+from scipy.stats import binomtest
 from sklearn.metrics import (
     average_precision_score,
     brier_score_loss,
@@ -89,12 +89,8 @@ def wilson_interval(successes: int, total: int, confidence: float = 0.95) -> tup
     """
     if total == 0:
         return float("nan"), float("nan")
-    z = float(norm.ppf(0.5 + confidence / 2))
-    p = successes / total
-    denominator = 1 + z**2 / total
-    centre = (p + z**2 / (2 * total)) / denominator
-    half = z * np.sqrt(p * (1 - p) / total + z**2 / (4 * total**2)) / denominator
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+    ci = binomtest(successes, total).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(max(0.0, ci.low)), float(min(1.0, ci.high))
 
 
 def _bin_index(p_pneumonia: np.ndarray, bins: int) -> np.ndarray:
@@ -414,7 +410,7 @@ def specificity_by_source(
 def specificity_at_sensitivity(y_true: np.ndarray, p_pneumonia: np.ndarray, target: float) -> float:
     """The best specificity among thresholds whose sensitivity on these images is >= target
     (the ROC curve read at one sensitivity; an optimistic, threshold-free summary)."""
-    from sklearn.metrics import roc_curve
+    from sklearn.metrics import roc_curve  # lazy: loads scikit-learn
 
     fpr, tpr, _ = roc_curve(np.asarray(y_true).astype(int), p_pneumonia)
     reaching = tpr >= target - 1e-12

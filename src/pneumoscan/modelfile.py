@@ -225,7 +225,7 @@ def load_model(model: str | Path | None = None) -> LoadedModel:
     """
     path = resolve_model_path(model)
     metadata = read_metadata(path)
-    import keras
+    import keras  # lazy: loads TensorFlow
 
     # Importing the registry registers custom layers that saved models may reference.
     import pneumoscan.models  # noqa: F401

@@ -336,7 +336,7 @@ class OodDetector:
 
 
 def _folds(groups: np.ndarray, n_folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    from sklearn.model_selection import GroupKFold
+    from sklearn.model_selection import GroupKFold  # lazy: loads scikit-learn
 
     n_groups = len(np.unique(groups))
     splits = min(n_folds, n_groups)

@@ -205,7 +205,7 @@ def make_tf_dataset(
 
     The batch source is plain NumPy, so another backend can feed the same generator directly.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: loads TensorFlow
 
     height, width = pixels.shape[1:3]
     signature = (

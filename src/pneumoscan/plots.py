@@ -29,7 +29,7 @@ def plot_confusion_matrix(
     matrix: np.ndarray, path: str | Path, labels: Sequence[str] = CLASSES, title: str = ""
 ) -> Path:
     """The notebook's confusion-matrix heatmap: true class on y, predicted class on x."""
-    import seaborn as sns
+    import seaborn as sns  # lazy: loads matplotlib
 
     fig, ax = plt.subplots(figsize=(4.8, 4))
     sns.heatmap(
@@ -144,7 +144,7 @@ def plot_roc_pr(
             ``specificity``, ``ppv``.
         title: Figure title.
     """
-    from sklearn.metrics import (
+    from sklearn.metrics import (  # lazy: loads scikit-learn
         average_precision_score,
         precision_recall_curve,
         roc_auc_score,

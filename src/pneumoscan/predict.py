@@ -25,12 +25,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from pneumoscan import __version__
 from pneumoscan.constants import CLASSES, DEFAULT_WORKERS, HEATMAP_MAX_SIDE, OOD_MEMBER
 from pneumoscan.errors import InvalidInputError, OutputExistsError
 from pneumoscan.export import file_sha256
+from pneumoscan.heatmap import gradcam, heatmap_title, overlay_png
 from pneumoscan.inference import AnyModel, OnnxModel, Scorer
 from pneumoscan.jsonio import atomic_write
-from pneumoscan.modelfile import LoadedModel, read_member
+from pneumoscan.modelfile import LoadedModel, now_utc, read_member
 from pneumoscan.ood import OodDetector, cheap_reasons
 from pneumoscan.pipeline import DEFAULT_PREFETCH, iter_decoded
 from pneumoscan.preprocess import DecodedImage
@@ -184,7 +186,6 @@ def model_sha256(model: AnyModel) -> str | None:
 def model_provenance(model: AnyModel) -> dict[str, Any]:
     """What every result records about how it was made: ``model_sha256`` and
     ``pneumoscan_version`` (:func:`stamp` adds the time)."""
-    from pneumoscan import __version__
 
     return {"model_sha256": model_sha256(model), "pneumoscan_version": __version__}
 
@@ -192,7 +193,6 @@ def model_provenance(model: AnyModel) -> dict[str, Any]:
 def stamp(result: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:
     """``result`` with the model's hash, the pneumoscan version and ``scored_at`` (now, UTC
     ISO 8601); keys the result already has are kept."""
-    from pneumoscan.modelfile import now_utc
 
     extra = provenance | {"scored_at": now_utc()}
     return result | {key: value for key, value in extra.items() if key not in result}
@@ -303,7 +303,6 @@ def write_heatmaps(
     directory: Path,
 ) -> None:
     """Write a Grad-CAM overlay for each ``ok`` result and record its file in the result."""
-    from pneumoscan.heatmap import gradcam, heatmap_title, overlay_png
 
     chosen = [i for i, result in enumerate(results) if result["status"] == "ok"]
     if not chosen:

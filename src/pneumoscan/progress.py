@@ -66,7 +66,7 @@ class Reporter:
 
     def keras_callback(self, n_images: int, batch_size: int) -> Any:
         """A Keras callback drawing one bar per epoch with the running loss."""
-        import keras
+        import keras  # lazy: loads TensorFlow
 
         reporter = self
         steps = -(-n_images // batch_size)

@@ -45,7 +45,7 @@ def calibration_paths(
     Raises:
         DatasetError: ``data`` holds none of the model's training images.
     """
-    from pneumoscan.data import assign_validation_split, scan_dataset
+    from pneumoscan.data import assign_validation_split, scan_dataset  # lazy: loads pandas
 
     table = scan_dataset(data, read_headers=False)
     recorded = metadata.get("data", {}).get("split")
@@ -94,8 +94,12 @@ def quantize_int8(
     Raises:
         DatasetError: No calibration image could be read.
     """
-    import onnx
+    import onnx  # lazy: loads onnx
+
+    # lazy: loads ONNX Runtime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    # lazy: loads ONNX Runtime
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     out = Path(out)
@@ -144,9 +148,11 @@ def refit_operating_point(
         ``calibration``, ``validation_metrics``), or ``{}`` when the model records no target
         sensitivity or ``data`` has no validation split for it.
     """
-    from pneumoscan.calibration import fit_operating_point
-    from pneumoscan.data import scan_dataset
-    from pneumoscan.evaluate import select_split
+    from pneumoscan.calibration import fit_operating_point  # lazy: loads SciPy
+    from pneumoscan.data import scan_dataset  # lazy: loads pandas
+    from pneumoscan.evaluate import select_split  # lazy: loads pandas
+
+    # lazy: loads SciPy
     from pneumoscan.inference import OnnxModel, OnnxNetwork, onnx_session, score_files
 
     target = OperatingPoint.from_metadata(metadata).target_sensitivity

@@ -27,9 +27,11 @@ import pandas as pd
 from pneumoscan.constants import ASSETS_DIR, CLASSES, DEFAULT_SEED
 from pneumoscan.evaluate import ScoredImages, score_images, summarise
 from pneumoscan.formatting import format_threshold
+from pneumoscan.heatmap import gradcam
 from pneumoscan.jsonio import jsonable
 from pneumoscan.metrics import DEFAULT_RESAMPLES
-from pneumoscan.modelfile import OperatingPoint
+from pneumoscan.modelfile import OperatingPoint, load_model
+from pneumoscan.preprocess import decode_to_uint8, load_image
 from pneumoscan.progress import Reporter
 
 if TYPE_CHECKING:
@@ -559,8 +561,6 @@ def _thumbnails(
     """The few gallery images, re-decoded exactly as the model saw them (grey channel), and
     the Grad-CAM map of the evidence for each one's decision (the same maps `predict
     --heatmaps` and the service draw)."""
-    from pneumoscan.heatmap import gradcam
-    from pneumoscan.preprocess import decode_to_uint8
 
     pixels = np.stack([decode_to_uint8(path, loaded.preprocess) for path in paths])
     maps = gradcam(loaded.network, pixels, class_index=decisions)
@@ -585,8 +585,8 @@ def _draw_figures(
     seed: int,
 ) -> dict[str, str | None]:
     """Draw every figure into ``folder`` and return them as data URIs."""
-    from pneumoscan.metrics import reliability_table
-    from pneumoscan.plots import (
+    from pneumoscan.metrics import reliability_table  # lazy: loads pandas
+    from pneumoscan.plots import (  # lazy: loads matplotlib
         plot_class_balance,
         plot_confusion_matrix,
         plot_error_gallery,
@@ -595,7 +595,6 @@ def _draw_figures(
         plot_sample_grid,
         plot_training_curves,
     )
-    from pneumoscan.preprocess import load_image
 
     table, y_true, p = scored.table, scored.y_true, scored.p_pneumonia
     n = metrics["n"]
@@ -693,7 +692,6 @@ def build_report(
         DatasetError: No readable labelled image.
         ModelFileError: The model cannot be loaded.
     """
-    from pneumoscan.modelfile import load_model
 
     started = time.perf_counter()
     reporter = reporter or Reporter(quiet=True)

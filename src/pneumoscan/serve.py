@@ -46,6 +46,10 @@ from pydantic import BaseModel, Field
 from pneumoscan import __version__
 from pneumoscan.constants import CLASSES, HEATMAP_MAX_SIDE
 from pneumoscan.errors import ImageReadError
+from pneumoscan.heatmap import gradcam, heatmap_title, overlay_png
+from pneumoscan.jsonio import jsonable
+from pneumoscan.modelfile import resolve_model_path
+from pneumoscan.preprocess import decode_image
 from pneumoscan.uploads import UploadError, UploadLimits, read_uploads
 
 if TYPE_CHECKING:
@@ -210,7 +214,7 @@ class Engine:
         self.scorer = scorer
         self.backend = backend
         self.max_batch = max_batch
-        from pneumoscan.predict import model_provenance
+        from pneumoscan.predict import model_provenance  # lazy: loads SciPy
 
         #: What each result records of the model (its file's hash, the pneumoscan version).
         self.provenance = model_provenance(model)
@@ -236,9 +240,8 @@ class Engine:
             ModelFileError: The model cannot be read.
             ValueError: Unknown backend.
         """
-        from pneumoscan.backends import open_model, saved_export
-        from pneumoscan.modelfile import resolve_model_path
-        from pneumoscan.predict import load_detector, make_scorer
+        from pneumoscan.backends import open_model, saved_export  # lazy: loads SciPy
+        from pneumoscan.predict import load_detector, make_scorer  # lazy: loads SciPy
 
         is_onnx = model_path is not None and Path(model_path).suffix.lower() == ".onnx"
         if backend == "auto":
@@ -336,7 +339,7 @@ class Engine:
             start += len(job.images)
 
     def _score(self, images: list[DecodedImage], jobs: list[_Job]) -> list[Scored]:
-        from pneumoscan.predict import predict_batch
+        from pneumoscan.predict import predict_batch  # lazy: loads SciPy
 
         wants_map = [job.heatmap for job in jobs for _ in job.images]
         results: list[dict[str, Any]] = []
@@ -361,7 +364,6 @@ class Engine:
 
     def _heatmaps(self, images: list[DecodedImage], results: list[dict[str, Any]]) -> list[Any]:
         """Grad-CAM maps of the evidence for each image's own decision."""
-        from pneumoscan.heatmap import gradcam
 
         maps: list[Any] = []
         for start in range(0, len(images), self.max_batch):
@@ -387,7 +389,6 @@ def _reason(exc: Exception, filename: str) -> str:
 
 def decode_upload(data: bytes, filename: str, model: AnyModel) -> DecodedImage | str:
     """Decode one upload for the model, or the reason it cannot be; never raises."""
-    from pneumoscan.preprocess import decode_image
 
     try:
         return decode_image(data, model.preprocess)
@@ -410,8 +411,7 @@ def heatmap_base64(
     decoded: DecodedImage, heatmap: np.ndarray, filename: str, result: dict[str, Any]
 ) -> str:
     """Base64 PNG of the Grad-CAM overlay, drawn like ``pneumoscan predict --heatmaps``."""
-    from pneumoscan.heatmap import heatmap_title, overlay_png
-    from pneumoscan.predict import display_at_original_aspect
+    from pneumoscan.predict import display_at_original_aspect  # lazy: loads SciPy
 
     title = heatmap_title(filename, result["probability"], result["decision"])
     picture = display_at_original_aspect(decoded, HEATMAP_MAX_SIDE)
@@ -442,7 +442,7 @@ def build_result(
     ``provenance`` (:func:`pneumoscan.predict.model_provenance`) gives the model's hash; the
     result also records the pneumoscan version and when it was made.
     """
-    from pneumoscan.predict import display_at_original_aspect, stamp
+    from pneumoscan.predict import display_at_original_aspect, stamp  # lazy: loads SciPy
 
     recorded = stamp({}, provenance or {"pneumoscan_version": __version__})
     if isinstance(decoded, str) or scored is None:
@@ -526,7 +526,7 @@ def _silence_patient_data_logging() -> None:
     dicom_logger.propagate = False
     warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
     if importlib.util.find_spec("pydicom") is not None:
-        from pydicom import config
+        from pydicom import config  # lazy: loads pydicom
 
         # Value validation warns with the offending value ("Invalid value for VR PN: ...").
         config.settings.reading_validation_mode = config.IGNORE
@@ -791,7 +791,6 @@ def describe_model(engine: Engine, limits: UploadLimits) -> ModelInfo:
 
 
 def _jsonable(value: Any) -> Any:
-    from pneumoscan.jsonio import jsonable
 
     return jsonable(value)
 

@@ -22,6 +22,7 @@ from pneumoscan.constants import CLASSES, DEFAULT_SEED
 from pneumoscan.data import empty_classes, scan_dataset
 from pneumoscan.errors import DatasetError
 from pneumoscan.metrics import DEFAULT_RESAMPLES, percentile_interval, wilson_interval
+from pneumoscan.pipeline import decode_all
 from pneumoscan.progress import Reporter
 
 Perturbation = Callable[[np.ndarray], np.ndarray]
@@ -165,9 +166,8 @@ def audit_model(
     Raises:
         DatasetError: No readable labelled image, or an unknown perturbation name.
     """
-    from pneumoscan.backends import load_any_model
-    from pneumoscan.inference import p_pneumonia
-    from pneumoscan.pipeline import decode_all
+    from pneumoscan.backends import load_any_model  # lazy: loads SciPy
+    from pneumoscan.inference import p_pneumonia  # lazy: loads SciPy
 
     reporter = reporter or Reporter(quiet=True)
     names = perturbations or list(PERTURBATIONS)

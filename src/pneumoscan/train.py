@@ -36,7 +36,7 @@ from pneumoscan.data import (
 )
 from pneumoscan.errors import DatasetError, InvalidInputError, ModelFileError, PneumoscanError
 from pneumoscan.jsonio import write_json
-from pneumoscan.modelfile import OperatingPoint, library_versions, now_utc, save_model
+from pneumoscan.modelfile import OperatingPoint, library_versions, load_model, now_utc, save_model
 from pneumoscan.models import Recipe, create_model, get_spec
 from pneumoscan.pipeline import decode_all, make_tf_dataset, steps_per_epoch
 from pneumoscan.preprocess import PreprocessConfig
@@ -203,7 +203,7 @@ def _class_weights(labels: np.ndarray, mode: str) -> dict[int, float] | None:
 
 
 def _build_optimizer(recipe: Recipe, total_steps: int) -> Any:
-    import keras
+    import keras  # lazy: loads TensorFlow
 
     config: dict[str, Any] = {}
     if recipe.schedule == "cosine":
@@ -219,7 +219,7 @@ def _build_optimizer(recipe: Recipe, total_steps: int) -> Any:
 @contextmanager
 def dtype_policy(name: str) -> Iterator[None]:
     """Keras's global dtype policy set to ``name`` inside the block, restored after it."""
-    import keras
+    import keras  # lazy: loads TensorFlow
 
     if name not in PRECISIONS:
         raise InvalidInputError(f"unknown precision {name!r}; choose one of {PRECISIONS}")
@@ -232,7 +232,7 @@ def dtype_policy(name: str) -> Iterator[None]:
 
 
 def _build_loss(recipe: Recipe) -> Any:
-    import keras
+    import keras  # lazy: loads TensorFlow
 
     if recipe.label_smoothing and recipe.loss == "binary_crossentropy":
         return keras.losses.BinaryCrossentropy(label_smoothing=recipe.label_smoothing)
@@ -295,7 +295,7 @@ def train(
         DatasetError: The data cannot support training.
         PneumoscanError: The run folder conflicts with ``--resume``.
     """
-    import keras
+    import keras  # lazy: loads TensorFlow
 
     reporter = reporter or Reporter(quiet=True)
     started = time.perf_counter()
@@ -327,6 +327,7 @@ def train(
     if small:
         reporter.warn(small)
 
+    # lazy: loads TensorFlow
     from pneumoscan.augment import build_augmenter, unwrap, wrap_for_training
 
     steps = steps_per_epoch(len(train_y), recipe.batch_size)
@@ -345,7 +346,7 @@ def train(
             start_epoch = int(state["epochs_completed"])
             reporter.info(f"resuming {run.root} after epoch {start_epoch}")
 
-        from pneumoscan.callbacks import EpochCheckpoint
+        from pneumoscan.callbacks import EpochCheckpoint  # lazy: loads TensorFlow
 
         checkpoint = EpochCheckpoint(
             run, val_x, val_y, reporter, state, recipe.select_on, options.keep_checkpoints
@@ -389,7 +390,7 @@ def freeze_batch_norm(network: Any) -> int:
     Returns:
         The number of layers frozen.
     """
-    import keras
+    import keras  # lazy: loads TensorFlow
 
     norms = [
         layer
@@ -413,8 +414,7 @@ def _distillation_targets(
         return None
     if not 0.0 < options.distill_weight <= 1.0:
         raise PneumoscanError(f"--distill-weight {options.distill_weight} must be in (0, 1]")
-    from pneumoscan.callbacks import predict_pixels
-    from pneumoscan.modelfile import load_model
+    from pneumoscan.callbacks import predict_pixels  # lazy: loads TensorFlow
 
     teachers = [t.strip() for t in options.teacher.split(",") if t.strip()]
     p_teacher = np.zeros(len(train_y))
@@ -502,9 +502,9 @@ def _finish(
     started: float,
 ) -> dict[str, Any]:
     """Score validation, write the metadata-carrying model, metrics and curves."""
-    from pneumoscan.calibration import fit_operating_point
-    from pneumoscan.callbacks import predict_pixels
-    from pneumoscan.plots import plot_training_curves
+    from pneumoscan.calibration import fit_operating_point  # lazy: loads SciPy
+    from pneumoscan.callbacks import predict_pixels  # lazy: loads TensorFlow
+    from pneumoscan.plots import plot_training_curves  # lazy: loads matplotlib
 
     # A fresh, never-compiled float32 copy drops the optimizer state (half the file size), any
     # augmentation layers and a mixed-precision policy; the operating point is fitted on what

@@ -165,7 +165,7 @@ def tf_same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 def _pad(x: keras.KerasTensor, kernel: int, stride: int, name: str) -> keras.KerasTensor:
     """Zero-pad ``x`` so that a ``valid`` convolution gives TensorFlow ``SAME`` output."""
-    from keras import layers
+    from keras import layers  # lazy: loads TensorFlow
 
     height, width = x.shape[1], x.shape[2]
     if height is None or width is None:
@@ -178,7 +178,7 @@ def _pad(x: keras.KerasTensor, kernel: int, stride: int, name: str) -> keras.Ker
 
 
 def _bn_relu6(x: keras.KerasTensor, name: str, activation: str | None) -> keras.KerasTensor:
-    from keras import layers
+    from keras import layers  # lazy: loads TensorFlow
 
     x = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"{name}_bn")(x)
     if activation is None:
@@ -188,7 +188,7 @@ def _bn_relu6(x: keras.KerasTensor, name: str, activation: str | None) -> keras.
 
 def _mbconv(x: keras.KerasTensor, block: BlockConfig, drop_rate: float) -> keras.KerasTensor:
     """Inverted residual block: 1x1 expand, depthwise k x k, 1x1 project, identity skip."""
-    from keras import layers
+    from keras import layers  # lazy: loads TensorFlow
 
     prefix = f"block{block.index}"
     inputs = x
@@ -215,7 +215,7 @@ def _backbone(
     inputs: keras.KerasTensor, drop_connect_rate: float, variant: Variant
 ) -> keras.KerasTensor:
     """Scaling, stem, the MBConv blocks and the 1x1 head; returns the top activation."""
-    from keras import layers
+    from keras import layers  # lazy: loads TensorFlow
 
     x = layers.Rescaling(INPUT_SCALE, offset=INPUT_OFFSET, name="input_scaling")(inputs)
     x = _pad(x, 3, 2, "stem")
@@ -252,8 +252,8 @@ def build_efficientnet_lite0(
     Returns:
         A functional model whose last feature map is the layer ``top_activation``.
     """
-    import keras
-    from keras import layers
+    import keras  # lazy: loads TensorFlow
+    from keras import layers  # lazy: loads TensorFlow
 
     if include_top_imagenet and num_classes != IMAGENET_CLASSES:
         raise ValueError(f"the ImageNet head has {IMAGENET_CLASSES} classes, not {num_classes}")
@@ -317,7 +317,7 @@ def _convert(
     layer: keras.layers.Layer, module: str, state: Mapping[str, np.ndarray], used: set[str]
 ) -> list[np.ndarray]:
     """PyTorch tensors of ``module`` in the order and layout of ``layer.get_weights()``."""
-    from keras import layers
+    from keras import layers  # lazy: loads TensorFlow
 
     kind = type(layer).__name__
     if isinstance(layer, layers.DepthwiseConv2D):
@@ -347,7 +347,7 @@ def _assign(layer: keras.layers.Layer, weights: list[np.ndarray], module: str) -
 
 
 def _check_complete(model: keras.Model, names: Mapping[str, str], state_keys: set[str]) -> None:
-    from keras import layers
+    from keras import layers  # lazy: loads TensorFlow
 
     backbone_types = (layers.Conv2D, layers.DepthwiseConv2D, layers.BatchNormalization)
     missed = [

@@ -30,8 +30,8 @@ def seed_cnn(input_shape: tuple[int, int, int], num_classes: int = 2) -> keras.M
         input_shape: ``(height, width, channels)``.
         num_classes: Width of the softmax output.
     """
-    import keras
-    from keras import layers
+    import keras  # lazy: loads TensorFlow
+    from keras import layers  # lazy: loads TensorFlow
 
     return keras.Sequential(
         [
