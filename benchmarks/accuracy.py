@@ -18,8 +18,8 @@ from pathlib import Path
 import pandas as pd
 from common import SHARED_DATA, machine
 
-from pneumoscan.evaluate import evaluate
-from pneumoscan.train import TrainOptions, train
+from pneumoscan.evaluate.scoring import evaluate
+from pneumoscan.train.loop import TrainOptions, train
 
 
 def _site_figures(model: Path) -> dict[str, float]:

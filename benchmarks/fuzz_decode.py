@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 import fuzzcorpus  # noqa: E402
+from pneumoscan.data.preprocess import PreprocessConfig, _decode_image, decode_image  # noqa: E402
 from pneumoscan.errors import ImageReadError  # noqa: E402
-from pneumoscan.preprocess import PreprocessConfig, _decode_image, decode_image  # noqa: E402
 
 CONFIG = PreprocessConfig(image_size=(32, 32))
 

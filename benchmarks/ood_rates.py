@@ -30,8 +30,8 @@ from PIL import Image
 sys.path.insert(0, str(REPO / "tests"))
 
 import nonxray
-from pneumoscan.modelfile import load_model
-from pneumoscan.predict import expand_inputs, load_detector, predict_files
+from pneumoscan.inference.predict import expand_inputs, load_detector, predict_files
+from pneumoscan.models.modelfile import load_model
 
 
 def write_nonxrays(folder: Path, inverted_sources: list[Path]) -> dict[str, str]:

@@ -15,8 +15,8 @@ both classes). For each, the ``seed`` architecture (batch 16, rmsprop) is fitted
   15 fresh images per batch of 16 (the notebook's ``count == batch_size - 1`` break leaves the
   last slot stale), fed to ``model.fit`` as a Python generator (Keras wraps it in ``tf.data``
   with prefetch). Needs ``pip install -e .[bench]`` (OpenCV);
-* ``cache``: :func:`pneumoscan.cache.cached_decode` (built before timing; its one-off cost is
-  printed) feeding :func:`pneumoscan.pipeline.make_tf_dataset`, as ``pneumoscan train`` does,
+* ``cache``: :func:`pneumoscan.data.cache.cached_decode` (built before timing; its one-off cost is
+  printed) feeding :func:`pneumoscan.data.pipeline.make_tf_dataset`, as ``pneumoscan train`` does,
   fitted twice: in float32 like the notebook (the input pipeline's effect alone), and in the
   ``seed`` recipe's precision (``mixed_bfloat16``: what ``pneumoscan train --arch seed`` runs).
 
@@ -39,12 +39,12 @@ from typing import Any
 import numpy as np
 from common import SHARED_DATA, machine
 
-from pneumoscan.cache import cached_decode
 from pneumoscan.constants import CLASSES
+from pneumoscan.data.cache import cached_decode
+from pneumoscan.data.pipeline import make_tf_dataset, steps_per_epoch
+from pneumoscan.data.preprocess import PreprocessConfig
 from pneumoscan.models import create_model, get_spec
-from pneumoscan.pipeline import make_tf_dataset, steps_per_epoch
-from pneumoscan.preprocess import PreprocessConfig
-from pneumoscan.train import dtype_policy
+from pneumoscan.train.loop import dtype_policy
 
 BATCH = 16
 PRECISION = get_spec("seed").recipe.precision

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from common import machine
 
-from pneumoscan.export import export_onnx
-from pneumoscan.inference import load_onnx_model
-from pneumoscan.modelfile import load_model, resolve_model_path
-from pneumoscan.predict import expand_inputs, load_detector, predict_files
+from pneumoscan.inference.export import export_onnx
+from pneumoscan.inference.predict import expand_inputs, load_detector, predict_files
+from pneumoscan.inference.scorer import load_onnx_model
+from pneumoscan.models.modelfile import load_model, resolve_model_path
 
 
 def main() -> None:

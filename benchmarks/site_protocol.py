@@ -34,10 +34,11 @@ import numpy as np
 from common import SHARED_DATA, machine
 from sklearn.model_selection import StratifiedGroupKFold
 
-from pneumoscan.calibrate import _refit
-from pneumoscan.calibration import apply_temperature
 from pneumoscan.constants import CLASSES
-from pneumoscan.data import scan_dataset, source_from_name
+from pneumoscan.data.dataset import scan_dataset, source_from_name
+from pneumoscan.data.pipeline import decode_all
+from pneumoscan.data.preprocess import PreprocessConfig
+from pneumoscan.inference.calibration import apply_temperature
 from pneumoscan.metrics import (
     bootstrap_replicates,
     percentile_interval,
@@ -46,8 +47,7 @@ from pneumoscan.metrics import (
     weighted_roc_auc,
     wilson_interval,
 )
-from pneumoscan.pipeline import decode_all
-from pneumoscan.preprocess import PreprocessConfig
+from pneumoscan.train.site import _refit
 
 CONFIDENCES = (0.5, 0.8, 0.9, 0.95)
 TARGETS = (0.95, 0.97)
@@ -67,8 +67,8 @@ def raw_scores(path: Path, pixels: np.ndarray, cache: Path) -> np.ndarray:
     import keras
 
     import pneumoscan.models  # noqa: F401  (registers the custom layers)
-    from pneumoscan.augment import unwrap
-    from pneumoscan.callbacks import predict_pixels
+    from pneumoscan.data.augment import unwrap
+    from pneumoscan.train.callbacks import predict_pixels
 
     network = unwrap(keras.saving.load_model(file, compile=False))
     scores = predict_pixels(network, pixels)
@@ -83,10 +83,10 @@ def adabn_cross_fitted(path: Path, pixels: np.ndarray, patients: np.ndarray) -> 
     import keras
 
     import pneumoscan.models  # noqa: F401
-    from pneumoscan.adapt import adapt_batch_norm
-    from pneumoscan.augment import unwrap
-    from pneumoscan.callbacks import predict_pixels
-    from pneumoscan.preprocess import to_model_input
+    from pneumoscan.data.augment import unwrap
+    from pneumoscan.data.preprocess import to_model_input
+    from pneumoscan.train.adapt import adapt_batch_norm
+    from pneumoscan.train.callbacks import predict_pixels
 
     unique = np.unique(patients)
     half = set(np.random.default_rng(0).permutation(unique)[: len(unique) // 2])

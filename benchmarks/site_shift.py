@@ -6,7 +6,7 @@ Usage:
 For each model prints site-sample AUC, and sensitivity/specificity at the model's stored
 (validation-chosen) threshold, for: the plain model; horizontal-flip test-time augmentation;
 and batch-norm statistics re-estimated on the site's own (unlabelled) images
-(``pneumoscan.adapt``; only for networks with batch normalisation). The AdaBN figure is
+(``pneumoscan.train.adapt``; only for networks with batch normalisation). The AdaBN figure is
 optimistic in one way: the statistics come from the same 100 images that are scored.
 """
 
@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 from common import SHARED_DATA, machine
 
-from pneumoscan.adapt import adapt_batch_norm, batch_norm_layers
-from pneumoscan.calibration import apply_temperature
 from pneumoscan.constants import CLASSES, POSITIVE_INDEX
-from pneumoscan.data import scan_dataset
+from pneumoscan.data.dataset import scan_dataset
+from pneumoscan.data.pipeline import decode_all
+from pneumoscan.data.preprocess import to_model_input
+from pneumoscan.inference.calibration import apply_temperature
 from pneumoscan.metrics import binary_metrics
-from pneumoscan.modelfile import LoadedModel, load_model
-from pneumoscan.pipeline import decode_all
-from pneumoscan.preprocess import to_model_input
+from pneumoscan.models.modelfile import LoadedModel, load_model
+from pneumoscan.train.adapt import adapt_batch_norm, batch_norm_layers
 
 
 def _scores(model: LoadedModel, x: np.ndarray) -> np.ndarray:

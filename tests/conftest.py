@@ -63,7 +63,7 @@ def class_folder(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real (short) training run shared by the tests that need a trained model."""
-    from pneumoscan.train import TrainOptions, train
+    from pneumoscan.train.loop import TrainOptions, train
 
     out = tmp_path_factory.mktemp("runs") / "seed-1epoch"
     data = SHARED_TRAIN.parent if SHARED_TRAIN.is_dir() else FIXTURES

@@ -17,7 +17,7 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import RLELossless
 
-from pneumoscan.dicom import write_dicom
+from pneumoscan.data.dicom import write_dicom
 
 from conftest import SITE_SAMPLE, fixture_images
 

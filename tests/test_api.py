@@ -24,9 +24,9 @@ from typer.testing import CliRunner
 import pneumoscan
 from pneumoscan.cli import app as cli_app
 from pneumoscan.constants import SAMPLES_DIR
+from pneumoscan.data.pixels import as_uint8
+from pneumoscan.data.preprocess import PreprocessConfig, decode_to_uint8, preprocess_image
 from pneumoscan.errors import ImageReadError
-from pneumoscan.pixels import as_uint8
-from pneumoscan.preprocess import PreprocessConfig, decode_to_uint8, preprocess_image
 
 from conftest import FIXTURES, REPO, SITE_SAMPLE, fixture_images
 
@@ -164,7 +164,7 @@ def test_pixel_convention_converts_only_when_safe(xray_path: Path) -> None:
     with pytest.raises(ValueError, match="rescale"):
         as_uint8(pixels.astype(np.float32) - 10)
     # The low-level scorer takes preprocess_image's floats as well as uint8.
-    from pneumoscan.inference import load_onnx_model, p_pneumonia
+    from pneumoscan.inference.scorer import load_onnx_model, p_pneumonia
 
     onnx = load_onnx_model(pneumoscan.load().path)
     floats, ints = preprocess_image(xray_path)[None], pixels[None]
@@ -200,7 +200,7 @@ def test_evaluate_stays_callable_after_its_module_is_imported() -> None:
     import pneumoscan.evaluate as _  # noqa: F401  (binds the submodule on the package)
 
     assert callable(pneumoscan.evaluate)
-    from pneumoscan.evaluate import score_images
+    from pneumoscan.evaluate.scoring import score_images
 
     assert callable(score_images)
 
@@ -208,7 +208,7 @@ def test_evaluate_stays_callable_after_its_module_is_imported() -> None:
 @pytest.fixture(scope="module")
 def service() -> Iterator[TestClient]:
     """The service as `pneumoscan serve` builds it: its own defaults, no engine passed in."""
-    from pneumoscan.serve import create_app
+    from pneumoscan.serve.app import create_app
 
     with TestClient(create_app()) as client:
         deadline = time.monotonic() + 300

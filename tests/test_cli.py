@@ -137,7 +137,7 @@ def test_evaluate_recreates_the_models_validation_split(tmp_path: Path) -> None:
     import pandas as pd
 
     from pneumoscan.constants import DEFAULT_MODEL_PATH
-    from pneumoscan.modelfile import read_metadata
+    from pneumoscan.models.modelfile import read_metadata
 
     out_json = tmp_path / "val.json"
     data = SITE_SAMPLE.parent / "chest_xray"

@@ -28,7 +28,7 @@ from pneumoscan import _quiet_tf  # standard library only: TensorFlow stays unlo
 
 _quiet_tf.install()
 
-__version__ = "0.1.0"
+from pneumoscan.constants import VERSION as __version__  # noqa: E402  (after the log filter)
 
 __all__ = ["Model", "__version__", "evaluate", "load", "samples"]
 

@@ -10,11 +10,13 @@ Modelled on TorchXRayVision's ``get_model``, timm's ``create_model`` and scikit-
     cam = model.heatmap(path, out="cam.png")       # Grad-CAM (loads the Keras network lazily)
     metrics = pneumoscan.evaluate(model, "site_sample/")
 
-One answer per image: files go through :func:`pneumoscan.predict.predict_files`, exactly as
+One answer per image: files go through :func:`pneumoscan.inference.predict.predict_files`, exactly
+as
 ``pneumoscan predict`` runs them; in-memory images (PIL images, arrays) are encoded losslessly
-as PNG and decoded by the same :func:`pneumoscan.preprocess.decode_image`, then scored by the
-same :func:`pneumoscan.predict.predict_batch`, so an array and the file it came from get the
-same probability. Pixels follow one convention (:mod:`pneumoscan.pixels`): uint8 in [0, 255];
+as PNG and decoded by the same :func:`pneumoscan.data.preprocess.decode_image`, then scored by the
+same :func:`pneumoscan.inference.predict.predict_batch`, so an array and the file it came from get
+the
+same probability. Pixels follow one convention (:mod:`pneumoscan.data.pixels`): uint8 in [0, 255];
 float in [0, 1] is converted, grey images get three channels, any size is resized by the
 model's preprocessing.
 """
@@ -39,19 +41,19 @@ from pneumoscan.constants import (
     POSITIVE_CLASS,
     SAMPLES_DIR,
 )
+from pneumoscan.data.pixels import UINT8_MAX, as_uint8
+from pneumoscan.data.preprocess import DecodedImage, decode_image
 from pneumoscan.errors import ImageReadError, ModelFileError
-from pneumoscan.heatmap import gradcam, heatmap_title, overlay_png
+from pneumoscan.inference.explain import gradcam, heatmap_title, overlay_png
 from pneumoscan.jsonio import jsonable
-from pneumoscan.modelfile import LoadedModel, load_model, resolve_model_path
-from pneumoscan.pixels import UINT8_MAX, as_uint8
-from pneumoscan.preprocess import DecodedImage, decode_image
+from pneumoscan.models.modelfile import LoadedModel, load_model, resolve_model_path
 
 if TYPE_CHECKING:
     import keras
 
-    from pneumoscan.inference import AnyModel, Scorer
-    from pneumoscan.ood import OodDetector
-    from pneumoscan.preprocess import DecodedImage
+    from pneumoscan.data.preprocess import DecodedImage
+    from pneumoscan.inference.ood import OodDetector
+    from pneumoscan.inference.scorer import AnyModel, Scorer
 
 #: A file or folder (any ``os.PathLike`` works too).
 PathLike = str | Path
@@ -80,7 +82,7 @@ def samples() -> list[Path]:
 
 
 def _encoded(image: Image.Image) -> bytes:
-    """The image as lossless bytes that :func:`pneumoscan.preprocess.decode_image` reads."""
+    """The image as lossless bytes that :func:`pneumoscan.data.preprocess.decode_image` reads."""
     buffer = io.BytesIO()
     if image.mode in _PNG_MODES:
         # compress_level 1: the bytes are decoded at once, so speed beats size.
@@ -220,7 +222,7 @@ class Model:
         keras_path: Path | None = None,
         network: keras.Model | None = None,
     ) -> None:
-        from pneumoscan.inference import OnnxModel  # lazy: loads SciPy
+        from pneumoscan.inference.scorer import OnnxModel  # lazy: loads SciPy
 
         self._loaded = loaded
         self._keras_path = keras_path
@@ -280,7 +282,7 @@ class Model:
 
     def _parts(self, ood_check: bool) -> tuple[Scorer, OodDetector | None]:
         """The scorer and detector, built once per setting (Keras builds a feature model)."""
-        from pneumoscan.predict import load_detector, make_scorer  # lazy: loads SciPy
+        from pneumoscan.inference.predict import load_detector, make_scorer  # lazy: loads SciPy
 
         if not self._detector_loaded:
             self._detector = load_detector(self._loaded)
@@ -294,7 +296,7 @@ class Model:
         self, inputs: Inputs, batch_size: int, ood_check: bool
     ) -> tuple[str, list[dict[str, Any]]]:
         """``(first column name, one result dict per input)`` through predict's own code."""
-        from pneumoscan.predict import expand_inputs, predict_files  # lazy: loads SciPy
+        from pneumoscan.inference.predict import expand_inputs, predict_files  # lazy: loads SciPy
 
         scorer, detector = self._parts(ood_check)
         paths, data = _split_inputs(inputs)
@@ -318,7 +320,7 @@ class Model:
         detector: OodDetector | None,
         ood_check: bool,
     ) -> Iterator[dict[str, Any]]:
-        from pneumoscan.predict import error_result, predict_batch  # lazy: loads SciPy
+        from pneumoscan.inference.predict import error_result, predict_batch  # lazy: loads SciPy
 
         for start in range(0, len(data), batch_size):
             items = _decode_all(data[start : start + batch_size], self._loaded)
@@ -443,7 +445,11 @@ class Model:
             ModelFileError: No Keras network for this model.
         """
         # lazy: loads SciPy
-        from pneumoscan.predict import display_at_original_aspect, expand_inputs, predict_batch
+        from pneumoscan.inference.predict import (
+            display_at_original_aspect,
+            expand_inputs,
+            predict_batch,
+        )
 
         paths, data = _split_inputs(image)
         if paths is not None:
@@ -507,7 +513,7 @@ def _keras_source(model: PathLike | None) -> Path | None:
     model = Path(model)
     candidate = model.with_suffix("").with_suffix(".keras")
     if candidate.is_file():
-        from pneumoscan.export import onnx_matches  # lazy: loads SciPy
+        from pneumoscan.inference.export import onnx_matches  # lazy: loads SciPy
 
         if onnx_matches(model, candidate):
             return candidate
@@ -527,7 +533,7 @@ def load(model: PathLike | None = None, backend: str = "auto") -> Model:
         ModelFileError: The file is missing or unreadable.
         ValueError: Unknown backend.
     """
-    from pneumoscan.backends import open_model  # lazy: loads SciPy
+    from pneumoscan.inference.backends import open_model  # lazy: loads SciPy
 
     loaded, network, note = open_model(model, backend)
     if note:
@@ -565,7 +571,11 @@ def evaluate(
     Raises:
         DatasetError: The folder holds no readable labelled image.
     """
-    from pneumoscan.evaluate import image_scores, score_images, summarise  # lazy: loads pandas
+    from pneumoscan.evaluate.scoring import (  # lazy: loads pandas
+        image_scores,
+        score_images,
+        summarise,
+    )
 
     chosen = model if isinstance(model, Model) else load(model)
     scored = score_images(data, chosen._loaded, split, batch_size)

@@ -17,7 +17,6 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperCommand
 
-from pneumoscan import __version__
 from pneumoscan.constants import (
     DEFAULT_CALIBRATION_IMAGES,
     DEFAULT_CONFIDENCE,
@@ -28,6 +27,7 @@ from pneumoscan.constants import (
     DEFAULT_VAL_FRACTION,
     SAMPLES_DIR,
 )
+from pneumoscan.constants import VERSION as __version__
 from pneumoscan.errors import PneumoscanError
 from pneumoscan.formatting import format_probability, format_threshold
 from pneumoscan.jsonio import write_json
@@ -109,7 +109,7 @@ def audit(
     seed: Annotated[int, typer.Option(help="Seed of the sample grid.")] = DEFAULT_SEED,
 ) -> None:
     """Counts, size gap between classes, duplicates, shared patients, unreadable files."""
-    from pneumoscan.audit import print_audit, write_audit  # lazy: loads pandas
+    from pneumoscan.data.audit import print_audit, write_audit  # lazy: loads pandas
 
     result = write_audit(data, out, seed=seed, console=stderr)
     print_audit(result, stdout)
@@ -132,7 +132,7 @@ def audit_model(
 ) -> None:
     """Shortcut audit: how far P(pneumonia) moves when markers, text, borders, exposure or
     orientation change (mean shift with 95% CI, and the share of decisions that flip)."""
-    from pneumoscan.shortcuts import audit_model as run_audit  # lazy: loads pandas
+    from pneumoscan.evaluate.shortcuts import audit_model as run_audit  # lazy: loads pandas
 
     result = run_audit(data, model, perturbation, reporter=Reporter(stderr))
     table = Table(
@@ -235,8 +235,8 @@ def train(
 ) -> None:
     """Train a model; checkpoints every epoch and writes config, history, curves and model."""
     from pneumoscan.models import list_models  # lazy: the CLI loads only what a command runs
-    from pneumoscan.train import PRECISIONS, TrainOptions  # lazy: loads pandas
-    from pneumoscan.train import train as run_training  # lazy: loads pandas
+    from pneumoscan.train.loop import PRECISIONS, TrainOptions  # lazy: loads pandas
+    from pneumoscan.train.loop import train as run_training  # lazy: loads pandas
 
     if arch not in list_models():
         _fail(f"unknown architecture {arch!r}; choose one of {list_models()}")
@@ -283,7 +283,7 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = DEFAULT_SEED,
 ) -> None:
     """Classification report, confusion matrix, ROC AUC and every rate with its 95% CI."""
-    from pneumoscan.evaluate import evaluate as run_evaluation  # lazy: loads pandas
+    from pneumoscan.evaluate.scoring import evaluate as run_evaluation  # lazy: loads pandas
 
     metrics = run_evaluation(
         data, model, split, batch_size, plot, Reporter(stderr), bootstrap, seed
@@ -366,8 +366,8 @@ def predict(
     ] = "probability",
 ) -> None:
     """P(pneumonia) and a decision per file; non-X-rays are rejected, bad files listed."""
-    from pneumoscan.backends import open_model  # lazy: loads SciPy
-    from pneumoscan.predict import (  # lazy: loads SciPy
+    from pneumoscan.inference.backends import open_model  # lazy: loads SciPy
+    from pneumoscan.inference.predict import (  # lazy: loads SciPy
         ResultWriter,
         completed_paths,
         expand_inputs,
@@ -569,10 +569,14 @@ def export_model(
     seed: Annotated[int, typer.Option(help="Seed of the calibration sample.")] = DEFAULT_SEED,
 ) -> None:
     """Export a model (with its metadata and OOD detector) to ONNX for ONNX Runtime."""
-    from pneumoscan.export import FORMATS, default_export_path, export_onnx  # lazy: loads SciPy
+    from pneumoscan.inference.export import (  # lazy: loads SciPy
+        FORMATS,
+        default_export_path,
+        export_onnx,
+    )
 
     # lazy: the CLI loads only what a command runs
-    from pneumoscan.modelfile import resolve_model_path
+    from pneumoscan.models.modelfile import resolve_model_path
 
     if export_format not in FORMATS:
         _fail(f"unknown format {export_format!r}; choose one of {FORMATS}")
@@ -610,7 +614,7 @@ def fit_ood_command(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
 ) -> None:
     """Fit the out-of-distribution detector on the model's training images and store it."""
-    from pneumoscan.ood_fit import fit_ood  # lazy: loads pandas
+    from pneumoscan.inference.ood_fit import fit_ood  # lazy: loads pandas
 
     ood = fit_ood(
         model, data, out, check or [], retention, batch_size=batch_size,
@@ -704,7 +708,7 @@ def calibrate(
 
     Learned weights never change; with --unlabelled, batch-norm statistics are re-estimated.
     """
-    from pneumoscan.calibrate import calibrate_to_site  # lazy: loads SciPy
+    from pneumoscan.train.site import calibrate_to_site  # lazy: loads SciPy
 
     result = calibrate_to_site(
         model, data, out, target_sensitivity, reporter=Reporter(stderr),
@@ -782,9 +786,9 @@ def serve(
     import uvicorn  # lazy: loads uvicorn
 
     # lazy: the CLI loads only what a command runs
-    from pneumoscan.modelfile import resolve_model_path
-    from pneumoscan.serve import create_app  # lazy: loads FastAPI
-    from pneumoscan.uploads import MB  # lazy: the CLI loads only what a command runs
+    from pneumoscan.models.modelfile import resolve_model_path
+    from pneumoscan.serve.app import create_app  # lazy: loads FastAPI
+    from pneumoscan.serve.uploads import MB  # lazy: the CLI loads only what a command runs
 
     if backend not in ("auto", "keras", "onnx"):
         _fail(f"unknown backend {backend!r}; choose auto, keras or onnx")
@@ -818,11 +822,11 @@ def serve(
 def info(model: ScoringModelOption = None) -> None:
     """Print a model file's metadata (reads no weights)."""
     # lazy: the CLI loads only what a command runs
-    from pneumoscan.modelfile import read_metadata, resolve_model_path
+    from pneumoscan.models.modelfile import read_metadata, resolve_model_path
 
     path = resolve_model_path(model)
     if path.suffix.lower() == ".onnx":
-        from pneumoscan.inference import read_onnx_metadata  # lazy: loads SciPy
+        from pneumoscan.inference.scorer import read_onnx_metadata  # lazy: loads SciPy
 
         metadata = read_onnx_metadata(path)
     else:
@@ -899,7 +903,7 @@ def compare(
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = DEFAULT_SEED,
 ) -> None:
     """Compare two models on the same images: ROC AUC difference with a paired bootstrap CI."""
-    from pneumoscan.compare import compare_models  # lazy: loads pandas
+    from pneumoscan.evaluate.compare import compare_models  # lazy: loads pandas
 
     result = compare_models(
         model_a, model_b, data, split, batch_size, Reporter(stderr), bootstrap, seed
@@ -958,7 +962,7 @@ def report(
     seed: Annotated[int, typer.Option(help="Bootstrap and sample-grid seed.")] = DEFAULT_SEED,
 ) -> None:
     """One self-contained HTML evaluation report: curves, calibration, sweep, errors, card."""
-    from pneumoscan.report import build_report  # lazy: loads pandas
+    from pneumoscan.evaluate.report import build_report  # lazy: loads pandas
 
     result = build_report(out, data, model, split, batch_size, Reporter(stderr), bootstrap, seed)
     metrics = result.metrics

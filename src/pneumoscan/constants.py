@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 #: Class names in output order; index 1 (PNEUMONIA) is the positive class.
+#: The package version (``pneumoscan.__version__``), recorded with every result.
+VERSION = "0.1.0"
+
 CLASSES: tuple[str, str] = ("NORMAL", "PNEUMONIA")
 POSITIVE_CLASS = "PNEUMONIA"
 POSITIVE_INDEX = 1

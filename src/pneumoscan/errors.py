@@ -31,7 +31,7 @@ class ImageTooLargeError(ImageReadError):
 class UnexpectedDecodeError(ImageReadError):
     """A decoder failed in a way no specific check foresaw; the message names the exception.
 
-    Raised by the per-file firewall (:func:`pneumoscan.preprocess.decode_image`), so one bad
+    Raised by the per-file firewall (:func:`pneumoscan.data.preprocess.decode_image`), so one bad
     file becomes one error result instead of ending a run. Seeing one is worth a bug report:
     it means a damaged file got past the checks that give specific messages.
     """

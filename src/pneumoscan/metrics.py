@@ -548,7 +548,7 @@ def evaluation_metrics(
         n_resamples: Bootstrap resamples for the AUC, PR AUC and F1 intervals.
         seed: Bootstrap seed.
         confidence: Coverage of every interval.
-        sources: Source series per image (:func:`pneumoscan.data.source_from_name`) for
+        sources: Source series per image (:func:`pneumoscan.data.dataset.source_from_name`) for
             ``per_source`` specificity.
 
     Returns:

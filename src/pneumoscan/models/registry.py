@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pneumoscan.preprocess import PreprocessConfig
+from pneumoscan.data.preprocess import PreprocessConfig
 
 if TYPE_CHECKING:
     import keras
@@ -33,7 +33,7 @@ class Recipe:
         epochs: Passes over the training split.
         class_weight: ``balanced`` weights classes inversely to their counts; ``none`` does not.
         restore_best: Keep the epoch with the best validation AUC instead of the last one.
-        augment: Training-time augmentation (``none`` or ``xray``; see ``pneumoscan.augment``).
+        augment: Training-time augmentation (``none`` or ``xray``; see ``pneumoscan.data.augment``).
         label_smoothing: Label smoothing of the cross-entropy (0 = none).
         schedule: ``constant`` learning rate, or ``cosine`` decay to 0 over the run.
         precision: Keras dtype policy while training: ``float32``, or ``mixed_bfloat16``

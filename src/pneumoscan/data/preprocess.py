@@ -1,0 +1,391 @@
+"""The one preprocessing path shared by training, evaluation and prediction.
+
+``preprocess_image`` = ``decode_to_uint8`` (decode, orient, 3 channels, resize) followed by
+``to_model_input`` (scale to [0, 1] float32). Training caches the uint8 stage and applies the
+same ``to_model_input`` per batch, so every path feeds the model identical tensors.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pneumoscan.constants import DEFAULT_IMAGE_SIZE
+from pneumoscan.data.dicom import explain, looks_like_dicom
+from pneumoscan.data.limits import MAX_PIXELS, check_pixel_budget
+from pneumoscan.errors import ImageReadError, ImageTooLargeError, UnexpectedDecodeError
+
+ImageSource = str | Path | bytes | BinaryIO
+
+_RESAMPLING = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "area": Image.Resampling.BOX,
+}
+
+
+_INTENSITY = ("none", "equalize")
+#: Estimated peak bytes per pixel of decoding a Pillow image of each mode to upright RGB:
+#: the decoded image, an orientation copy, the conversions to RGB (through RGBA and a black
+#: background for transparent and palette images) and the array views.
+_DECODE_BYTES_PER_PIXEL = {"1": 5, "L": 5, "P": 20, "RGB": 13, "I": 16, "F": 16}
+_DECODE_BYTES_DEFAULT = 26  # RGBA, LA, CMYK...: the most expensive path
+_HIGH_BIT_DEPTH_BYTES = 10  # I;16 and its byte orders
+#: Rows rescaled at a time from 16/32 bits, so the float64 copy stays a few MB.
+_ROWS_PER_CHUNK = 256
+#: Colour spread (see :func:`colour_spread`) up to which an RGB image counts as a tinted grey
+#: picture and is made grey; real X-rays have 0, colour photos 15 and more.
+MAX_TINT_SPREAD = 10.0
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How an image becomes a model input; stored in every model file.
+
+    Attributes:
+        image_size: Target ``(height, width)``.
+        resize: ``squash`` stretches to the target size without keeping the aspect ratio,
+            as the original notebook did.
+        interpolation: ``bilinear``, ``bicubic`` or ``area`` (antialiased when shrinking).
+        scale: ``unit`` divides 8-bit values by 255 to give [0, 1].
+        channels: Channels fed to the model (grey images are repeated).
+        intensity: ``none`` keeps pixel values; ``equalize`` equalises the grey-level histogram
+            after resizing, so exposure and contrast differences between scanners shrink
+            before the model sees the image (the image becomes grey).
+    """
+
+    image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE
+    resize: str = "squash"
+    interpolation: str = "bilinear"
+    scale: str = "unit"
+    channels: int = 3
+    intensity: str = "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form for model metadata and run configs."""
+        return asdict(self) | {"image_size": list(self.image_size)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PreprocessConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error, not silently dropped."""
+        values = dict(values)
+        values["image_size"] = tuple(values.get("image_size", DEFAULT_IMAGE_SIZE))
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` on settings this version cannot apply."""
+        if self.resize != "squash":
+            raise ValueError(f"unsupported resize mode {self.resize!r} (supported: 'squash')")
+        if self.interpolation not in _RESAMPLING:
+            raise ValueError(f"unsupported interpolation {self.interpolation!r}")
+        if self.scale != "unit":
+            raise ValueError(f"unsupported scale {self.scale!r} (supported: 'unit')")
+        if self.channels != 3:
+            raise ValueError(f"unsupported channel count {self.channels} (supported: 3)")
+        if self.intensity not in _INTENSITY:
+            raise ValueError(f"unsupported intensity {self.intensity!r} (supported: {_INTENSITY})")
+
+
+def _describe(source: ImageSource) -> str:
+    return str(source) if isinstance(source, str | Path) else "<uploaded image>"
+
+
+def _read_bytes(source: ImageSource, name: str) -> bytes:
+    """The whole file: formats are told apart by content, never by the file name."""
+    if isinstance(source, bytes):
+        data = source
+    elif isinstance(source, str | Path):
+        try:
+            data = Path(source).read_bytes()
+        except FileNotFoundError as exc:
+            raise ImageReadError(f"{name}: no such file") from exc
+        except OSError as exc:
+            raise ImageReadError(f"{name}: cannot read file ({exc})") from exc
+    else:
+        data = source.read()
+    if not data:
+        raise ImageReadError(f"{name}: empty file (0 bytes)")
+    return data
+
+
+def failure_message(name: str, exc: BaseException) -> str:
+    """The reason given for a file whose decoder failed without a specific message."""
+    if isinstance(exc, MemoryError):
+        return f"{name}: out of memory while decoding this file (MemoryError)"
+    return f"{name}: the decoder failed on this file, which is probably damaged: {explain(exc)}"
+
+
+@contextmanager
+def decode_firewall(name: str) -> Iterator[None]:
+    """The last line of defence around one file's decoding: any exception a decoder raises
+    becomes an :class:`~pneumoscan.errors.UnexpectedDecodeError` naming the file and the
+    exception type, so no file content can end a batch. Specific checks come first; this
+    catches what they did not foresee.
+    """
+    try:
+        yield
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise UnexpectedDecodeError(failure_message(name, exc)) from exc
+
+
+def decode_bytes_per_pixel(mode: str) -> float:
+    """Estimated peak memory per pixel of turning a Pillow image of ``mode`` into RGB."""
+    if mode.startswith("I;16"):
+        return _HIGH_BIT_DEPTH_BYTES
+    return _DECODE_BYTES_PER_PIXEL.get(mode, _DECODE_BYTES_DEFAULT)
+
+
+def _open_pillow(data: bytes, name: str) -> Image.Image:
+    """Open with Pillow, check the declared size against the budget, then decode.
+
+    ``Image.open`` reads only the header, so an oversized image is refused before its pixels
+    are decompressed; Pillow's own bomb limit (about 179 megapixels, 3x ours) still applies.
+    """
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns above its limit; pneumoscan's lower one is checked just below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(
+            f"{name}: image over the {MAX_PIXELS / 1e6:.0f}-megapixel limit; refused without "
+            f"decoding ({explain(exc)})"
+        ) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageReadError(f"{name}: not an image (unrecognised format)") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageReadError(f"{name}: damaged or truncated image header ({explain(exc)})") from exc
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ImageReadError(f"{name}: image size {width} x {height} is not valid")
+    check_pixel_budget(name, width, height, decode_bytes_per_pixel(image.mode))
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageReadError(f"{name}: damaged or truncated image ({explain(exc)})") from exc
+    return image
+
+
+def _open_with_format(source: ImageSource) -> tuple[Image.Image, str]:
+    """Decode any supported file into a PIL image and name its format (``JPEG``, ``DICOM``...).
+
+    DICOM is recognised by its content (``DICM`` after the preamble) and decoded with pydicom;
+    everything else (JPEG, PNG, TIFF, BMP, WebP...) by Pillow, which also sniffs content.
+    Either way the declared size is checked before decoding (:mod:`pneumoscan.data.limits`).
+    """
+    name = _describe(source)
+    data = _read_bytes(source, name)
+    if looks_like_dicom(data[:256]):
+        # Deferred import: pydicom is only needed when a DICOM file arrives.
+        from pneumoscan.data.dicom import read_dicom
+
+        return Image.fromarray(read_dicom(data, name)), "DICOM"
+    image = _open_pillow(data, name)
+    return image, str(image.format or "unknown")
+
+
+def _open(source: ImageSource) -> Image.Image:
+    return _open_with_format(source)[0]
+
+
+def _high_bit_depth_to_8bit(image: Image.Image) -> Image.Image:
+    """Map 16/32-bit greyscale to 8 bits by the bit depth the pixels actually use.
+
+    Medical PNGs often store 10-14 significant bits in 16-bit containers; dividing by 65535
+    would make them nearly black, so the divisor is the smallest 2**k - 1 >= max value.
+    """
+    values = np.asarray(image)
+    if values.size == 0:
+        raise ValueError("image has no pixels")
+    if not np.all(np.isfinite(values)):
+        raise ValueError("image contains non-finite values")
+    lowest, highest = float(values.min()), float(values.max())
+    # Rescaled a few rows at a time: a float64 copy of the whole image takes 8 bytes a pixel.
+    if image.mode == "F" and lowest >= 0.0 and highest <= 1.0:
+        # Floating-point images in [0, 1] (e.g. TIFFs from research pipelines) are unit scaled.
+        return Image.fromarray(_rescaled(values, 0.0, 1.0))
+    offset = min(0.0, lowest)
+    peak = highest - offset
+    bits = int(np.clip(np.ceil(np.log2(peak + 1.0)), 8, 32)) if peak > 0 else 8
+    return Image.fromarray(_rescaled(values, offset, 2.0**bits - 1.0))
+
+
+def _rescaled(values: np.ndarray, offset: float, full_scale: float) -> np.ndarray:
+    """``round((values - offset) / full_scale * 255)`` as uint8, in float64 row by row."""
+    out = np.empty(values.shape, np.uint8)
+    for start in range(0, values.shape[0], _ROWS_PER_CHUNK):
+        rows = values[start : start + _ROWS_PER_CHUNK].astype(np.float64) - offset
+        out[start : start + _ROWS_PER_CHUNK] = np.round(rows / full_scale * 255.0).astype(np.uint8)
+    return out
+
+
+def colour_spread(pixels: np.ndarray) -> np.ndarray:
+    """Colour not explained by a single tint, in grey levels, per image of a uint8 RGB batch.
+
+    Each channel's difference from the brightness is regressed on the brightness; a grey or
+    uniformly tinted image (a film photographed under warm light) leaves no residual, a photo
+    with several hues leaves a large one (15 to 140 for scikit-image's colour photos).
+    """
+    pixels = np.asarray(pixels)
+    spread = np.zeros(len(pixels))
+    # Grey images (every X-ray) have exactly zero spread; checking that in uint8 saves the
+    # float arithmetic that dominated prediction's cheap checks.
+    flat = pixels.reshape(len(pixels), -1, 3)
+    grey = ((flat[..., 0] == flat[..., 1]) & (flat[..., 1] == flat[..., 2])).all(axis=1)
+    if not grey.all():
+        spread[~grey] = _colour_spread(flat[~grey])
+    return spread
+
+
+def _colour_spread(flat: np.ndarray) -> np.ndarray:
+    values = np.asarray(flat, np.float32)
+    brightness = values.mean(axis=2, keepdims=True)
+    chroma = values - brightness
+    centred_b = brightness - brightness.mean(axis=1, keepdims=True)
+    centred_c = chroma - chroma.mean(axis=1, keepdims=True)
+    variance_b = (centred_b**2).mean(axis=1, keepdims=True)
+    slope = (centred_b * centred_c).mean(axis=1, keepdims=True) / np.maximum(variance_b, 1e-6)
+    residual = centred_c - slope * centred_b
+    return np.asarray(np.sqrt((residual**2).mean(axis=1).sum(axis=1)))
+
+
+def _desaturate_tint(image: Image.Image) -> Image.Image:
+    """A tinted grey picture (a photo of a film) becomes grey; other images are unchanged.
+
+    X-rays are greyscale, so a colour cast carries no information, yet it changes what a
+    network trained on grey images outputs. Images whose channels are already equal (every
+    X-ray in the data sets) are returned as they are, so their pixels do not change.
+    """
+    pixels = np.asarray(image)
+    step = max(1, min(pixels.shape[:2]) // 256)
+    sample = pixels[::step, ::step]
+    if (sample[..., 0] == sample[..., 1]).all() and (sample[..., 1] == sample[..., 2]).all():
+        return image
+    if float(colour_spread(sample[None])[0]) > MAX_TINT_SPREAD:
+        return image
+    return image.convert("L").convert("RGB")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return _high_bit_depth_to_8bit(image).convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        # Transparent areas become black, like the unexposed edge of a film.
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    if image.mode == "L":
+        return image.convert("RGB")
+    return _desaturate_tint(image.convert("RGB"))
+
+
+def _upright_rgb(image: Image.Image, source: ImageSource) -> Image.Image:
+    try:
+        image = ImageOps.exif_transpose(image)
+        return _to_rgb(image)
+    except (OSError, ValueError) as exc:
+        raise ImageReadError(f"{_describe(source)}: cannot convert image ({exc})") from exc
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """Decode an image file into an upright 8-bit RGB ``PIL.Image``.
+
+    The format is found from the content, not the file name: JPEG, PNG (8/16-bit, greyscale,
+    RGB, RGBA, palette), TIFF and the other formats Pillow reads, and DICOM (see
+    :mod:`pneumoscan.data.dicom`). EXIF orientation is honoured.
+
+    Args:
+        source: A path, the file's bytes, or a binary file object.
+
+    Raises:
+        ImageReadError: The file is missing, empty, not an image, or damaged; the message
+            names the file.
+    """
+    with decode_firewall(_describe(source)):
+        return _upright_rgb(_open(source), source)
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """One decoded file, with what prediction needs besides the model input.
+
+    Attributes:
+        pixels: Model input stage one, ``(height, width, 3)`` uint8 (as
+            :func:`decode_to_uint8` returns it).
+        display: The same image before intensity normalisation (what a viewer shows); the
+            same array as ``pixels`` when the model uses none.
+        original_size: ``(width, height)`` of the upright image before resizing.
+        source_format: ``JPEG``, ``PNG``, ``TIFF``, ``DICOM``... as found from the content.
+    """
+
+    pixels: np.ndarray
+    display: np.ndarray
+    original_size: tuple[int, int]
+    source_format: str
+
+
+def decode_image(source: ImageSource, config: PreprocessConfig | None = None) -> DecodedImage:
+    """Decode and resize a file like :func:`decode_to_uint8`, keeping its size and format.
+
+    Raises:
+        ImageReadError: Whatever the file holds: a specific subclass or message for every
+            known problem (:class:`~pneumoscan.errors.ImageTooLargeError` over the pixel
+            budget), :class:`~pneumoscan.errors.UnexpectedDecodeError` for the rest.
+    """
+    with decode_firewall(_describe(source)):
+        return _decode_image(source, config)
+
+
+def _decode_image(source: ImageSource, config: PreprocessConfig | None) -> DecodedImage:
+    config = config or PreprocessConfig()
+    height, width = config.image_size
+    image, source_format = _open_with_format(source)
+    image = _upright_rgb(image, source)
+    original_size = image.size
+    if image.size != (width, height):
+        image = image.resize((width, height), _RESAMPLING[config.interpolation])
+    display = np.asarray(image, dtype=np.uint8)
+    pixels = display
+    if config.intensity == "equalize":
+        # After resizing, so a full-resolution original and its 224x224 copy equalise alike.
+        pixels = np.asarray(ImageOps.equalize(image.convert("L")).convert("RGB"), np.uint8)
+    return DecodedImage(pixels, display, original_size, source_format)
+
+
+def decode_to_uint8(source: ImageSource, config: PreprocessConfig | None = None) -> np.ndarray:
+    """First stage: decode and resize to a ``(height, width, 3)`` uint8 array."""
+    return decode_image(source, config).pixels
+
+
+def to_model_input(pixels: np.ndarray) -> np.ndarray:
+    """Second stage: uint8 pixels (any leading batch shape) to float32 in [0, 1].
+
+    Raises:
+        ValueError: The array is not uint8, so its value range is unknown.
+    """
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels in [0, 255], got dtype {pixels.dtype}")
+    return pixels.astype(np.float32) / np.float32(255.0)
+
+
+def preprocess_image(source: ImageSource, config: PreprocessConfig | None = None) -> np.ndarray:
+    """Turn an image file into the model's input tensor ``(height, width, 3)`` float32 in [0, 1].
+
+    Args:
+        source: A path, the file's bytes, or a binary file object.
+        config: The model's preprocessing; the default matches the ``seed`` model.
+    """
+    return to_model_input(decode_to_uint8(source, config))

@@ -1,0 +1,2 @@
+"""Evaluation: metrics of a model on a labelled split, model comparison, the HTML report, shortcut
+audit."""

@@ -1,0 +1,237 @@
+"""Model files that carry their own metadata.
+
+A pneumoscan model is a Keras ``.keras`` archive (a zip) with one extra member,
+``pneumoscan.json``: classes, input size, preprocessing, threshold, calibration, data
+fingerprint, recipe, versions and validation metrics. The metadata is read with ``zipfile``
+alone, so inspecting a model never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pneumoscan.constants import DEFAULT_MODEL_PATH, METADATA_MEMBER
+from pneumoscan.data.preprocess import PreprocessConfig
+from pneumoscan.errors import InvalidInputError, ModelFileError
+from pneumoscan.jsonio import atomic_write, dumps
+
+if TYPE_CHECKING:
+    import keras
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("arch", "classes", "preprocess", "threshold")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries that shape a model's numbers."""
+    versions = {"python": platform.python_version()}
+    for package in ("pneumoscan", "keras", "tensorflow-cpu", "tensorflow", "numpy", "pillow"):
+        try:
+            versions[package] = importlib_metadata.version(package)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def now_utc() -> str:
+    """Current time as an ISO 8601 string (UTC, seconds)."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """Return the model file to use: ``model``, a run folder's ``model.keras``, or the shipped one.
+
+    Raises:
+        ModelFileError: The path does not exist.
+    """
+    if model is None:
+        path = DEFAULT_MODEL_PATH
+    else:
+        path = Path(model)
+        if path.is_dir():
+            path = path / "model.keras"
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found (give a .keras file or a run folder)")
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """Read a model file's pneumoscan metadata without loading the network.
+
+    Raises:
+        ModelFileError: Not a zip, no metadata member, or required keys missing.
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            metadata: dict[str, Any] = json.loads(archive.read(METADATA_MEMBER))
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelFileError(f"{path}: not a Keras model archive ({exc})") from exc
+    except KeyError as exc:
+        raise ModelFileError(
+            f"{path}: no {METADATA_MEMBER} inside; it was not saved by pneumoscan, so its "
+            "classes, preprocessing and threshold are unknown"
+        ) from exc
+    missing = [key for key in REQUIRED_KEYS if key not in metadata]
+    if missing:
+        raise ModelFileError(f"{path}: metadata lacks {missing}")
+    return metadata
+
+
+def write_metadata(path: str | Path, metadata: dict[str, Any]) -> None:
+    """Replace the metadata member of a model file, atomically."""
+    _replace_member(Path(path), METADATA_MEMBER, dumps(metadata).encode())
+
+
+def _replace_member(path: Path, name: str, data: bytes) -> None:
+    """Rewrite the zip with member ``name`` added or replaced; the file is swapped in whole."""
+    with (
+        atomic_write(path) as tmp,
+        zipfile.ZipFile(path) as source,
+        zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as out,
+    ):
+        for item in source.infolist():
+            if item.filename != name:
+                out.writestr(item, source.read(item.filename))
+        out.writestr(name, data)
+
+
+def read_member(path: str | Path, name: str) -> bytes | None:
+    """Bytes of an extra zip member of a model file (e.g. OOD statistics), or ``None``.
+
+    Raises:
+        ModelFileError: The file is not a zip archive.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.read(name) if name in archive.namelist() else None
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelFileError(f"{path}: not a Keras model archive ({exc})") from exc
+
+
+def write_member(path: str | Path, name: str, data: bytes) -> None:
+    """Add or replace an extra zip member of a model file, atomically (Keras ignores it)."""
+    if name == METADATA_MEMBER:
+        raise InvalidInputError(f"use write_metadata for {METADATA_MEMBER}")
+    _replace_member(Path(path), name, data)
+
+
+def save_model(model: keras.Model, path: str | Path, metadata: dict[str, Any]) -> Path:
+    """Save a Keras model with its metadata; the file appears only once complete."""
+    path = Path(path)
+    metadata = {"format_version": FORMAT_VERSION, "saved": now_utc()} | metadata
+    with atomic_write(path) as tmp:
+        model.save(tmp)
+        write_metadata(tmp, metadata)
+    return path
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """How a model turns its raw score into a decision: Platt scaling of the logit
+    (``temperature``, ``logit_bias``), then ``threshold`` on the calibrated P(pneumonia), with
+    the rule that chose it. The one schema of these metadata keys, read and written here only.
+    """
+
+    threshold: float
+    temperature: float = 1.0
+    logit_bias: float = 0.0
+    threshold_rule: str | None = None
+    target_sensitivity: float | None = None
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> OperatingPoint:
+        """The operating point in a model's metadata (``KeyError`` without a threshold)."""
+        target = metadata.get("target_sensitivity")
+        rule = metadata.get("threshold_rule")
+        return cls(
+            threshold=float(metadata["threshold"]),
+            temperature=float(metadata.get("temperature", 1.0)),
+            logit_bias=float(metadata.get("logit_bias", 0.0)),
+            threshold_rule=None if rule is None else str(rule),
+            target_sensitivity=None if target is None else float(target),
+        )
+
+    def to_metadata(self) -> dict[str, Any]:
+        """The metadata entries, in the order model files have always had them; the rule and
+        the target are left out when unknown."""
+        entries: dict[str, Any] = {"threshold": self.threshold}
+        if self.threshold_rule is not None:
+            entries["threshold_rule"] = self.threshold_rule
+        if self.target_sensitivity is not None:
+            entries["target_sensitivity"] = self.target_sensitivity
+        return entries | {"temperature": self.temperature, "logit_bias": self.logit_bias}
+
+
+class ModelMetadataView:
+    """Properties read from a model's metadata, shared by the Keras and ONNX model holders."""
+
+    metadata: dict[str, Any]
+    path: Path
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        """The preprocessing this model was trained with."""
+        return PreprocessConfig.from_dict(self.metadata["preprocess"])
+
+    @property
+    def operating_point(self) -> OperatingPoint:
+        """Calibration, threshold and the rule that chose it (:class:`OperatingPoint`)."""
+        return OperatingPoint.from_metadata(self.metadata)
+
+    @property
+    def threshold(self) -> float:
+        """Operating threshold on P(pneumonia)."""
+        return self.operating_point.threshold
+
+    @property
+    def temperature(self) -> float:
+        """Temperature applied to the network's logit (1.0: none)."""
+        return self.operating_point.temperature
+
+    @property
+    def logit_bias(self) -> float:
+        """Bias added to the temperature-scaled logit (0.0: none)."""
+        return self.operating_point.logit_bias
+
+    @property
+    def name(self) -> str:
+        """A short label: the file name."""
+        return self.path.name
+
+
+@dataclass
+class LoadedModel(ModelMetadataView):
+    """A Keras network with the metadata that says how to feed and read it."""
+
+    network: keras.Model
+    metadata: dict[str, Any]
+    path: Path
+
+
+def load_model(model: str | Path | None = None) -> LoadedModel:
+    """Load a model file (default: the shipped model) with its metadata.
+
+    Raises:
+        ModelFileError: Missing file, missing metadata, or Keras cannot read it.
+    """
+    path = resolve_model_path(model)
+    metadata = read_metadata(path)
+    import keras  # lazy: loads TensorFlow
+
+    # Importing the registry registers custom layers that saved models may reference.
+    import pneumoscan.models  # noqa: F401
+
+    try:
+        network = keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises many types for damaged archives.
+        raise ModelFileError(f"{path}: Keras could not load the network ({exc})") from exc
+    return LoadedModel(network=network, metadata=metadata, path=path)

@@ -1,0 +1,1 @@
+"""Serving: the FastAPI service (uploads, limits, security headers, web page)."""

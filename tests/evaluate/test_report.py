@@ -1,0 +1,200 @@
+"""Tests for pneumoscan.evaluate.report: the self-contained HTML report, checked in headless
+Chromium."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pneumoscan.cli import app
+from pneumoscan.constants import DEFAULT_MODEL_PATH
+from pneumoscan.evaluate.report import build_report, display, number, training_history, worst_errors
+
+from conftest import CHROMIUM, CHROMIUM_ARGS, FIXTURES, SITE_SAMPLE
+
+SECTIONS = [
+    "summary", "dataset", "training", "curves", "confusion", "calibration", "sweep", "subtypes",
+    "errors", "model-card",
+]  # fmt: skip
+# The real images the report is made from: the hospital-like sample when the shared data is
+# there, else the repository's fixture set.
+REPORT_DATA = SITE_SAMPLE if SITE_SAMPLE.is_dir() else FIXTURES
+
+
+@pytest.fixture(scope="module")
+def site_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], str]:
+    """``pneumoscan report`` with the shipped model: (HTML path, JSON metrics, CLI output)."""
+    folder = tmp_path_factory.mktemp("report")
+    html_path, json_path = folder / "report.html", folder / "metrics.json"
+    result = CliRunner().invoke(
+        app,
+        ["report", "--data", str(REPORT_DATA), "--out", str(html_path), "--json", str(json_path)],
+    )
+    assert result.exit_code == 0, result.output
+    return html_path, json.loads(json_path.read_text()), result.output
+
+
+def _lookup(metrics: dict[str, Any], key: str) -> Any:
+    value: Any = metrics
+    for part in key.split("."):
+        value = value[int(part)] if isinstance(value, list) else value[part]
+    return value
+
+
+def test_worst_errors_puts_the_most_confident_mistakes_first() -> None:
+    y = np.array([1, 1, 1, 0, 0, 0, 1])
+    p = np.array([0.30, 0.01, 0.90, 0.60, 0.95, 0.10, 0.20])
+    missed, alarms = worst_errors(y, p, 0.5)
+    assert missed.tolist() == [1, 6, 0]  # P 0.01, 0.20, 0.30
+    assert alarms.tolist() == [4, 3]  # P 0.95, 0.60
+    assert worst_errors(y, p, 0.5, limit=1)[0].tolist() == [1]
+
+
+def test_numbers_carry_their_json_path_and_exact_value() -> None:
+    metrics = {"auc": 0.91234, "auc_ci": [0.8, float("nan")], "n": 100}
+    assert number(metrics, "auc") == '<span data-key="auc" data-value="0.91234">0.912</span>'
+    assert number(metrics, "n").endswith(">100</span>")
+    assert 'data-value="null">n/a<' in number(metrics, "auc_ci.1")
+    assert display(None) == "n/a" and display(3) == "3" and display(0.5) == "0.500"
+
+
+def test_thresholds_never_round_to_one() -> None:
+    from pneumoscan.formatting import format_probability, format_threshold
+
+    assert number({"threshold": 0.9996}, "threshold").endswith(">0.9996</span>")
+    assert number({"threshold": 0.99996}, "threshold").endswith(">0.99996</span>")
+    assert number({"sweep": [{"threshold": 0.5}]}, "sweep.0.threshold").endswith(">0.5000</span>")
+    assert format_threshold(0.787) == "0.7870" and format_threshold(0.00004) == "0.00004"
+    assert format_threshold(1.0) == "1.0000" and format_threshold(None) == "n/a"
+    assert format_probability(0.99951, 0.99996) == "0.99951"
+    assert format_probability(0.25) == "0.250"
+
+
+def test_intended_use_block_is_escaped_html() -> None:
+    from pneumoscan.evaluate.report import INTENDED_USE_FILE, intended_use_html
+
+    assert INTENDED_USE_FILE.is_file()  # shipped with the package (assets/*.md)
+    block = intended_use_html("## For <you>\nA line\ncontinued.\n\n- one\n  more\n- two\n")
+    assert block == (
+        '<div id="intended-use"><h3>For &lt;you&gt;</h3><p>A line continued.</p>'
+        "<ul><li>one more</li><li>two</li></ul></div>"
+    )
+
+
+def test_training_history_only_beside_a_run_folder_model(tmp_path: Path) -> None:
+    assert training_history(DEFAULT_MODEL_PATH) is None
+    (tmp_path / "history.csv").write_text("epoch,loss\n1,0.5\n")
+    history = training_history(tmp_path / "model.keras")
+    assert history is not None and list(history["loss"]) == [0.5]
+
+
+def test_report_is_one_self_contained_file(site_report: tuple[Path, dict[str, Any], str]) -> None:
+    html_path, metrics, output = site_report
+    page = html_path.read_text(encoding="utf-8")
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in page, section
+    images = re.findall(r"<img [^>]*src=\"([^\"]+)\"", page)
+    assert len(images) >= 7 and all(src.startswith("data:image/png;base64,") for src in images)
+    # Nothing to fetch: no external scripts, styles, images or links.
+    assert not re.search(r"(src|href)=\"(https?:)?//", page)
+    assert "<link" not in page and "@import" not in page
+    assert "training history not available" in page  # the shipped model has no run folder
+    embedded = re.search(r'<script type="application/json" id="metrics-json">(.*?)</script>', page)
+    assert embedded is not None
+    assert json.loads(embedded.group(1).replace("<\\/", "</")) == metrics
+    assert f"n={metrics['n']}" in " ".join(output.split())
+    assert "wrote" in output and str(html_path.name) in output
+    # The model card carries the intended use and known limits.
+    card = page[page.index('<section id="model-card">') :]
+    assert '<div id="intended-use">' in card
+    for heading in ("What it is for", "What it is not for", "Known limits"):
+        assert f"<h3>{heading}</h3>" in card
+    assert "not a diagnosis" in card and "Calibrate the threshold to each site" in card
+
+
+def test_report_of_a_run_folder_shows_its_training_curves(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.keras").symlink_to(DEFAULT_MODEL_PATH)
+    history = "epoch,loss,accuracy,val_loss,val_accuracy,val_auc\n1,0.4,0.8,0.3,0.9,0.95\n"
+    (run / "history.csv").write_text(history + "2,0.2,0.9,0.25,0.92,0.97\n")
+    result = build_report(tmp_path / "r.html", FIXTURES, model=run, n_resamples=200)
+    page = result.path.read_text(encoding="utf-8")
+    assert 'id="fig-training"' in page and "training history not available" not in page
+    assert result.metrics["n"] == 48 and result.size_bytes == result.path.stat().st_size
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}")
+@pytest.mark.skipif(
+    importlib.util.find_spec("playwright") is None,
+    reason="needs the playwright package (pip install -e '.[test]')",
+)
+def test_report_renders_in_headless_chromium(
+    site_report: tuple[Path, dict[str, Any], str],
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    html_path, metrics, _ = site_report
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(html_path.resolve().as_uri())
+            page.wait_for_load_state("load")
+            images = page.eval_on_selector_all(
+                "img", "els => els.map(e => [e.id, e.complete, e.naturalWidth, e.naturalHeight])"
+            )
+            shown = page.eval_on_selector_all(
+                "[data-key]",
+                "els => els.map(e => [e.dataset.key, e.dataset.value, e.textContent])",
+            )
+            summary = page.inner_text("#key-metrics")
+        finally:
+            browser.close()
+    assert len(images) >= 7
+    for image_id, complete, width, height in images:
+        assert complete and width > 0 and height > 0, image_id
+    keys = {key for key, _, _ in shown}
+    assert {"auc", "auc_ci.0", "auc_ci.1", "sensitivity", "specificity", "n"} <= keys
+    assert {"confusion_matrix.0.0", "confusion_matrix.1.1", "ece", "brier"} <= keys
+    for key, value, text in shown:
+        expected = _lookup(metrics, key)
+        assert json.loads(value) == expected, key
+        assert text == display(expected), key
+    assert display(metrics["auc"]) in summary and display(metrics["sensitivity"]) in summary
+
+
+def test_report_copes_with_one_class_only(tmp_path: Path) -> None:
+    # Only NORMAL images: AUC and sensitivity are undefined, nothing can be missed; no crash.
+    data = tmp_path / "normals"
+    (data / "NORMAL").mkdir(parents=True)
+    (data / "PNEUMONIA").mkdir()
+    for path in sorted((FIXTURES / "NORMAL").glob("*.jpeg"))[:4]:
+        shutil.copy(path, data / "NORMAL")
+    result = build_report(tmp_path / "r.html", data, n_resamples=100)
+    page = result.path.read_text(encoding="utf-8")
+    assert result.metrics["n"] == 4 and math.isnan(result.metrics["auc"])
+    assert "No pneumonia images." in page and "None at this threshold." in page
+    assert 'data-key="auc" data-value="null">n/a<' in page
+
+
+def test_error_gallery_carries_gradcam_maps(trained_run: Path) -> None:
+    from pneumoscan.evaluate.report import _thumbnails
+    from pneumoscan.models.modelfile import load_model
+
+    from conftest import fixture_images
+
+    paths = [str(p) for p in fixture_images("PNEUMONIA")[:2]]
+    images, maps = _thumbnails(load_model(trained_run), paths, np.array([0, 1]))
+    assert [image.shape for image in images] == [(224, 224)] * 2
+    assert all(m is not None and m.shape == (224, 224) and np.isfinite(m).all() for m in maps)
+    assert all(float(m.min()) >= 0.0 and float(m.max()) <= 1.0 for m in maps if m is not None)
