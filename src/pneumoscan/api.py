@@ -320,23 +320,14 @@ class Model:
         detector: OodDetector | None,
         ood_check: bool,
     ) -> Iterator[dict[str, Any]]:
-        from pneumoscan.inference.predict import error_result, predict_batch  # lazy: loads SciPy
+        from pneumoscan.inference.predict import error_result, predict_decoded  # lazy: loads SciPy
 
         for start in range(0, len(data), batch_size):
             items = _decode_all(data[start : start + batch_size], self._loaded)
             decoded = [item for item in items if isinstance(item, DecodedImage)]
             scored: Iterator[dict[str, Any]] = iter(())
             if decoded:
-                scored = iter(
-                    predict_batch(
-                        scorer,
-                        np.stack([d.pixels for d in decoded]),
-                        [d.original_size for d in decoded],
-                        detector,
-                        ood_check,
-                        np.stack([d.display for d in decoded]),
-                    )
-                )
+                scored = iter(predict_decoded(scorer, decoded, detector, ood_check))
             for offset, item in enumerate(items):
                 index = start + offset
                 if isinstance(item, str):

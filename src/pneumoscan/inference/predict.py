@@ -276,6 +276,23 @@ def predict_batch(
     return results
 
 
+def predict_decoded(
+    scorer: Scorer,
+    decoded: Sequence[DecodedImage],
+    detector: OodDetector | None,
+    ood_check: bool = True,
+) -> list[dict[str, Any]]:
+    """:func:`predict_batch` on decoded images (their pixels, original sizes and displays)."""
+    return predict_batch(
+        scorer,
+        np.stack([d.pixels for d in decoded]),
+        [d.original_size for d in decoded],
+        detector,
+        ood_check,
+        np.stack([d.display for d in decoded]),
+    )
+
+
 def heatmap_file(directory: Path, path: str) -> Path:
     """Overlay file for an input: its stem plus a hash of its path (names repeat in folders)."""
     digest = hashlib.sha1(path.encode("utf-8"), usedforsecurity=False).hexdigest()[:8]
@@ -364,14 +381,7 @@ def predict_files(
         positions = [start + i for i, item in enumerate(items) if isinstance(item, DecodedImage)]
         scored: dict[int, dict[str, Any]] = {}
         if decoded:
-            results = predict_batch(
-                scorer,
-                np.stack([d.pixels for d in decoded]),
-                [d.original_size for d in decoded],
-                detector,
-                ood_check,
-                np.stack([d.display for d in decoded]),
-            )
+            results = predict_decoded(scorer, decoded, detector, ood_check)
             names = [files[p] for p in positions]
             if directory is not None and heatmap_network is not None:
                 write_heatmaps(heatmap_network, decoded, results, names, directory)

@@ -1,0 +1,207 @@
+"""`pneumoscan evaluate`, `compare` and `report`: measuring models."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from pneumoscan.cli.common import (
+    ModelOption,
+    ScoringModelOption,
+    _fmt,
+    _fmt_ci,
+    stderr,
+    stdout,
+)
+from pneumoscan.constants import (
+    DEFAULT_RESAMPLES,
+    DEFAULT_SEED,
+)
+from pneumoscan.formatting import format_threshold
+from pneumoscan.jsonio import write_json
+from pneumoscan.progress import Reporter
+
+
+def evaluate(
+    data: Annotated[Path, typer.Argument(help="Dataset root or folder with NORMAL/ PNEUMONIA/.")],
+    model: ScoringModelOption = None,
+    split: Annotated[str, typer.Option(help="Split of a dataset root to evaluate.")] = "test",
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="Write the metrics and every image's score as JSON."),
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write the confusion-matrix heatmap to this PNG.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images scored at a time.")] = 32,
+    bootstrap: Annotated[
+        int, typer.Option(help="Bootstrap resamples (over patients) for the AUC and F1 CIs.")
+    ] = DEFAULT_RESAMPLES,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = DEFAULT_SEED,
+) -> None:
+    """Classification report, confusion matrix, ROC AUC and every rate with its 95% CI."""
+    from pneumoscan.evaluate.scoring import evaluate as run_evaluation  # lazy: loads pandas
+
+    metrics = run_evaluation(
+        data, model, split, batch_size, plot, Reporter(stderr), bootstrap, seed
+    )
+    where = f"split {metrics['split']}, n={metrics['n']}"
+    stdout.print(f"model {metrics['model']} on {metrics['data']} ({where})")
+    stdout.print(metrics["report"])
+    (tn, fp), (fn, tp) = metrics["confusion_matrix"]
+    table = Table(title=f"Confusion matrix at threshold {format_threshold(metrics['threshold'])}")
+    for column in ("", "predicted NORMAL", "predicted PNEUMONIA"):
+        table.add_column(column)
+    table.add_row("true NORMAL", str(tn), str(fp))
+    table.add_row("true PNEUMONIA", str(fn), str(tp))
+    stdout.print(table)
+    stdout.print(
+        f"ROC AUC {_fmt(metrics['auc'])}  sensitivity {_fmt(metrics['sensitivity'])}  "
+        f"specificity {_fmt(metrics['specificity'])}  accuracy {_fmt(metrics['accuracy'])}"
+    )
+    _print_uncertainty(metrics)
+    if metrics["skipped"]:
+        stdout.print(f"{len(metrics['skipped'])} unreadable images skipped")
+    if plot is not None:
+        stdout.print(f"wrote {plot}")
+    if json_out:
+        write_json(json_out, {k: v for k, v in metrics.items() if k != "report"})
+
+
+def _print_uncertainty(metrics: dict[str, Any]) -> None:
+    """The evaluation's rates with 95% CIs, calibration and per-subtype sensitivity."""
+    boot = metrics["bootstrap"]
+    resampled = f"bootstrap, {boot['n_units']} {boot['unit']}s"
+    table = Table(
+        title=f"95% confidence intervals (n={metrics['n']} images, threshold "
+        f"{format_threshold(metrics['threshold'])})"
+    )
+    for column in ("metric", "value", "95% CI", "method"):
+        table.add_column(column)
+    for label, key, method in (
+        ("ROC AUC", "auc", resampled),
+        ("PR AUC", "pr_auc", resampled),
+        ("sensitivity", "sensitivity", "Wilson"),
+        ("specificity", "specificity", "Wilson"),
+        ("PPV", "ppv", "Wilson"),
+        ("NPV", "npv", "Wilson"),
+        ("F1", "f1", resampled),
+        ("accuracy", "accuracy", "Wilson"),
+    ):
+        table.add_row(label, _fmt(metrics[key]), _fmt_ci(metrics[f"{key}_ci"]), method)
+    stdout.print(table)
+    stdout.print(
+        f"calibration: ECE {_fmt(metrics['ece'])} (10 bins), Brier {_fmt(metrics['brier'])}"
+    )
+    subtypes = [
+        f"{name} {_fmt(s['sensitivity'])} ({s['detected']}/{s['n']}, {_fmt_ci(s['ci'])})"
+        for name, s in metrics["per_subtype"].items()
+    ]
+    if subtypes:
+        stdout.print("sensitivity by subtype: " + ", ".join(subtypes))
+    sources = [
+        f"{name} {_fmt(s['specificity'])} ({s['cleared']}/{s['n']}, {_fmt_ci(s['ci'])})"
+        for name, s in metrics.get("per_source", {}).items()
+    ]
+    if sources:
+        stdout.print("specificity by source series: " + ", ".join(sources))
+    stdout.print(
+        f"AUC, PR AUC and F1 intervals: {boot['n_resamples']} bootstrap resamples of "
+        f"{boot['unit']}s (seed {boot['seed']}); rates: Wilson intervals on image counts"
+    )
+
+
+def compare(
+    model_a: Annotated[Path, typer.Argument(help="Model file, run folder or .onnx export A.")],
+    model_b: Annotated[Path, typer.Argument(help="Model file, run folder or .onnx export B.")],
+    data: Annotated[
+        Path, typer.Option("--data", help="Dataset root or folder with NORMAL/ PNEUMONIA/.")
+    ],
+    split: Annotated[
+        str, typer.Option(help="Split of a dataset root (val: model A's validation split).")
+    ] = "test",
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the comparison as JSON.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images scored at a time.")] = 32,
+    bootstrap: Annotated[
+        int, typer.Option(help="Paired bootstrap resamples (patients).")
+    ] = DEFAULT_RESAMPLES,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = DEFAULT_SEED,
+) -> None:
+    """Compare two models on the same images: ROC AUC difference with a paired bootstrap CI."""
+    from pneumoscan.evaluate.compare import compare_models  # lazy: loads pandas
+
+    result = compare_models(
+        model_a, model_b, data, split, batch_size, Reporter(stderr), bootstrap, seed
+    )
+    stdout.print(
+        f"{result['data']} (split {result['split']}, n={result['n']} images, "
+        f"{result['n_patients']} patients)"
+    )
+    for key in ("a", "b"):
+        stdout.print(f"{result['name_' + key]}: {result['model_' + key]}", highlight=False)
+    table = Table(title="Paired comparison on the same images (value and 95% CI)")
+    for column in ("", "A", "B"):
+        table.add_column(column)
+    a, b = result["a"], result["b"]
+    for label, key in (
+        ("ROC AUC", "auc"),
+        ("sensitivity", "sensitivity"),
+        ("specificity", "specificity"),
+    ):
+        table.add_row(
+            label,
+            *(f"{_fmt(m[key])} ({_fmt_ci(m[key + '_ci'])})" for m in (a, b)),
+        )
+    table.add_row("threshold", format_threshold(a["threshold"]), format_threshold(b["threshold"]))
+    stdout.print(table)
+    difference = result["auc_difference"]
+    low, high = difference["ci"]
+    signed = "n/a" if low is None or math.isnan(low) else f"{low:+.3f} to {high:+.3f}"
+    stdout.print(
+        f"AUC difference (B - A) {difference['difference']:+.4f}, 95% CI "
+        f"{signed} (paired bootstrap over patients, "
+        f"{difference['n_resamples']} resamples), p = {_fmt(difference['p_value'])}"
+    )
+    stdout.print(f"verdict: {result['verdict']}")
+    if json_out:
+        write_json(json_out, result)
+
+
+def report(
+    data: Annotated[
+        Path, typer.Option("--data", help="Dataset root or folder with NORMAL/ PNEUMONIA/.")
+    ],
+    model: ModelOption = None,
+    out: Annotated[Path, typer.Option(help="HTML file to write.")] = Path("report.html"),
+    split: Annotated[
+        str, typer.Option(help="Split of a dataset root (val: the model's validation split).")
+    ] = "test",
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the report's metrics as JSON.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images scored at a time.")] = 32,
+    bootstrap: Annotated[
+        int, typer.Option(help="Bootstrap resamples (patients).")
+    ] = DEFAULT_RESAMPLES,
+    seed: Annotated[int, typer.Option(help="Bootstrap and sample-grid seed.")] = DEFAULT_SEED,
+) -> None:
+    """One self-contained HTML evaluation report: curves, calibration, sweep, errors, card."""
+    from pneumoscan.evaluate.report import build_report  # lazy: loads pandas
+
+    result = build_report(out, data, model, split, batch_size, Reporter(stderr), bootstrap, seed)
+    metrics = result.metrics
+    stdout.print(
+        f"ROC AUC {_fmt(metrics['auc'])} ({_fmt_ci(metrics['auc_ci'])})  sensitivity "
+        f"{_fmt(metrics['sensitivity'])} ({_fmt_ci(metrics['sensitivity_ci'])})  specificity "
+        f"{_fmt(metrics['specificity'])} ({_fmt_ci(metrics['specificity_ci'])})  "
+        f"n={metrics['n']}"
+    )
+    stdout.print(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB, {result.seconds:.1f} s)")
+    if json_out:
+        write_json(json_out, {k: v for k, v in metrics.items() if k != "report"})

@@ -1,0 +1,412 @@
+"""`pneumoscan predict`, `export`, `models`, `serve` and `info`: using a model."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from pneumoscan.cli.common import (
+    ModelOption,
+    ScoringModelOption,
+    _fail,
+    stderr,
+    stdout,
+)
+from pneumoscan.constants import (
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_SEED,
+    SAMPLES_DIR,
+)
+from pneumoscan.formatting import format_probability, format_threshold
+from pneumoscan.jsonio import write_json
+from pneumoscan.progress import Reporter
+
+
+def predict(
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="Image files or folders (recursive).")
+    ] = None,
+    model: ScoringModelOption = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write results as JSON.")] = None,
+    samples: Annotated[
+        bool, typer.Option(help="Also predict the sample X-rays shipped with pneumoscan.")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(help="Images scored at a time.")] = 32,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Stream results to a .csv or .jsonl file as they come."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Append to --out, skipping files already ok or rejected there.")
+    ] = False,
+    heatmaps: Annotated[
+        Path | None, typer.Option(help="Folder for a Grad-CAM overlay PNG per accepted image.")
+    ] = None,
+    ood_check: Annotated[
+        bool,
+        typer.Option(
+            "--ood-check/--no-ood-check",
+            help="Reject inputs that do not look like frontal chest X-rays.",
+        ),
+    ] = True,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="auto: the model's saved ONNX export if any (the shipped model has an int8 "
+            "one), else keras; keras; or onnx (ONNX Runtime)."
+        ),
+    ] = "auto",
+    onnx: Annotated[
+        Path | None,
+        typer.Option(help="ONNX file for --backend onnx (default: exported from the model)."),
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Decoding threads.")] = 2,
+    sort: Annotated[
+        str,
+        typer.Option(
+            help="Order of the printed table: probability (likely pneumonia first, then "
+            "rejected and unreadable files), path, or input (as given). --out and --json "
+            "keep input order."
+        ),
+    ] = "probability",
+) -> None:
+    """P(pneumonia) and a decision per file; non-X-rays are rejected, bad files listed."""
+    from pneumoscan.inference.backends import open_model  # lazy: loads SciPy
+    from pneumoscan.inference.predict import (  # lazy: loads SciPy
+        ResultWriter,
+        completed_paths,
+        expand_inputs,
+        load_detector,
+        model_provenance,
+        predict_files,
+        stamp,
+        summarise,
+    )
+
+    if sort not in TABLE_SORTS:
+        _fail(f"unknown --sort {sort!r}; choose one of {', '.join(TABLE_SORTS)}")
+
+    inputs = [*(paths or []), *(sorted(SAMPLES_DIR.glob("*/*.jpeg")) if samples else [])]
+    if not inputs:
+        _fail("give image files or folders, or --samples")
+    if resume and out is None:
+        _fail("--resume needs --out FILE (the results file to continue)")
+    files, results = expand_inputs(inputs)
+    writer = ResultWriter(out, resume=resume) if out is not None else None
+    skipped = 0
+    if resume and out is not None and writer is not None:
+        done = completed_paths(out)
+        skipped = len(done & set(files))
+        stderr.print(f"resuming {out}: {skipped} files already done", highlight=False)
+        files = [f for f in files if f not in done]
+        # Retried files and re-listed problems replace their earlier rows: one row per path.
+        writer.forget([*files, *(r["path"] for r in results)])
+    loaded, network, note = open_model(model, backend, onnx, keras_network=bool(heatmaps))
+    if note:
+        stderr.print(note, highlight=False)
+    provenance = model_provenance(loaded)
+    results = [stamp(problem, provenance) for problem in results]
+    detector = load_detector(loaded) if ood_check else None
+    if ood_check and detector is None:
+        stderr.print(
+            f"{loaded.name} has no fitted OOD detector: only the cheap checks run "
+            "(add one with `pneumoscan fit-ood`)",
+            highlight=False,
+        )
+    stream = predict_files(
+        loaded, files, batch_size, ood_check=ood_check, heatmaps=heatmaps,
+        heatmap_network=network, workers=workers, detector=detector, provenance=provenance,
+    )  # fmt: skip
+    started = time.perf_counter()
+    if writer is not None:
+        for problem in results:
+            writer.write(problem)
+    failure: Exception | None = None
+    try:
+        with Reporter(stderr).task("predicting", total=len(files)) as advance:
+            for result in stream:
+                results.append(result)
+                if writer is not None:
+                    writer.write(result)
+                advance(1)
+    except Exception as exc:  # only the model can fail here: keep what was done, say so
+        failure = exc
+    finally:
+        if writer is not None:
+            writer.close()
+    if failure is not None:
+        _stop_after_model_failure(failure, results, json_out, out, loaded.path, len(files))
+    _print_predictions(
+        results,
+        f"pneumoscan {loaded.name} (threshold {format_threshold(loaded.threshold)})",
+        loaded.threshold,
+        sort,
+    )
+    seconds = time.perf_counter() - started
+    counts = summarise(results)
+    stdout.print(
+        f"{counts['ok']} ok, {counts['rejected']} rejected (not a frontal chest X-ray), "
+        f"{counts['error']} unreadable; {len(files)} files in {seconds:.1f} s "
+        f"({len(files) / max(seconds, 1e-9):.1f} images/s, {loaded.name}, "
+        f"{'onnx' if loaded.path.suffix == '.onnx' else 'keras'})"
+        + (f"; results in {out}" if out else ""),
+        highlight=False,
+    )
+    if json_out:
+        write_json(json_out, {"model": str(loaded.path), "results": results})
+    if results and counts["ok"] + counts["rejected"] + skipped == 0:
+        _fail("no input could be read", code=1)
+
+
+def _stop_after_model_failure(
+    failure: Exception,
+    results: list[dict[str, Any]],
+    json_out: Path | None,
+    out: Path | None,
+    model_path: Path,
+    total: int,
+) -> None:
+    """End a run whose model failed, keeping every result written so far (files never end a
+    run: their failures are results)."""
+    if json_out:
+        write_json(json_out, {"model": str(model_path), "results": results, "incomplete": True})
+    kept = f"; the {len(results)} results so far are in {out}" if out else ""
+    resume = f" (continue with --resume --out {out})" if out else ""
+    _fail(
+        f"the model failed after {len(results)} of {total} files: "
+        f"{type(failure).__name__}: {failure}{kept}{resume}",
+        code=1,
+    )
+
+
+MAX_TABLE_ROWS = 200
+
+
+TABLE_SORTS = ("probability", "path", "input")
+
+
+def sort_results(results: list[dict[str, Any]], order: str) -> list[dict[str, Any]]:
+    """Results in a table order: ``probability`` (scored files by falling P(pneumonia), then
+    rejected, then unreadable files, each in input order), ``path`` or ``input``."""
+    if order == "input":
+        return list(results)
+    if order == "path":
+        return sorted(results, key=lambda r: str(r["path"]))
+    if order != "probability":
+        raise ValueError(f"unknown order {order!r}; choose one of {TABLE_SORTS}")
+    rank = {"ok": 0, "rejected": 1}
+    return sorted(
+        results,
+        key=lambda r: (rank.get(r["status"], 2), -float(r.get("probability") or 0.0)),
+    )
+
+
+def display_names(paths: list[str]) -> dict[str, str]:
+    """A short name per path: the file name, with parent folders added only where two
+    shown files share a name (``NORMAL/1.jpeg`` and ``PNEUMONIA/1.jpeg``)."""
+    parts = {path: Path(path).parts or (path,) for path in set(paths)}
+    depth = dict.fromkeys(parts, 1)
+    while True:
+        shown: dict[str, list[str]] = {}
+        for path, pieces in parts.items():
+            shown.setdefault("/".join(pieces[-depth[path] :]), []).append(path)
+        clashes = [
+            path
+            for group in shown.values()
+            if len(group) > 1
+            for path in group
+            if depth[path] < len(parts[path])
+        ]
+        if not clashes:
+            return {path: "/".join(parts[path][-depth[path] :]) for path in parts}
+        for path in clashes:
+            depth[path] += 1
+
+
+def _print_predictions(
+    results: list[dict[str, Any]],
+    title: str,
+    threshold: float | None = None,
+    order: str = "probability",
+) -> None:
+    if len(results) > MAX_TABLE_ROWS:
+        return
+    names = display_names([str(r["path"]) for r in results])
+    table = Table(title=title)
+    table.add_column("file", overflow="fold")
+    for column in ("status", "P(pneumonia)", "decision / reason"):
+        table.add_column(column)
+    for result in sort_results(results, order):
+        name = Text(names[str(result["path"])])  # a file name is never Rich markup
+        if result["status"] == "ok":
+            probability = format_probability(result["probability"], threshold)
+            table.add_row(name, "ok", probability, result["decision"])
+        elif result["status"] == "rejected":
+            table.add_row(name, "[yellow]rejected[/yellow]", "", result["reason"])
+        else:
+            table.add_row(name, "[red]error[/red]", "", result["error"])
+    stdout.print(table)
+
+
+def export_model(
+    model: ModelOption = None,
+    export_format: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="File to write (default: beside the model, MODEL.onnx or MODEL.int8.onnx, "
+            "where `predict --backend auto` finds it; the shipped model's: this folder)."
+        ),
+    ] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 17,
+    quantize: Annotated[
+        str | None,
+        typer.Option(help="int8: static int8 quantisation (about 1.9x the float32 speed)."),
+    ] = None,
+    calibration_data: Annotated[
+        Path | None,
+        typer.Option(help="Dataset with the model's training images, for --quantize int8."),
+    ] = None,
+    calibration_images: Annotated[
+        int, typer.Option(help="Training images that calibrate the int8 ranges.")
+    ] = DEFAULT_CALIBRATION_IMAGES,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration sample.")] = DEFAULT_SEED,
+) -> None:
+    """Export a model (with its metadata and OOD detector) to ONNX for ONNX Runtime."""
+    from pneumoscan.inference.export import (  # lazy: loads SciPy
+        FORMATS,
+        default_export_path,
+        export_onnx,
+    )
+
+    # lazy: the CLI loads only what a command runs
+    from pneumoscan.models.modelfile import resolve_model_path
+
+    if export_format not in FORMATS:
+        _fail(f"unknown format {export_format!r}; choose one of {FORMATS}")
+    source = resolve_model_path(model)
+    target = out or default_export_path(source, quantize)
+    summary = export_onnx(
+        source, target, opset=opset, quantize=quantize,
+        calibration_data=calibration_data, calibration_images=calibration_images, seed=seed,
+    )  # fmt: skip
+    detector = "included" if summary.ood else "none (run fit-ood first to include one)"
+    if summary.quantization:
+        used = summary.quantization["calibration_images"]
+        stdout.print(f"int8, calibrated on {used} training images of {calibration_data}")
+    stdout.print(
+        f"wrote {summary.path} ({summary.size_bytes / 1e6:.1f} MB; outputs "
+        f"{', '.join(summary.outputs)}; OOD detector {detector})",
+        highlight=False,
+    )
+
+
+def models() -> None:
+    """List the registered architectures."""
+    # lazy: the CLI loads only what a command runs
+    from pneumoscan.models import get_spec, list_models
+
+    table = Table(title="Registered architectures")
+    for column in ("name", "input", "recipe", "description"):
+        table.add_column(column)
+    for name in list_models():
+        spec = get_spec(name)
+        recipe = spec.recipe
+        table.add_row(
+            name,
+            "x".join(map(str, spec.preprocess.image_size)),
+            f"{recipe.optimizer}, batch {recipe.batch_size}, {recipe.epochs} epochs",
+            spec.description,
+        )
+    stdout.print(table)
+
+
+def serve(
+    model: ScoringModelOption = None,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="PNEUMOSCAN_API_KEY",
+            show_envvar=True,
+            help="Require this key in the X-API-Key header on /v1/* (prefer the environment "
+            "variable: a command line is visible to other users of the machine).",
+        ),
+    ] = None,
+    max_upload_mb: Annotated[
+        float, typer.Option(help="Largest accepted file in MB; larger ones get HTTP 413.")
+    ] = 20.0,
+    max_request_mb: Annotated[
+        float, typer.Option(help="Largest accepted request (all files together) in MB.")
+    ] = 100.0,
+    max_files: Annotated[int, typer.Option(help="Most files in one request.")] = 50,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="auto: the model's saved ONNX export if any, as predict uses (Keras loads for "
+            "heatmaps only); keras; or onnx (ONNX Runtime)."
+        ),
+    ] = "auto",
+) -> None:
+    """Serve the triage web page and the JSON API (FastAPI on uvicorn); Ctrl-C stops it."""
+    import logging  # lazy: the CLI loads only what a command runs
+
+    import uvicorn  # lazy: loads uvicorn
+
+    # lazy: the CLI loads only what a command runs
+    from pneumoscan.models.modelfile import resolve_model_path
+    from pneumoscan.serve.app import create_app  # lazy: loads FastAPI
+    from pneumoscan.serve.uploads import MB  # lazy: the CLI loads only what a command runs
+
+    if backend not in ("auto", "keras", "onnx"):
+        _fail(f"unknown backend {backend!r}; choose auto, keras or onnx")
+    # A wrong model path is a typo: say so now rather than from a running server's /health.
+    if model is None or model.suffix.lower() != ".onnx":
+        resolve_model_path(model)
+    elif not model.is_file():
+        _fail(f"{model}: ONNX file not found")
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        stderr.print(
+            f"[yellow]warning:[/yellow] listening on {host} without an API key: anyone who "
+            "can reach this address can use the API (set PNEUMOSCAN_API_KEY)",
+            highlight=False,
+        )
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    application = create_app(
+        model, api_key, max_upload_bytes=round(max_upload_mb * MB),
+        max_request_bytes=round(max_request_mb * MB), max_files=max_files, backend=backend,
+    )  # fmt: skip
+    stdout.print(
+        f"pneumoscan serving on http://{host}:{port}/ (API docs at /docs); the model loads "
+        "in the background (/health says when it is ready)",
+        highlight=False,
+    )
+    uvicorn.run(application, host=host, port=port, log_level="info")
+
+
+def info(model: ScoringModelOption = None) -> None:
+    """Print a model file's metadata (reads no weights)."""
+    # lazy: the CLI loads only what a command runs
+    from pneumoscan.models.modelfile import read_metadata, resolve_model_path
+
+    path = resolve_model_path(model)
+    if path.suffix.lower() == ".onnx":
+        from pneumoscan.inference.scorer import read_onnx_metadata  # lazy: loads SciPy
+
+        metadata = read_onnx_metadata(path)
+    else:
+        metadata = read_metadata(path)
+    stdout.print(f"{path}")
+    stdout.print_json(json.dumps(metadata, default=str))

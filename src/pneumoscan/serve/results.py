@@ -1,0 +1,126 @@
+"""Per-file work: decoding an upload, pictures for the page, one file's result."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from pneumoscan.constants import HEATMAP_MAX_SIDE
+from pneumoscan.constants import VERSION as __version__
+from pneumoscan.data.preprocess import decode_image
+from pneumoscan.errors import ImageReadError
+from pneumoscan.inference.explain import heatmap_title, overlay_png
+from pneumoscan.serve.config import _RENDER_LOCK, _UPLOAD_PLACEHOLDER, PREVIEW_MAX_SIDE
+from pneumoscan.serve.schemas import FileResult, Scored
+
+if TYPE_CHECKING:
+    from pneumoscan.data.preprocess import DecodedImage
+    from pneumoscan.inference.scorer import AnyModel
+
+
+logger = logging.getLogger("pneumoscan.serve")
+
+
+def _reason(exc: Exception, filename: str) -> str:
+    """The decoder's message, naming the file the client sent."""
+    message = str(exc)
+    if isinstance(exc, ImageReadError):
+        return message.replace(_UPLOAD_PLACEHOLDER, filename)
+    # decode_image turns every failure into an ImageReadError; should anything else get
+    # here, name its kind only (its text might quote file content).
+    return f"{filename}: the decoder failed on this file ({type(exc).__name__})"
+
+
+def decode_upload(data: bytes, filename: str, model: AnyModel) -> DecodedImage | str:
+    """Decode one upload for the model, or the reason it cannot be; never raises."""
+
+    try:
+        return decode_image(data, model.preprocess)
+    except Exception as exc:  # every failure becomes a per-file reason, never a 500
+        return _reason(exc, filename)
+
+
+def png_base64(pixels: np.ndarray) -> str:
+    """Base64 PNG of a uint8 image (stored as grey when the channels are equal)."""
+    image = Image.fromarray(pixels)
+    grey = pixels.ndim == 3 and all(np.array_equal(pixels[..., 0], pixels[..., c]) for c in (1, 2))
+    if grey:
+        image = image.convert("L")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=3)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def heatmap_base64(
+    decoded: DecodedImage, heatmap: np.ndarray, filename: str, result: dict[str, Any]
+) -> str:
+    """Base64 PNG of the Grad-CAM overlay, drawn like ``pneumoscan predict --heatmaps``."""
+    from pneumoscan.inference.predict import display_at_original_aspect  # lazy: loads SciPy
+
+    title = heatmap_title(filename, result["probability"], result["decision"])
+    picture = display_at_original_aspect(decoded, HEATMAP_MAX_SIDE)
+    with _RENDER_LOCK:
+        data = overlay_png(picture, heatmap, title, max_side=HEATMAP_MAX_SIDE)
+    return base64.b64encode(data).decode("ascii")
+
+
+def _picture(draw: Callable[[], str], what: str) -> str | None:
+    """A picture for the result, or ``None`` if drawing it failed (the result still stands)."""
+    try:
+        return draw()
+    except Exception as exc:  # a drawing failure must not turn the whole request into a 500
+        logger.error("drawing the %s failed (%s)", what, type(exc).__name__)
+        return None
+
+
+def build_result(
+    filename: str,
+    decoded: DecodedImage | str,
+    scored: Scored | None,
+    threshold: float,
+    with_image: bool,
+    provenance: dict[str, Any] | None = None,
+) -> FileResult:
+    """The API's result for one file from its decoding and scoring.
+
+    ``provenance`` (:func:`pneumoscan.inference.predict.model_provenance`) gives the model's hash;
+    the
+    result also records the pneumoscan version and when it was made.
+    """
+    from pneumoscan.inference.predict import display_at_original_aspect, stamp  # lazy: loads SciPy
+
+    recorded = stamp({}, provenance or {"pneumoscan_version": __version__})
+    if isinstance(decoded, str) or scored is None:
+        reason = decoded if isinstance(decoded, str) else f"{filename}: not scored"
+        return FileResult(
+            filename=filename, status="error", threshold=threshold, reason=reason, **recorded
+        )
+    result = scored.result
+    cam = scored.heatmap
+    heatmap = None
+    if cam is not None:
+        heatmap = _picture(lambda: heatmap_base64(decoded, cam, filename, result), "heatmap")
+    image = None
+    if with_image:
+        image = _picture(
+            lambda: png_base64(display_at_original_aspect(decoded, PREVIEW_MAX_SIDE)), "image"
+        )
+    return FileResult(
+        filename=filename,
+        status=result["status"],
+        probability=result.get("probability"),
+        decision=result.get("decision"),
+        threshold=threshold,
+        reason=result.get("reason"),
+        ood_score=result.get("ood_score"),
+        format=decoded.source_format,
+        heatmap=heatmap,
+        image=image,
+        **recorded,
+    )

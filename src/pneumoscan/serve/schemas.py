@@ -1,0 +1,96 @@
+"""The JSON shapes of the API's answers (pydantic models) and a scored image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from pneumoscan.constants import VERSION as __version__
+
+if TYPE_CHECKING:
+    pass
+
+
+class FileResult(BaseModel):
+    """The outcome for one uploaded file."""
+
+    filename: str = Field(description="The file name the client sent.")
+    status: Literal["ok", "rejected", "error"] = Field(
+        description="ok: scored; rejected: not a frontal chest X-ray (not scored); "
+        "error: not a readable image."
+    )
+    probability: float | None = Field(default=None, description="P(pneumonia), when ok.")
+    decision: Literal["NORMAL", "PNEUMONIA"] | None = Field(
+        default=None, description="PNEUMONIA when probability >= threshold, when ok."
+    )
+    threshold: float = Field(description="The model's operating threshold on P(pneumonia).")
+    reason: str | None = Field(default=None, description="Why the file was rejected or not read.")
+    ood_score: float | None = Field(
+        default=None, description="Out-of-distribution score (above 1 is rejected), when computed."
+    )
+    format: str | None = Field(
+        default=None, description="Format found from the content (JPEG, DICOM...)."
+    )
+    heatmap: str | None = Field(
+        default=None,
+        description="Grad-CAM overlay, base64 PNG (ok files, with ?heatmap=true, when the model "
+        "has its Keras network: see heatmaps in /v1/model).",
+    )
+    image: str | None = Field(
+        default=None,
+        description="The decoded image, base64 PNG (readable files, with ?image=true).",
+    )
+    model_sha256: str | None = Field(
+        default=None, description="SHA-256 of the model file that scored the file."
+    )
+    pneumoscan_version: str = Field(
+        default=__version__, description="The pneumoscan version that produced the result."
+    )
+    scored_at: str | None = Field(
+        default=None, description="When the result was made (UTC, ISO 8601)."
+    )
+
+
+class PredictResponse(BaseModel):
+    """Results of one upload, one per file in upload order."""
+
+    model: str
+    results: list[FileResult]
+
+
+class Health(BaseModel):
+    """Liveness and readiness: HTTP 200 when ready, 503 while loading or after a failure."""
+
+    live: bool
+    ready: bool
+    status: Literal["loading", "ready", "failed"]
+    detail: str | None = None
+    version: str
+
+
+class ModelInfo(BaseModel):
+    """The model being served, its card and its full metadata."""
+
+    name: str
+    backend: str
+    arch: str | None
+    classes: list[str]
+    threshold: float
+    input_size: list[int]
+    heatmaps: bool
+    ood_detector: bool
+    intended_use: str
+    limits: dict[str, int]
+    model_card: dict[str, Any]
+    metadata: dict[str, Any]
+
+
+@dataclass
+class Scored:
+    """One image's prediction result and, when asked and ok, its Grad-CAM map."""
+
+    result: dict[str, Any]
+    heatmap: np.ndarray | None = None
