@@ -54,3 +54,24 @@ def test_wrapper_saves_restores_and_unwraps(batch: np.ndarray, tmp_path: Path) -
 def test_unknown_augmentation_is_refused() -> None:
     with pytest.raises(ValueError, match="xray"):
         build_augmenter("heavy", seed=0)
+
+
+def test_border_mask_blacks_out_edge_bands_only_while_training(batch: np.ndarray) -> None:
+    from pneumoscan.data.augment import RandomBorderMask
+
+    images = np.ones((16, 64, 64, 3), np.float32)
+    masked = np.asarray(RandomBorderMask(rate=1.0, max_share=0.25, seed=3)(images, training=True))
+    assert masked.min() == 0.0 and masked.max() == 1.0
+    assert np.all(masked[:, 20:44, 20:44] == 1.0)  # the centre is never touched
+    zeros = masked[..., 0] == 0
+    for image in zeros:  # what is masked are whole rows or columns at the edges
+        rows, cols = image.all(axis=1), image.all(axis=0)
+        assert np.array_equal(image, rows[:, None] | cols[None, :])
+    assert len({zeros[i].sum() for i in range(16)}) > 4  # random band widths
+    untouched = RandomBorderMask(rate=0.0, seed=3)(images, training=True)
+    np.testing.assert_array_equal(np.asarray(untouched), images)
+    np.testing.assert_array_equal(np.asarray(RandomBorderMask(1.0)(images)), images)
+    augmenter = build_augmenter("xray_border", seed=4)
+    assert augmenter is not None and "random_border_mask" in augmenter.layers[-2].name
+    out = np.asarray(augmenter(batch, training=True))
+    assert out.min() >= 0.0 and out.max() <= 1.0

@@ -339,7 +339,7 @@ def test_registry_specs() -> None:
     assert pretrained.preprocess == scratch.preprocess == PreprocessConfig()
     assert pretrained.recipe.optimizer == "adam" and pretrained.recipe.learning_rate is not None
     assert pretrained.recipe.class_weight == "balanced" and pretrained.recipe.restore_best
-    assert pretrained.recipe.augment == "xray"
+    assert pretrained.recipe.augment == "xray_border"
 
 
 def test_scratch_model_builds_without_weights() -> None:
