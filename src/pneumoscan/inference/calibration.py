@@ -145,6 +145,22 @@ def threshold_with_confidence(
     return float(positives[misses]), reachable
 
 
+def fit_scaling_and_threshold(
+    y_true: np.ndarray, p_raw: np.ndarray, target_sensitivity: float, confidence: float = 0.5
+) -> tuple[float, float, float]:
+    """``(temperature, logit bias, threshold)``: Platt scaling of raw scores, then the highest
+    threshold whose sensitivity (its one-sided lower ``confidence`` bound, see
+    :func:`threshold_with_confidence`; 0.5: the plain rate) reaches the target on the scaled
+    scores. The one fit behind training's, the int8 export's and site calibration's operating
+    points."""
+    # Platt scaling rather than a temperature alone: class weights train the network for a
+    # balanced prior, so its raw scores are biased against the data's real class balance.
+    temperature, bias = fit_temperature_and_bias(y_true, p_raw)
+    p_fitted = apply_temperature(p_raw, temperature, bias)
+    threshold, _ = threshold_with_confidence(y_true, p_fitted, target_sensitivity, confidence)
+    return temperature, bias, threshold
+
+
 def fit_operating_point(
     y_true: np.ndarray,
     p_raw: np.ndarray,
@@ -171,11 +187,8 @@ def fit_operating_point(
     """
     from pneumoscan.metrics import binary_metrics, expected_calibration_error  # lazy: loads pandas
 
-    # Platt scaling rather than a temperature alone: class weights train the network for a
-    # balanced prior, so its raw scores are biased against the data's real class balance.
-    temperature, bias = fit_temperature_and_bias(y_true, p_raw)
+    temperature, bias, threshold = fit_scaling_and_threshold(y_true, p_raw, target_sensitivity)
     p_fitted = apply_temperature(p_raw, temperature, bias)
-    threshold = threshold_for_sensitivity(y_true, p_fitted, target_sensitivity)
     validation = binary_metrics(y_true, p_fitted, threshold)
     validation["split"] = split
     validation["ece"] = expected_calibration_error(y_true, p_fitted)

@@ -29,8 +29,7 @@ from pneumoscan.data.preprocess import to_model_input
 from pneumoscan.errors import DatasetError
 from pneumoscan.inference.calibration import (
     apply_temperature,
-    fit_temperature_and_bias,
-    threshold_with_confidence,
+    fit_scaling_and_threshold,
 )
 from pneumoscan.metrics import binary_metrics, expected_calibration_error, wilson_interval
 from pneumoscan.models.modelfile import (
@@ -85,10 +84,7 @@ def _refit(
     y_fit: np.ndarray, p_fit_raw: np.ndarray, target: float, confidence: float
 ) -> tuple[float, float, float]:
     """The whole site refit on some images: Platt scaling, then the confident threshold."""
-    temperature, bias = fit_temperature_and_bias(y_fit, p_fit_raw)
-    p_fit = apply_temperature(p_fit_raw, temperature, bias)
-    threshold, _ = threshold_with_confidence(y_fit, p_fit, target, confidence)
-    return temperature, bias, threshold
+    return fit_scaling_and_threshold(y_fit, p_fit_raw, target, confidence)
 
 
 def cross_validated_figures(
