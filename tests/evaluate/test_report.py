@@ -198,3 +198,13 @@ def test_error_gallery_carries_gradcam_maps(trained_run: Path) -> None:
     assert [image.shape for image in images] == [(224, 224)] * 2
     assert all(m is not None and m.shape == (224, 224) and np.isfinite(m).all() for m in maps)
     assert all(float(m.min()) >= 0.0 and float(m.max()) <= 1.0 for m in maps if m is not None)
+
+
+def test_report_adds_the_shortcut_audit_and_sources_when_asked(tmp_path: Path) -> None:
+    result = build_report(tmp_path / "r.html", FIXTURES, n_resamples=100, shortcut_audit=True)
+    page = result.path.read_text()
+    assert '<section id="shortcuts">' in page and '<section id="sources">' in page
+    assert page.count("<tr>", page.index('id="shortcuts"')) >= 8  # one row per perturbation
+    assert "outer 8% of each side set to black" in page
+    plain = build_report(tmp_path / "p.html", FIXTURES, n_resamples=100).path.read_text()
+    assert '<section id="shortcuts">' not in plain

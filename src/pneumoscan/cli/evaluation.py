@@ -190,11 +190,17 @@ def report(
         int, typer.Option(help="Bootstrap resamples (patients).")
     ] = DEFAULT_RESAMPLES,
     seed: Annotated[int, typer.Option(help="Bootstrap and sample-grid seed.")] = DEFAULT_SEED,
+    shortcut_audit: Annotated[
+        bool, typer.Option(help="Add the shortcut audit (markers, borders, exposure, flip).")
+    ] = False,
 ) -> None:
     """One self-contained HTML evaluation report: curves, calibration, sweep, errors, card."""
     from pneumoscan.evaluate.report import build_report  # lazy: loads pandas
 
-    result = build_report(out, data, model, split, batch_size, Reporter(stderr), bootstrap, seed)
+    result = build_report(
+        out, data, model, split, batch_size, Reporter(stderr), bootstrap, seed,
+        shortcut_audit=shortcut_audit,
+    )  # fmt: skip
     metrics = result.metrics
     stdout.print(
         f"ROC AUC {_fmt(metrics['auc'])} ({_fmt_ci(metrics['auc_ci'])})  sensitivity "

@@ -384,6 +384,53 @@ def _subtypes(metrics: dict[str, Any]) -> str:
     return f'<section id="subtypes"><h2>Sensitivity per pneumonia subtype</h2>{content}</section>'
 
 
+def _sources(metrics: dict[str, Any]) -> str:
+    rows = [
+        [
+            html.escape(name),
+            number(metrics, f"per_source.{name}.n"),
+            number(metrics, f"per_source.{name}.cleared"),
+            number(metrics, f"per_source.{name}.specificity"),
+            interval(metrics, f"per_source.{name}.ci"),
+        ]
+        for name in metrics.get("per_source", {})
+    ]
+    if not rows:
+        return ""
+    table = _table(["source series", "normal images", "not flagged", "specificity", "95% CI"], rows)
+    return f'<section id="sources"><h2>Specificity per source series</h2>{table}</section>'
+
+
+def _shortcuts(audit: dict[str, Any] | None) -> str:
+    """The shortcut audit (:func:`pneumoscan.evaluate.shortcuts.audit_model`), if it was run."""
+    if not audit:
+        return ""
+
+    def signed(value: float) -> str:
+        return f"{value:+.3f}"
+
+    rows = [
+        [
+            html.escape(f["description"]),
+            signed(f["mean_shift"]),
+            f"{signed(f['mean_shift_ci'][0])} to {signed(f['mean_shift_ci'][1])}",
+            signed(f["mean_shift_normal"]),
+            signed(f["mean_shift_pneumonia"]),
+            f"{f['flipped']} ({f['flip_rate']:.1%})",
+        ]
+        for f in audit["findings"]
+    ]
+    header = [
+        "perturbation", "mean shift", "95% CI", "normals", "pneumonias", "decisions flipped",
+    ]  # fmt: skip
+    return (
+        '<section id="shortcuts"><h2>Shortcut audit</h2>'
+        "<p>How far P(pneumonia) moves when something that is not disease changes, on the "
+        f"same {audit['n']} images (intervals resample patients). A change that is not "
+        "disease should move nothing.</p>" + _table(header, rows) + "</section>"
+    )
+
+
 def _gallery(
     scored: ScoredImages,
     missed: np.ndarray,
@@ -515,6 +562,7 @@ def render_report(
     figures: dict[str, str | None],
     missed: np.ndarray,
     alarms: np.ndarray,
+    shortcuts: dict[str, Any] | None = None,
 ) -> str:
     """The report's HTML from computed metrics and figure data URIs (no I/O).
 
@@ -525,6 +573,7 @@ def render_report(
         figures: Figure name -> data URI (``None``: not available).
         missed: Rows of ``scored`` shown as false negatives.
         alarms: Rows of ``scored`` shown as false positives.
+        shortcuts: The shortcut audit's result, for its section (``None``: no section).
     """
     model_name = Path(scored.model).name
     title = f"pneumoscan report: {model_name} on {Path(scored.data).name} ({scored.split})"
@@ -537,6 +586,8 @@ def render_report(
             _calibration(metrics, figures),
             _sweep(metrics),
             _subtypes(metrics),
+            _sources(metrics),
+            _shortcuts(shortcuts),
             _gallery(scored, missed, alarms, figures),
             _model_card(metadata),
         ]
@@ -669,6 +720,7 @@ def build_report(
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = DEFAULT_SEED,
     max_errors: int = MAX_ERRORS,
+    shortcut_audit: bool = False,
 ) -> ReportResult:
     """Score a labelled dataset and write the self-contained HTML report.
 
@@ -683,6 +735,8 @@ def build_report(
         n_resamples: Bootstrap resamples for the intervals.
         seed: Bootstrap and sample-grid seed.
         max_errors: Worst false negatives and false positives shown (each).
+        shortcut_audit: Also run the shortcut audit on the same images (scores every image
+            once per perturbation) and add its section.
 
     Returns:
         The report's path, its metrics (as :func:`pneumoscan.evaluate.scoring.evaluate` returns
@@ -702,7 +756,12 @@ def build_report(
     missed, alarms = worst_errors(scored.y_true, scored.p_pneumonia, scored.threshold, max_errors)
     with tempfile.TemporaryDirectory(prefix="pneumoscan-report-") as folder:
         figures = _draw_figures(Path(folder), scored, metrics, loaded, missed, alarms, seed)
-    page = render_report(metrics, scored, loaded.metadata, figures, missed, alarms)
+    shortcuts = None
+    if shortcut_audit:
+        from pneumoscan.evaluate.shortcuts import audit_model  # lazy: only when asked
+
+        shortcuts = audit_model(data, loaded.path, reporter=reporter)
+    page = render_report(metrics, scored, loaded.metadata, figures, missed, alarms, shortcuts)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
