@@ -95,6 +95,9 @@ def test_shipped_model_predicts_the_shipped_samples(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (("evaluate", "/nonexistent/folder"), "no such folder"),
+        (("evaluate", "--data", "/nonexistent/folder"), "no such folder"),
+        (("evaluate",), "give the data set once"),
+        (("evaluate", str(FIXTURES), "--data", str(FIXTURES)), "give the data set once"),
         (("train", "--data", "/nonexistent/folder", "--out", "/tmp/x"), "no such folder"),
         (("evaluate", str(FIXTURES), "--model", "/nonexistent.keras"), "model file not found"),
         (("train", "--data", str(FIXTURES), "--arch", "vgg99"), "unknown architecture"),
@@ -186,3 +189,15 @@ def test_keep_drops_only_the_known_start_up_lines() -> None:
     assert not keep("I0000 00:00:17.8 11337 port.cc:153] oneDNN custom operations are on.")
     assert not keep("WARNING: All log messages before absl::InitializeLog() is called are ...")
     assert keep("Traceback (most recent call last):") and keep("UserWarning: something")
+
+
+def test_evaluate_takes_the_data_set_as_argument_or_as_data(tmp_path: Path) -> None:
+    """`evaluate DATA` and `evaluate --data DATA` (as compare and report take it) agree."""
+    runs = {}
+    for name, where in (("argument", [FIXTURES]), ("option", ["--data", FIXTURES])):
+        out = tmp_path / f"{name}.json"
+        code, text = invoke("evaluate", *where, "--bootstrap", "50", "--json", out)
+        assert code == 0, text
+        runs[name] = json.loads(out.read_text())
+    for key in ("n", "auc", "sensitivity", "specificity", "confusion_matrix", "data"):
+        assert runs["argument"][key] == runs["option"][key]

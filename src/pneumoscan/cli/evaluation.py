@@ -12,6 +12,7 @@ from rich.table import Table
 from pneumoscan.cli.common import (
     ModelOption,
     ScoringModelOption,
+    _fail,
     _fmt,
     _fmt_ci,
     stderr,
@@ -27,8 +28,15 @@ from pneumoscan.progress import Reporter
 
 
 def evaluate(
-    data: Annotated[Path, typer.Argument(help="Dataset root or folder with NORMAL/ PNEUMONIA/.")],
+    data: Annotated[
+        Path | None,
+        typer.Argument(help="Dataset root or folder with NORMAL/ PNEUMONIA/ (or --data)."),
+    ] = None,
     model: ScoringModelOption = None,
+    data_option: Annotated[
+        Path | None,
+        typer.Option("--data", help="The data set, as compare and report take it (or DATA)."),
+    ] = None,
     split: Annotated[str, typer.Option(help="Split of a dataset root to evaluate.")] = "test",
     json_out: Annotated[
         Path | None,
@@ -46,6 +54,10 @@ def evaluate(
     """Classification report, confusion matrix, ROC AUC and every rate with its 95% CI."""
     from pneumoscan.evaluate.scoring import evaluate as run_evaluation  # lazy: loads pandas
 
+    if (data is None) == (data_option is None):
+        _fail("give the data set once: evaluate DATA, or evaluate --data DATA")
+    data = data if data is not None else data_option
+    assert data is not None  # one of the two, checked above
     metrics = run_evaluation(
         data, model, split, batch_size, plot, Reporter(stderr), bootstrap, seed
     )
