@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from pneumoscan.constants import DEFAULT_MODEL_PATH
-from pneumoscan.models.modelfile import read_metadata
+from pneumoscan.constants import DEFAULT_ONNX_PATH
+from pneumoscan.inference.scorer import read_onnx_metadata
 from pneumoscan.serve.app import Engine, create_app
 
 from conftest import CHROMIUM, CHROMIUM_ARGS, fixture_images
@@ -113,8 +113,9 @@ def test_page_triages_two_xrays_with_bars_and_heatmaps(server: str, tmp_path: Pa
     assert names == [pneumonia.name, normal.name]
     assert decisions == ["Pneumonia suspected — review first", "No pneumonia detected"]
     assert values[0] > 0.5 > values[1]
-    # Each bar is marked at the shipped model's threshold.
-    threshold = 100 * read_metadata(DEFAULT_MODEL_PATH)["threshold"]
+    # Each bar is marked at the threshold of the model that scored it: the service, like
+    # `pneumoscan predict`, scores on the shipped model's int8 export.
+    threshold = 100 * read_onnx_metadata(DEFAULT_ONNX_PATH)["threshold"]
     assert widths[0] > 0
     assert [float(m.rstrip("%")) for m in marks] == pytest.approx([threshold] * 2, abs=0.01)
     assert before != after and after is not None and after.startswith("data:image/png;base64,")
