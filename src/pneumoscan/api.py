@@ -42,7 +42,7 @@ from pneumoscan.constants import (
     SAMPLES_DIR,
 )
 from pneumoscan.data.pixels import UINT8_MAX, as_uint8
-from pneumoscan.data.preprocess import DecodedImage, decode_image
+from pneumoscan.data.preprocess import DecodedImage, DecodeFailure, try_decode_image
 from pneumoscan.errors import ImageReadError, ModelFileError
 from pneumoscan.inference.explain import gradcam, heatmap_title, overlay_png
 from pneumoscan.jsonio import jsonable
@@ -51,7 +51,6 @@ from pneumoscan.models.modelfile import LoadedModel, load_model, resolve_model_p
 if TYPE_CHECKING:
     import keras
 
-    from pneumoscan.data.preprocess import DecodedImage
     from pneumoscan.inference.ood import OodDetector
     from pneumoscan.inference.scorer import AnyModel, Scorer
 
@@ -172,16 +171,15 @@ def _split_inputs(inputs: Inputs) -> tuple[list[Path] | None, list[bytes]]:
     )
 
 
-def _decode_all(data: Sequence[bytes], model: AnyModel) -> list[DecodedImage | str]:
-    """Decode in-memory images as files are decoded; a failure is a message, not a raise."""
+def _decode_all(data: Sequence[bytes], model: AnyModel) -> list[DecodedImage | DecodeFailure]:
+    """Decode in-memory images as files are decoded; a failure is a value, not a raise.
 
-    decoded: list[DecodedImage | str] = []
-    for index, item in enumerate(data):
-        try:
-            decoded.append(decode_image(item, model.preprocess))
-        except ImageReadError as exc:
-            decoded.append(str(exc).replace("<uploaded image>", f"image {index}"))
-    return decoded
+    Messages call each image ``image <its index in data>``.
+    """
+    return [
+        try_decode_image(item, model.preprocess, name=f"image {index}")
+        for index, item in enumerate(data)
+    ]
 
 
 # --------------------------------------------------------------------------- the model
@@ -330,8 +328,8 @@ class Model:
                 scored = iter(predict_decoded(scorer, decoded, detector, ood_check))
             for offset, item in enumerate(items):
                 index = start + offset
-                if isinstance(item, str):
-                    yield {"index": index} | error_result(f"image {index}", item)
+                if isinstance(item, DecodeFailure):
+                    yield {"index": index} | error_result(f"image {index}", item.message)
                 else:
                     yield {"index": index} | next(scored)
 
@@ -451,16 +449,13 @@ class Model:
         if (paths is not None and len(paths) != 1) or (paths is None and len(data) != 1):
             raise ValueError("heatmap draws one image at a time; loop over the images")
         label = Path(paths[0]).name if paths is not None else "image"
-        decoded: DecodedImage | str
-        if paths is not None:
-            try:
-                decoded = decode_image(paths[0], self._loaded.preprocess)
-            except ImageReadError as exc:
-                decoded = str(exc)
-        else:
-            decoded = _decode_all(data, self._loaded)[0]
-        if isinstance(decoded, str):
-            raise ValueError(f"cannot draw a heatmap: {decoded}")
+        decoded = (
+            try_decode_image(paths[0], self._loaded.preprocess)
+            if paths is not None
+            else _decode_all(data, self._loaded)[0]
+        )
+        if isinstance(decoded, DecodeFailure):
+            raise ValueError(f"cannot draw a heatmap: {decoded.message}")
         scorer, detector = self._parts(True)
         result = predict_batch(
             scorer,

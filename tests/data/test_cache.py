@@ -91,9 +91,10 @@ def test_corrupt_file_is_recorded_and_not_retried(
     paths = _paths(tmp_path)
     config = PreprocessConfig()
     _, kept, errors = cached_decode(paths, config, tmp_path / "cache")
-    assert 2 not in kept.tolist() and errors[0][0] == 2 and "truncated.jpeg" in errors[0][1]
+    assert 2 not in kept.tolist() and errors[0][0] == 2 and "truncated.jpeg" in errors[0][1].message
     index = json.loads((Shard(tmp_path / "cache", config).index_path).read_text())
-    assert list(index["errors"].values()) == [errors[0][1]]
+    assert list(index["errors"].values()) == [errors[0][1].message]
+    assert list(index["error_types"].values()) == [errors[0][1].error_type]
     monkeypatch.setattr(pipeline, "decode_to_uint8", _no_decoding)
     assert cached_decode(paths, config, tmp_path / "cache")[2] == errors
 
@@ -184,3 +185,17 @@ def test_training_with_the_cache_matches_training_without(tmp_path: Path) -> Non
     assert ram_config["data_fingerprint"] == cached_config["data_fingerprint"]
     assert ram.validation["n"] == cached.validation["n"]
     assert ram.validation["auc"] == pytest.approx(cached.validation["auc"], abs=1e-6)
+
+
+def test_an_index_without_error_types_still_gives_its_failures(tmp_path: Path) -> None:
+    # Caches written before error types were recorded hold only the messages.
+    paths = _paths(tmp_path)
+    config = PreprocessConfig()
+    _, _, errors = cached_decode(paths, config, tmp_path / "cache")
+    index_path = Shard(tmp_path / "cache", config).index_path
+    index = json.loads(index_path.read_text())
+    del index["error_types"]
+    index_path.write_text(json.dumps(index))
+    again = cached_decode(paths, config, tmp_path / "cache")[2]
+    assert [(p, f.path, f.message) for p, f in again] == [(p, f.path, f.message) for p, f in errors]
+    assert {f.error_type for _, f in again} == {"ImageReadError"}

@@ -21,7 +21,13 @@ import fuzzcorpus
 from pneumoscan.data import limits
 from pneumoscan.data.dicom import write_dicom
 from pneumoscan.data.pipeline import _decode, _decode_one
-from pneumoscan.data.preprocess import PreprocessConfig, _decode_image, decode_image
+from pneumoscan.data.preprocess import (
+    DecodeFailure,
+    PreprocessConfig,
+    _decode_image,
+    decode_image,
+    try_decode_image,
+)
 from pneumoscan.errors import ImageReadError, ImageTooLargeError, UnexpectedDecodeError
 from pneumoscan.inference.predict import (
     ResultWriter,
@@ -237,9 +243,10 @@ def test_the_firewall_turns_any_decoder_failure_into_a_reason(
     monkeypatch.setattr("pneumoscan.data.preprocess._open_with_format", broken)
     with pytest.raises(UnexpectedDecodeError, match=r"x.png: the decoder failed.*KeyError"):
         decode_image(path, SMALL)
-    message = _decode(str(path), SMALL)
-    assert isinstance(message, str) and "KeyError" in message
-    assert isinstance(_decode_one(str(path), SMALL), str)
+    failure = _decode(str(path), SMALL)
+    assert isinstance(failure, DecodeFailure) and "KeyError" in failure.message
+    assert failure.error_type == "UnexpectedDecodeError" and failure.path == str(path)
+    assert isinstance(_decode_one(str(path), SMALL), DecodeFailure)
 
 
 def test_predict_and_training_decode_survive_non_read_errors(
@@ -250,8 +257,9 @@ def test_predict_and_training_decode_survive_non_read_errors(
 
     monkeypatch.setattr("pneumoscan.data.pipeline.decode_image", explode)
     monkeypatch.setattr("pneumoscan.data.pipeline.decode_to_uint8", explode)
-    assert "RecursionError" in str(_decode("a.png", SMALL))
-    assert "RecursionError" in str(_decode_one("a.png", SMALL))
+    for failure in (_decode("a.png", SMALL), _decode_one("a.png", SMALL)):
+        assert isinstance(failure, DecodeFailure) and failure.error_type == "RecursionError"
+        assert failure.message.startswith("a.png: ") and "RecursionError" in failure.message
 
 
 def test_every_input_is_accounted_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -321,3 +329,18 @@ def test_reader_keeps_the_last_row_of_a_repeated_path(tmp_path: Path) -> None:
         ("x", "second"),
         ("y", None),
     ]
+
+
+def test_decode_failures_name_the_file_as_the_caller_calls_it() -> None:
+    # Uploads and in-memory images have no path: the caller's name is in the message from
+    # the start, for Pillow and DICOM content alike.
+    fake_dicom = b"\0" * 128 + b"DICM" + b"\x02\x00garbage"
+    for data, name in ((b"clinical notes\n", "notes.txt"), (fake_dicom, "scan.dcm")):
+        with pytest.raises(ImageReadError, match=rf"^{name}: "):
+            decode_image(data, SMALL, name=name)
+        failure = try_decode_image(data, SMALL, name=name)
+        assert isinstance(failure, DecodeFailure) and failure.path == name
+        assert failure.message.startswith(f"{name}: ") and "<uploaded image>" not in failure.message
+    assert try_decode_image(b"", SMALL) == DecodeFailure(
+        "<uploaded image>", "<uploaded image>: empty file (0 bytes)", "ImageReadError"
+    )

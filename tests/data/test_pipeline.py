@@ -22,7 +22,8 @@ def test_stream_keeps_order_and_reports_bad_files(tmp_path: Path) -> None:
     indices = [i for b in batches for i in b.indices]
     assert indices == [0, 2, 3, 4, 5]
     errors = [e for b in batches for e in b.errors]
-    assert errors[0][0] == 1 and str(bad) in errors[0][1]
+    assert errors[0][0] == 1 and str(bad) in errors[0][1].message
+    assert errors[0][1].path == str(bad) and errors[0][1].error_type == "ImageReadError"
     np.testing.assert_array_equal(batches[1].pixels[0], decode_to_uint8(good[1]))
 
 

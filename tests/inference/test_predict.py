@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import nonxray
 from pneumoscan.cli import app
 from pneumoscan.data.pipeline import iter_decoded
-from pneumoscan.data.preprocess import PreprocessConfig, decode_image
+from pneumoscan.data.preprocess import DecodeFailure, PreprocessConfig, decode_image
 from pneumoscan.inference.predict import (
     ResultWriter,
     completed_paths,
@@ -75,7 +75,7 @@ def test_decoding_streams_in_order_whatever_the_batching(folder: Path) -> None:
     assert [start for start, _ in batches] == list(range(0, len(files), 4))
     flat = [item for _, items in batches for item in items]
     assert len(flat) == len(files)
-    assert sum(isinstance(item, str) for item in flat) == 3  # empty, cut, notes
+    assert sum(isinstance(item, DecodeFailure) for item in flat) == 3  # empty, cut, notes
 
 
 def test_one_bad_file_never_stops_the_batch(model: LoadedModel, folder: Path) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pneumoscan.data.pipeline import iter_decoded_batches
-from pneumoscan.data.preprocess import PreprocessConfig
+from pneumoscan.data.preprocess import DecodeFailure, PreprocessConfig
 from pneumoscan.jsonio import atomic_write
 
 try:  # POSIX only; elsewhere concurrent writers are simply not guarded.
@@ -78,6 +78,7 @@ class Shard:
         self.row_bytes = height * width * 3
         self.rows: dict[str, int] = {}
         self.errors: dict[str, str] = {}
+        self.error_types: dict[str, str] = {}
         self.n_rows = 0
 
     @contextlib.contextmanager
@@ -106,7 +107,8 @@ class Shard:
         n_rows = int(index.get("n_rows", 0))
         if size < n_rows * self.row_bytes:
             # Rows the index points at are gone (file deleted or damaged): start afresh.
-            index, n_rows = {"n_rows": 0, "rows": {}, "errors": index.get("errors", {})}, 0
+            kept = {key: index.get(key, {}) for key in ("errors", "error_types")}
+            index, n_rows = {"n_rows": 0, "rows": {}} | kept, 0
         if size != n_rows * self.row_bytes:
             # A killed run appended rows it never indexed; they are cut off, not trusted.
             with open(self.rows_path, "ab") as handle:
@@ -114,10 +116,16 @@ class Shard:
         self.n_rows = n_rows
         self.rows = {str(k): int(v) for k, v in index.get("rows", {}).items()}
         self.errors = {str(k): str(v) for k, v in index.get("errors", {}).items()}
+        self.error_types = {str(k): str(v) for k, v in index.get("error_types", {}).items()}
 
     def commit(self) -> None:
         """Make appended rows durable, then point the index at them (atomically)."""
-        index = {"n_rows": self.n_rows, "rows": self.rows, "errors": self.errors}
+        index = {
+            "n_rows": self.n_rows,
+            "rows": self.rows,
+            "errors": self.errors,
+            "error_types": self.error_types,
+        }
         _atomic_write_text(self.index_path, json.dumps(index))
 
     def append(self, pixels: np.ndarray, hashes: Sequence[str]) -> None:
@@ -129,6 +137,21 @@ class Shard:
         for offset, sha1 in enumerate(hashes):
             self.rows.setdefault(sha1, self.n_rows + offset)
         self.n_rows += len(hashes)
+
+    def record_failure(self, sha1: str, failure: DecodeFailure) -> None:
+        """Remember that this content at this path cannot be decoded (not retried)."""
+        key = _error_key(sha1, failure.path)
+        self.errors[key] = failure.message
+        self.error_types[key] = failure.error_type
+
+    def failure(self, sha1: str, path: str) -> DecodeFailure | None:
+        """The recorded failure of this content at this path, if any."""
+        key = _error_key(sha1, path)
+        if key not in self.errors:
+            return None
+        # Indexes written before error types were kept hold only the message; every decode
+        # failure is at least an ImageReadError.
+        return DecodeFailure(path, self.errors[key], self.error_types.get(key, "ImageReadError"))
 
     def memmap(self) -> np.ndarray:
         """All committed rows, read-only and memory-mapped."""
@@ -163,9 +186,9 @@ def _decode_missing(
     hashes: Sequence[str | None],
     missing: list[int],
     on_progress: Callable[[int], None] | None,
-) -> dict[int, str]:
+) -> dict[int, DecodeFailure]:
     """Decode the positions not in the cache, append them, and return uncacheable errors."""
-    uncached_errors: dict[int, str] = {}
+    uncached_errors: dict[int, DecodeFailure] = {}
     pending = 0
     miss_paths = [paths[i] for i in missing]
     for batch in iter_decoded_batches(miss_paths, shard.config, batch_size=64):
@@ -180,13 +203,13 @@ def _decode_missing(
         if keep:
             shard.append(batch.pixels[keep], new_hashes)
             pending += len(keep)
-        for local, message in batch.errors:
+        for local, failure in batch.errors:
             position = missing[local]
             sha1 = hashes[position]
             if sha1 is None:
-                uncached_errors[position] = message
+                uncached_errors[position] = failure
             else:
-                shard.errors[_error_key(sha1, paths[position])] = message
+                shard.record_failure(sha1, failure)
         if batch.errors or pending >= _COMMIT_EVERY:
             shard.commit()
             pending = 0
@@ -241,7 +264,7 @@ def cached_decode(
     config: PreprocessConfig,
     cache_dir: str | Path | None = None,
     on_progress: Callable[[int], None] | None = None,
-) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, DecodeFailure]]]:
     """Like :func:`pneumoscan.data.pipeline.decode_all`, but decoding only what the cache lacks.
 
     Args:
@@ -260,22 +283,21 @@ def cached_decode(
         missing = [
             i
             for i, sha1 in enumerate(hashes)
-            if sha1 is None
-            or (sha1 not in shard.rows and _error_key(sha1, paths[i]) not in shard.errors)
+            if sha1 is None or (sha1 not in shard.rows and shard.failure(sha1, paths[i]) is None)
         ]
         if on_progress and len(paths) > len(missing):
             on_progress(len(paths) - len(missing))
         uncached = _decode_missing(shard, paths, hashes, missing, on_progress) if missing else {}
         kept: list[int] = []
         rows: list[int] = []
-        errors: list[tuple[int, str]] = []
+        errors: list[tuple[int, DecodeFailure]] = []
         for position, sha1 in enumerate(hashes):
             if sha1 is not None and sha1 in shard.rows:
                 kept.append(position)
                 rows.append(shard.rows[sha1])
-            elif sha1 is None:
-                errors.append((position, uncached[position]))
-            else:
-                errors.append((position, shard.errors[_error_key(sha1, paths[position])]))
+                continue
+            failure = uncached[position] if sha1 is None else shard.failure(sha1, paths[position])
+            assert failure is not None  # decoded above: a row or a recorded failure
+            errors.append((position, failure))
         pixels = _table_view(shard, np.asarray(rows, dtype=np.int64))
     return pixels, np.asarray(kept, dtype=int), errors

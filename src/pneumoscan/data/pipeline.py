@@ -17,13 +17,12 @@ import numpy as np
 from pneumoscan.constants import DEFAULT_WORKERS
 from pneumoscan.data.preprocess import (
     DecodedImage,
+    DecodeFailure,
     PreprocessConfig,
     decode_image,
     decode_to_uint8,
-    failure_message,
     to_model_input,
 )
-from pneumoscan.errors import ImageReadError
 
 #: Batches decoded ahead of the consumer by :func:`iter_decoded`.
 DEFAULT_PREFETCH = 2
@@ -38,27 +37,29 @@ class DecodedBatch:
     Attributes:
         indices: Positions (in the input sequence) of the decoded images, in order.
         pixels: ``(len(indices), H, W, 3)`` uint8.
-        errors: ``(position, message)`` for each file that could not be decoded.
+        errors: ``(position, failure)`` for each file that could not be decoded.
     """
 
     indices: list[int]
     pixels: np.ndarray
-    errors: list[tuple[int, str]]
+    errors: list[tuple[int, DecodeFailure]]
 
 
-def _decode_one(path: str, config: PreprocessConfig) -> np.ndarray | str:
+# Both decoders call decode_to_uint8 / decode_image through this module's names (tests
+# replace them here to simulate decoder bugs).
+def _decode_one(path: str, config: PreprocessConfig) -> np.ndarray | DecodeFailure:
     try:
         return decode_to_uint8(path, config)
-    except ImageReadError as exc:
-        return str(exc)
     except Exception as exc:  # the per-file firewall: one file never ends training's decode
-        return failure_message(path, exc)
+        return DecodeFailure.from_exception(path, exc)
 
 
-def _collect(start: int, results: list[np.ndarray | str], config: PreprocessConfig) -> DecodedBatch:
+def _collect(
+    start: int, results: list[np.ndarray | DecodeFailure], config: PreprocessConfig
+) -> DecodedBatch:
     indices, arrays, errors = [], [], []
     for offset, result in enumerate(results):
-        if isinstance(result, str):
+        if isinstance(result, DecodeFailure):
             errors.append((start + offset, result))
         else:
             indices.append(start + offset)
@@ -84,13 +85,11 @@ def iter_decoded_batches(
         yield _collect(start, results, config)
 
 
-def _decode(path: str, config: PreprocessConfig) -> DecodedImage | str:
+def _decode(path: str, config: PreprocessConfig) -> DecodedImage | DecodeFailure:
     try:
         return decode_image(path, config)
-    except ImageReadError as exc:
-        return str(exc)
     except Exception as exc:  # the per-file firewall: no file's content may end a run
-        return failure_message(path, exc)
+        return DecodeFailure.from_exception(path, exc)
 
 
 def iter_decoded(
@@ -99,8 +98,8 @@ def iter_decoded(
     batch_size: int = 32,
     workers: int = DEFAULT_WORKERS,
     prefetch: int = DEFAULT_PREFETCH,
-) -> Iterator[tuple[int, list[DecodedImage | str]]]:
-    """``(start, decoded or error message per file)`` batch by batch, in order.
+) -> Iterator[tuple[int, list[DecodedImage | DecodeFailure]]]:
+    """``(start, decoded image or failure per file)`` batch by batch, in order.
 
     ``workers`` threads decode up to ``prefetch`` batches ahead of the consumer (Pillow and
     the network release the GIL, so decoding overlaps scoring); memory holds at most
@@ -137,7 +136,7 @@ def decode_all(
     paths: Sequence[str],
     config: PreprocessConfig,
     on_progress: Callable[[int], None] | None = None,
-) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, DecodeFailure]]]:
     """Decode every file into one uint8 array (the training set's in-memory cache).
 
     Returns:
@@ -146,7 +145,7 @@ def decode_all(
     height, width = config.image_size
     pixels = np.empty((len(paths), height, width, 3), np.uint8)
     kept: list[int] = []
-    errors: list[tuple[int, str]] = []
+    errors: list[tuple[int, DecodeFailure]] = []
     for batch in iter_decoded_batches(paths, config, batch_size=64):
         pixels[len(kept) : len(kept) + len(batch.indices)] = batch.pixels
         kept.extend(batch.indices)

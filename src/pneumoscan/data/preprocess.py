@@ -96,7 +96,11 @@ class PreprocessConfig:
             raise ValueError(f"unsupported intensity {self.intensity!r} (supported: {_INTENSITY})")
 
 
-def _describe(source: ImageSource) -> str:
+def _describe(source: ImageSource, name: str | None = None) -> str:
+    """The name messages give the file: ``name`` if the caller knows one (an upload's file
+    name, ``image 3`` of a list), else its path, else a generic label."""
+    if name is not None:
+        return name
     return str(source) if isinstance(source, str | Path) else "<uploaded image>"
 
 
@@ -178,14 +182,13 @@ def _open_pillow(data: bytes, name: str) -> Image.Image:
     return image
 
 
-def _open_with_format(source: ImageSource) -> tuple[Image.Image, str]:
+def _open_with_format(source: ImageSource, name: str) -> tuple[Image.Image, str]:
     """Decode any supported file into a PIL image and name its format (``JPEG``, ``DICOM``...).
 
     DICOM is recognised by its content (``DICM`` after the preamble) and decoded with pydicom;
     everything else (JPEG, PNG, TIFF, BMP, WebP...) by Pillow, which also sniffs content.
     Either way the declared size is checked before decoding (:mod:`pneumoscan.data.limits`).
     """
-    name = _describe(source)
     data = _read_bytes(source, name)
     if looks_like_dicom(data[:256]):
         # Deferred import: pydicom is only needed when a DICOM file arrives.
@@ -194,10 +197,6 @@ def _open_with_format(source: ImageSource) -> tuple[Image.Image, str]:
         return Image.fromarray(read_dicom(data, name)), "DICOM"
     image = _open_pillow(data, name)
     return image, str(image.format or "unknown")
-
-
-def _open(source: ImageSource) -> Image.Image:
-    return _open_with_format(source)[0]
 
 
 def _high_bit_depth_to_8bit(image: Image.Image) -> Image.Image:
@@ -292,12 +291,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return _desaturate_tint(image.convert("RGB"))
 
 
-def _upright_rgb(image: Image.Image, source: ImageSource) -> Image.Image:
+def _upright_rgb(image: Image.Image, name: str) -> Image.Image:
     try:
         image = ImageOps.exif_transpose(image)
         return _to_rgb(image)
     except (OSError, ValueError) as exc:
-        raise ImageReadError(f"{_describe(source)}: cannot convert image ({exc})") from exc
+        raise ImageReadError(f"{name}: cannot convert image ({exc})") from exc
 
 
 def load_image(source: ImageSource) -> Image.Image:
@@ -314,8 +313,9 @@ def load_image(source: ImageSource) -> Image.Image:
         ImageReadError: The file is missing, empty, not an image, or damaged; the message
             names the file.
     """
-    with decode_firewall(_describe(source)):
-        return _upright_rgb(_open(source), source)
+    name = _describe(source)
+    with decode_firewall(name):
+        return _upright_rgb(_open_with_format(source, name)[0], name)
 
 
 @dataclass(frozen=True)
@@ -337,23 +337,33 @@ class DecodedImage:
     source_format: str
 
 
-def decode_image(source: ImageSource, config: PreprocessConfig | None = None) -> DecodedImage:
+def decode_image(
+    source: ImageSource, config: PreprocessConfig | None = None, name: str | None = None
+) -> DecodedImage:
     """Decode and resize a file like :func:`decode_to_uint8`, keeping its size and format.
+
+    ``name`` is what error messages call the file (default: its path, or a generic label
+    for bytes and file objects), so a caller never has to patch names into messages.
 
     Raises:
         ImageReadError: Whatever the file holds: a specific subclass or message for every
             known problem (:class:`~pneumoscan.errors.ImageTooLargeError` over the pixel
             budget), :class:`~pneumoscan.errors.UnexpectedDecodeError` for the rest.
     """
-    with decode_firewall(_describe(source)):
-        return _decode_image(source, config)
+    name = _describe(source, name)
+    with decode_firewall(name):
+        return _decode_image(source, config, name)
 
 
-def _decode_image(source: ImageSource, config: PreprocessConfig | None) -> DecodedImage:
+def _decode_image(
+    source: ImageSource, config: PreprocessConfig | None, name: str | None = None
+) -> DecodedImage:
+    """:func:`decode_image` without the firewall (tests call it to see raw decoder errors)."""
+    name = _describe(source, name)
     config = config or PreprocessConfig()
     height, width = config.image_size
-    image, source_format = _open_with_format(source)
-    image = _upright_rgb(image, source)
+    image, source_format = _open_with_format(source, name)
+    image = _upright_rgb(image, name)
     original_size = image.size
     if image.size != (width, height):
         image = image.resize((width, height), _RESAMPLING[config.interpolation])
@@ -363,6 +373,42 @@ def _decode_image(source: ImageSource, config: PreprocessConfig | None) -> Decod
         # After resizing, so a full-resolution original and its 224x224 copy equalise alike.
         pixels = np.asarray(ImageOps.equalize(image.convert("L")).convert("RGB"), np.uint8)
     return DecodedImage(pixels, display, original_size, source_format)
+
+
+@dataclass(frozen=True)
+class DecodeFailure:
+    """Why one file could not be decoded: the typed value a decode failure travels as.
+
+    Attributes:
+        path: What the file is called (its path, an upload's file name, ``image 3``).
+        message: The reason, naming the file, exactly as results and warnings show it.
+        error_type: The exception's class name (``ImageReadError``, ``ImageTooLargeError``...).
+    """
+
+    path: str
+    message: str
+    error_type: str
+
+    @classmethod
+    def from_exception(cls, path: str, exc: BaseException) -> DecodeFailure:
+        """The failure for an exception a decoder raised.
+
+        An :class:`~pneumoscan.errors.ImageReadError` already names the file; anything else
+        (which the firewall should have turned into one) gets :func:`failure_message`.
+        """
+        message = str(exc) if isinstance(exc, ImageReadError) else failure_message(path, exc)
+        return cls(path, message, type(exc).__name__)
+
+
+def try_decode_image(
+    source: ImageSource, config: PreprocessConfig | None = None, name: str | None = None
+) -> DecodedImage | DecodeFailure:
+    """:func:`decode_image`, or the :class:`DecodeFailure` saying why not; never raises."""
+    name = _describe(source, name)
+    try:
+        return decode_image(source, config, name)
+    except Exception as exc:  # the per-file firewall: no file's content may end a run
+        return DecodeFailure.from_exception(name, exc)
 
 
 def decode_to_uint8(source: ImageSource, config: PreprocessConfig | None = None) -> np.ndarray:

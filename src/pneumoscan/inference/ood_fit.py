@@ -14,7 +14,7 @@ import numpy as np
 from pneumoscan.constants import OOD_MEMBER
 from pneumoscan.data.dataset import scan_dataset
 from pneumoscan.data.pipeline import iter_decoded
-from pneumoscan.data.preprocess import DecodedImage
+from pneumoscan.data.preprocess import DecodedImage, DecodeFailure
 from pneumoscan.errors import DatasetError, InvalidInputError
 from pneumoscan.inference.ood import (
     ASPECT_RANGE,
@@ -51,7 +51,7 @@ class _Extracted:
     features: np.ndarray | None
     cheap: list[str | None]
     kept: list[int]
-    errors: list[tuple[str, str]]
+    errors: list[DecodeFailure]
 
 
 def _extract(
@@ -66,8 +66,8 @@ def _extract(
     for start, items in iter_decoded(paths, config, batch_size):
         decoded = [item for item in items if isinstance(item, DecodedImage)]
         for offset, item in enumerate(items):
-            if isinstance(item, str):
-                errors.append((paths[start + offset], item))
+            if isinstance(item, DecodeFailure):
+                errors.append(item)
             else:
                 kept.append(start + offset)
         if decoded:

@@ -28,7 +28,7 @@ from PIL import Image
 from pneumoscan.constants import CLASSES, DEFAULT_WORKERS, HEATMAP_MAX_SIDE, OOD_MEMBER
 from pneumoscan.constants import VERSION as __version__
 from pneumoscan.data.pipeline import DEFAULT_PREFETCH, iter_decoded
-from pneumoscan.data.preprocess import DecodedImage
+from pneumoscan.data.preprocess import DecodedImage, DecodeFailure
 from pneumoscan.errors import InvalidInputError, OutputExistsError
 from pneumoscan.inference.explain import gradcam, heatmap_title, overlay_png
 from pneumoscan.inference.export import file_sha256
@@ -388,8 +388,8 @@ def predict_files(
             scored = dict(zip(positions, results, strict=True))
         for offset, item in enumerate(items):
             position = start + offset
-            if isinstance(item, str):
-                yield stamp(error_result(files[position], item), provenance)
+            if isinstance(item, DecodeFailure):
+                yield stamp(error_result(files[position], item.message), provenance)
             else:
                 yield stamp({"path": files[position]} | scored[position], provenance)
 

@@ -70,7 +70,7 @@ class _Batches:
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         for batch in self._batches:
-            self.skipped += [message for _, message in batch.errors]
+            self.skipped += [failure.message for _, failure in batch.errors]
             if len(batch.indices):
                 self.used += len(batch.indices)
                 return {self.input_name: to_model_input(batch.pixels)}

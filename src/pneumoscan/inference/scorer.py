@@ -291,7 +291,7 @@ def score_files(
     for batch in iter_decoded_batches(paths, model.preprocess, batch_size=batch_size):
         p = p_pneumonia(model, batch.pixels, calibrated=calibrated)
         scores = dict(zip(batch.indices, p, strict=True))
-        messages = dict(batch.errors)
+        messages = {position: failure.message for position, failure in batch.errors}
         for position in sorted([*scores, *messages]):
             probability = scores.get(position)
             yield FileScore(

@@ -38,6 +38,7 @@ from fastapi.staticfiles import StaticFiles
 
 from pneumoscan.constants import CLASSES
 from pneumoscan.constants import VERSION as __version__
+from pneumoscan.data.preprocess import DecodeFailure
 from pneumoscan.jsonio import jsonable
 from pneumoscan.serve.config import API_KEY_HEADER, INTENDED_USE, UPLOAD_FIELD, WEB_DIR
 from pneumoscan.serve.engine import Engine
@@ -203,15 +204,17 @@ async def _predict_uploads(
     decoded = await anyio.to_thread.run_sync(
         lambda: [decode_upload(u.data, u.filename, model) for u in uploads]
     )
-    readable = [d for d in decoded if not isinstance(d, str)]
+    readable = [d for d in decoded if not isinstance(d, DecodeFailure)]
     try:
         scored_list = await engine.score(readable, heatmap)
     except Exception as exc:  # the model failed: each file says so, the worker lives on
         logger.error("scoring failed (%s)", type(exc).__name__)
-        decoded = ["internal error while scoring; see the server log"] * len(decoded)
+        # Each file gives the failure as its reason, as an unreadable file gives its own.
+        reason, kind = "internal error while scoring; see the server log", type(exc).__name__
+        decoded = [DecodeFailure(u.filename, reason, kind) for u in uploads]
         scored_list = []
     scored = iter(scored_list)
-    pairs = [(d, None if isinstance(d, str) else next(scored)) for d in decoded]
+    pairs = [(d, None if isinstance(d, DecodeFailure) else next(scored)) for d in decoded]
 
     def assemble() -> list[FileResult]:
         return [

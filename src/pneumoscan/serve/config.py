@@ -21,7 +21,6 @@ INTENDED_USE = (
     "Triage support, not a diagnosis: estimates P(pneumonia) on pediatric frontal chest "
     "X-rays so that likely pneumonia is read first. Every image still needs a radiologist."
 )
-_UPLOAD_PLACEHOLDER = "<uploaded image>"
 # Overlays are drawn one at a time: matplotlib's rendering holds the GIL, so parallel drawing
 # gains nothing on CPU (measured), and a lock keeps the order fair and sidesteps its caveats
 # about threads.

@@ -13,10 +13,10 @@ from PIL import Image
 
 from pneumoscan.constants import HEATMAP_MAX_SIDE
 from pneumoscan.constants import VERSION as __version__
-from pneumoscan.data.preprocess import decode_image
+from pneumoscan.data.preprocess import DecodeFailure, decode_image
 from pneumoscan.errors import ImageReadError
 from pneumoscan.inference.explain import heatmap_title, overlay_png
-from pneumoscan.serve.config import _RENDER_LOCK, _UPLOAD_PLACEHOLDER, PREVIEW_MAX_SIDE
+from pneumoscan.serve.config import _RENDER_LOCK, PREVIEW_MAX_SIDE
 from pneumoscan.serve.schemas import FileResult, Scored
 
 if TYPE_CHECKING:
@@ -27,23 +27,21 @@ if TYPE_CHECKING:
 logger = logging.getLogger("pneumoscan.serve")
 
 
-def _reason(exc: Exception, filename: str) -> str:
-    """The decoder's message, naming the file the client sent."""
-    message = str(exc)
-    if isinstance(exc, ImageReadError):
-        return message.replace(_UPLOAD_PLACEHOLDER, filename)
-    # decode_image turns every failure into an ImageReadError; should anything else get
-    # here, name its kind only (its text might quote file content).
-    return f"{filename}: the decoder failed on this file ({type(exc).__name__})"
+def decode_upload(data: bytes, filename: str, model: AnyModel) -> DecodedImage | DecodeFailure:
+    """Decode one upload for the model, or why it cannot be; never raises.
 
-
-def decode_upload(data: bytes, filename: str, model: AnyModel) -> DecodedImage | str:
-    """Decode one upload for the model, or the reason it cannot be; never raises."""
-
+    The decoder names the file as the client sent it, so messages need no patching.
+    """
     try:
-        return decode_image(data, model.preprocess)
+        return decode_image(data, model.preprocess, name=filename)
+    except ImageReadError as exc:
+        return DecodeFailure.from_exception(filename, exc)
     except Exception as exc:  # every failure becomes a per-file reason, never a 500
-        return _reason(exc, filename)
+        # decode_image turns every failure into an ImageReadError; should anything else get
+        # here, name its kind only (its text might quote file content).
+        kind = type(exc).__name__
+        message = f"{filename}: the decoder failed on this file ({kind})"
+        return DecodeFailure(filename, message, kind)
 
 
 def png_base64(pixels: np.ndarray) -> str:
@@ -81,7 +79,7 @@ def _picture(draw: Callable[[], str], what: str) -> str | None:
 
 def build_result(
     filename: str,
-    decoded: DecodedImage | str,
+    decoded: DecodedImage | DecodeFailure,
     scored: Scored | None,
     threshold: float,
     with_image: bool,
@@ -96,8 +94,10 @@ def build_result(
     from pneumoscan.inference.predict import display_at_original_aspect, stamp  # lazy: loads SciPy
 
     recorded = stamp({}, provenance or {"pneumoscan_version": __version__})
-    if isinstance(decoded, str) or scored is None:
-        reason = decoded if isinstance(decoded, str) else f"{filename}: not scored"
+    if isinstance(decoded, DecodeFailure) or scored is None:
+        reason = (
+            decoded.message if isinstance(decoded, DecodeFailure) else f"{filename}: not scored"
+        )
         return FileResult(
             filename=filename, status="error", threshold=threshold, reason=reason, **recorded
         )

@@ -467,7 +467,7 @@ def _decode_splits(
             pixels, kept, errors = decode_all(paths, preprocess, on_progress=advance)
         else:
             pixels, kept, errors = cached_decode(paths, preprocess, cache_dir, advance)
-    skipped = [(paths[i], message) for i, message in errors]
+    skipped = [(paths[i], failure.message) for i, failure in errors]
     for _, message in skipped:
         reporter.warn(f"skipped {message}")
     table = table.iloc[kept].reset_index(drop=True)
