@@ -35,7 +35,6 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 from pneumoscan.constants import (
-    CLASSES,
     DEFAULT_RESAMPLES,
     DEFAULT_SEED,
     POSITIVE_CLASS,
@@ -250,7 +249,7 @@ class Model:
     @property
     def classes(self) -> tuple[str, ...]:
         """Class names, in the column order of :meth:`predict_proba`."""
-        return tuple(self._loaded.metadata.get("classes", CLASSES))
+        return self._loaded.classes
 
     @property
     def metadata(self) -> dict[str, Any]:

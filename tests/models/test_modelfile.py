@@ -10,10 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumoscan.constants import DEFAULT_MODEL_PATH, METADATA_MEMBER
+from pneumoscan.constants import CLASSES, DEFAULT_MODEL_PATH, METADATA_MEMBER
+from pneumoscan.data.preprocess import PreprocessConfig
 from pneumoscan.errors import ModelFileError
 from pneumoscan.models import create_model
-from pneumoscan.models.modelfile import load_model, read_metadata, save_model, write_metadata
+from pneumoscan.models.modelfile import (
+    MetadataView,
+    load_model,
+    read_metadata,
+    save_model,
+    write_metadata,
+)
 
 
 def test_save_and_load_round_trip(tmp_path: Path) -> None:
@@ -65,3 +72,29 @@ def test_shipped_model_carries_its_metadata() -> None:
     assert DEFAULT_MODEL_PATH.stat().st_size < 25 * 2**20
     with zipfile.ZipFile(DEFAULT_MODEL_PATH) as archive:
         assert "model.weights.h5" in archive.namelist()
+
+
+def test_the_typed_view_reads_old_metadata_with_defaults() -> None:
+    # A model file from before most descriptive keys existed still loads and describes itself.
+    old = MetadataView({"threshold": 0.5, "preprocess": PreprocessConfig().to_dict()})
+    assert old.arch is None and old.training_data_root is None and old.model_card is None
+    assert old.classes == CLASSES and old.stored_temperature is None and old.temperature == 1.0
+    assert old.validation_metrics == {} and old.data_info == {} and old.split_record == {}
+    assert old.recipe == {} and old.ood is None and old.ood_layers == []
+    assert old.saved is None and old.versions == {} and old.training_command is None
+    assert old.export_source_sha256 is None and old.preprocess == PreprocessConfig()
+    full = MetadataView(
+        {
+            "arch": "seed",
+            "classes": ["NORMAL", "PNEUMONIA"],
+            "temperature": 0.9,
+            "data": {"root": "/data", "split": {"method": "grouped", "seed": 3}},
+            "recipe": {"batchnorm": "frozen"},
+            "ood": {"method": "ppca", "layers": ["top"]},
+            "export": {"source_sha256": "ab"},
+        }
+    )
+    assert (full.arch, full.classes, full.stored_temperature) == ("seed", CLASSES, 0.9)
+    assert full.training_data_root == "/data" and full.split_record["seed"] == 3
+    assert full.recipe["batchnorm"] == "frozen" and full.ood_layers == ["top"]
+    assert (full.ood or {})["method"] == "ppca" and full.export_source_sha256 == "ab"

@@ -31,7 +31,7 @@ from pneumoscan.formatting import format_threshold
 from pneumoscan.inference.explain import gradcam
 from pneumoscan.jsonio import jsonable
 from pneumoscan.metrics import DEFAULT_RESAMPLES
-from pneumoscan.models.modelfile import OperatingPoint, load_model
+from pneumoscan.models.modelfile import MetadataView, OperatingPoint, load_model
 from pneumoscan.progress import Reporter
 
 if TYPE_CHECKING:
@@ -514,22 +514,20 @@ def intended_use_html(text: str | None = None) -> str:
 
 
 def _model_card(metadata: dict[str, Any]) -> str:
-    data = metadata.get("data", {})
-    split = data.get("split", {})
-    val = metadata.get("validation_metrics", {})
-    recipe = metadata.get("recipe", {})
+    view = MetadataView(metadata)
+    split, val, recipe = view.split_record, view.validation_metrics, view.recipe
     point = OperatingPoint.from_metadata(metadata) if "threshold" in metadata else None
     facts = [
-        ("architecture", metadata.get("arch")),
-        ("training data", data.get("root")),
-        ("data fingerprint", str(data.get("fingerprint", ""))[:16]),
+        ("architecture", view.arch),
+        ("training data", view.training_data_root),
+        ("data fingerprint", str(view.data_info.get("fingerprint", ""))[:16]),
         ("split", split.get("method")),
         ("split counts", ", ".join(f"{k} {v}" for k, v in split.get("counts", {}).items())),
         ("patients", ", ".join(f"{k} {v}" for k, v in split.get("patients", {}).items())),
         ("recipe", ", ".join(f"{k} {v}" for k, v in recipe.items())),
         ("threshold", point and point.threshold),
         ("threshold rule", point and point.threshold_rule),
-        ("temperature", metadata.get("temperature")),
+        ("temperature", view.stored_temperature),
         (
             "validation metrics",
             ", ".join(
@@ -539,12 +537,12 @@ def _model_card(metadata: dict[str, Any]) -> str:
             )
             + (f" ({val['split']})" if "split" in val else ""),
         ),
-        ("saved", metadata.get("saved")),
-        ("versions", ", ".join(f"{k} {v}" for k, v in metadata.get("versions", {}).items())),
-        ("training command", metadata.get("command")),
+        ("saved", view.saved),
+        ("versions", ", ".join(f"{k} {v}" for k, v in view.versions.items())),
+        ("training command", view.training_command),
     ]
     rows = [[html.escape(k), html.escape(str(v))] for k, v in facts if v not in (None, "")]
-    card = metadata.get("model_card")
+    card = view.model_card
     text = f"<pre>{html.escape(str(card))}</pre>" if card else ""
     return (
         '<section id="model-card"><h2>Model card</h2>'

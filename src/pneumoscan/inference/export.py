@@ -45,7 +45,7 @@ from pneumoscan.inference.scorer import (
     read_onnx_metadata,
 )
 from pneumoscan.jsonio import atomic_write, jsonable
-from pneumoscan.models.modelfile import load_model, now_utc, read_member
+from pneumoscan.models.modelfile import MetadataView, load_model, now_utc, read_member
 
 FORMATS = ("onnx",)
 DEFAULT_OPSET = 17
@@ -137,8 +137,7 @@ def export_onnx(
         raise InvalidInputError("int8 quantisation needs --calibration-data (the training images)")
 
     loaded = load_model(model)
-    ood = loaded.metadata.get("ood") or {}
-    layers = list(ood.get("layers") or ood_feature_layers(loaded.network))
+    layers = loaded.ood_layers or list(ood_feature_layers(loaded.network))
     graph = feature_network(loaded.network, layers) if layers else loaded.network
     height, width = loaded.preprocess.image_size
     # Keras exports only models that have been called on data.
@@ -223,7 +222,7 @@ def _quantize(
     record |= {"calibration_data": str(calibration_data), "seed": seed}
     refitted = refit_operating_point(onnx_file, metadata, calibration_data)
     if refitted:
-        float32 = metadata.get("validation_metrics", {})
+        float32 = MetadataView(metadata).validation_metrics
         record["float32_validation"] = {
             key: float32.get(key) for key in ("auc", "sensitivity", "specificity", "threshold")
         }

@@ -175,8 +175,7 @@ def model_sha256(model: AnyModel) -> str | None:
     try:
         info = path.stat()
     except OSError:
-        recorded = (model.metadata.get("export") or {}).get("source_sha256")
-        return str(recorded) if recorded else None
+        return model.export_source_sha256
     key = (str(path.resolve()), info.st_size, info.st_mtime_ns)
     if key not in _SHA256_CACHE:
         _SHA256_CACHE[key] = file_sha256(path)
@@ -205,13 +204,12 @@ def decide(probability: float, threshold: float) -> str:
 
 def load_detector(model: AnyModel) -> OodDetector | None:
     """The model's fitted OOD detector, or ``None`` if ``pneumoscan fit-ood`` never ran on it."""
-    ood = model.metadata.get("ood")
-    if not ood:
+    if model.ood is None:
         return None
     data = model.ood_npz if isinstance(model, OnnxModel) else read_member(model.path, OOD_MEMBER)
     if data is None:
         return None
-    return OodDetector.from_npz(data, ood.get("layers") or [])
+    return OodDetector.from_npz(data, model.ood_layers)
 
 
 def make_scorer(model: AnyModel, detector: OodDetector | None, ood_check: bool = True) -> Scorer:

@@ -23,7 +23,7 @@ from pneumoscan.constants import CLASSES, DEFAULT_CALIBRATION_IMAGES, DEFAULT_SE
 from pneumoscan.data.pipeline import iter_decoded_batches
 from pneumoscan.data.preprocess import PreprocessConfig, to_model_input
 from pneumoscan.errors import DatasetError
-from pneumoscan.models.modelfile import OperatingPoint
+from pneumoscan.models.modelfile import MetadataView, OperatingPoint
 
 QUANTIZE_CHOICES = ("int8",)
 #: Operators quantised; everything else (pooling head, Gemm, Softmax) stays float32.
@@ -48,7 +48,7 @@ def calibration_paths(
     from pneumoscan.data.dataset import assign_validation_split, scan_dataset  # lazy: loads pandas
 
     table = scan_dataset(data, read_headers=False)
-    recorded = metadata.get("data", {}).get("split")
+    recorded = MetadataView(metadata).split_record
     if recorded and set(table["split"]) != {"all"}:
         table = assign_validation_split(table, recorded["val_fraction"], recorded["seed"])
     training = table[table["split"].isin(["train", "all"])]
@@ -154,7 +154,8 @@ def refit_operating_point(
     # lazy: loads SciPy
     from pneumoscan.inference.scorer import OnnxModel, OnnxNetwork, onnx_session, score_files
 
-    target = OperatingPoint.from_metadata(metadata).target_sensitivity
+    point = OperatingPoint.from_metadata(metadata)
+    target = point.target_sensitivity
     try:
         table = select_split(scan_dataset(data, read_headers=False), "val", metadata)
     except DatasetError:
@@ -173,5 +174,5 @@ def refit_operating_point(
         target,
         split="val (patient-grouped, from the training data); int8 model",
         fitted_on="validation split, int8 model",
-        threshold_rule=metadata.get("threshold_rule"),
+        threshold_rule=point.threshold_rule,
     )

@@ -18,7 +18,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pneumoscan.constants import DEFAULT_MODEL_PATH, METADATA_MEMBER
+from pneumoscan.constants import CLASSES, DEFAULT_MODEL_PATH, METADATA_MEMBER
 from pneumoscan.data.preprocess import PreprocessConfig
 from pneumoscan.errors import InvalidInputError, ModelFileError
 from pneumoscan.jsonio import atomic_write, dumps
@@ -206,6 +206,102 @@ class ModelMetadataView:
     def name(self) -> str:
         """A short label: the file name."""
         return self.path.name
+
+    # Typed readers of the descriptive keys. Model files written by older versions may lack
+    # any of them, so each has a default (an empty block or None) instead of a KeyError.
+
+    @property
+    def arch(self) -> str | None:
+        """The architecture's registry name (``efficientnet_lite0``...)."""
+        return _optional_str(self.metadata.get("arch"))
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Class names in output order (default: :data:`~pneumoscan.constants.CLASSES`)."""
+        return tuple(self.metadata.get("classes", CLASSES))
+
+    @property
+    def stored_temperature(self) -> float | None:
+        """The temperature as the file stores it (``None`` in files without calibration);
+        :attr:`temperature` gives the value applied (1.0 when absent)."""
+        value = self.metadata.get("temperature")
+        return None if value is None else float(value)
+
+    @property
+    def validation_metrics(self) -> dict[str, Any]:
+        """Metrics on the validation split recorded at training (empty if none)."""
+        return dict(self.metadata.get("validation_metrics") or {})
+
+    @property
+    def data_info(self) -> dict[str, Any]:
+        """The training-data block: ``root``, ``fingerprint``, ``split`` (empty if none)."""
+        return dict(self.metadata.get("data") or {})
+
+    @property
+    def training_data_root(self) -> str | None:
+        """The training data's folder as recorded at training."""
+        return _optional_str(self.data_info.get("root"))
+
+    @property
+    def split_record(self) -> dict[str, Any]:
+        """How the training data was split: ``method``, ``val_fraction``, ``seed``, ``counts``
+        (empty if unrecorded)."""
+        return dict(self.data_info.get("split") or {})
+
+    @property
+    def recipe(self) -> dict[str, Any]:
+        """The training recipe (``batchnorm``, augmentation...; empty if unrecorded)."""
+        return dict(self.metadata.get("recipe") or {})
+
+    @property
+    def ood(self) -> dict[str, Any] | None:
+        """The fitted OOD detector's block (``method``, ``layers``...), ``None`` if unfitted."""
+        block = self.metadata.get("ood")
+        return dict(block) if block else None
+
+    @property
+    def ood_layers(self) -> list[str]:
+        """The layers the OOD detector reads features from (empty: none, or unfitted)."""
+        return list((self.ood or {}).get("layers") or [])
+
+    @property
+    def model_card(self) -> str | None:
+        """The model card text stored in the file, if any."""
+        return _optional_str(self.metadata.get("model_card"))
+
+    @property
+    def saved(self) -> str | None:
+        """When the file was saved (UTC, ISO 8601)."""
+        return _optional_str(self.metadata.get("saved"))
+
+    @property
+    def versions(self) -> dict[str, str]:
+        """Library versions that made the file (empty if unrecorded)."""
+        return {str(k): str(v) for k, v in (self.metadata.get("versions") or {}).items()}
+
+    @property
+    def training_command(self) -> str | None:
+        """The command line that trained the model, if recorded."""
+        return _optional_str(self.metadata.get("command"))
+
+    @property
+    def export_source_sha256(self) -> str | None:
+        """For an ONNX export: the SHA-256 of the ``.keras`` file it was exported from."""
+        recorded = (self.metadata.get("export") or {}).get("source_sha256")
+        return str(recorded) if recorded else None
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class MetadataView(ModelMetadataView):
+    """The typed view of a metadata dict on its own (no model loaded; ``path`` is where it
+    was read from, if known)."""
+
+    metadata: dict[str, Any]
+    path: Path = Path()
 
 
 @dataclass

@@ -36,7 +36,6 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 
-from pneumoscan.constants import CLASSES
 from pneumoscan.constants import VERSION as __version__
 from pneumoscan.data.preprocess import DecodeFailure
 from pneumoscan.jsonio import jsonable
@@ -241,24 +240,24 @@ async def _predict_uploads(
 
 def describe_model(engine: Engine, limits: UploadLimits) -> ModelInfo:
     """``GET /v1/model``'s answer from the loaded model's metadata."""
-    metadata = engine.model.metadata
-    validation = metadata.get("validation_metrics", {})
+    model = engine.model
+    validation = model.validation_metrics
     card = {
         "intended_use": INTENDED_USE,
-        "architecture": metadata.get("arch"),
-        "training_data": metadata.get("data", {}).get("root"),
-        "split": metadata.get("data", {}).get("split", {}).get("method"),
-        "threshold_rule": engine.model.operating_point.threshold_rule,
-        "temperature": metadata.get("temperature"),
+        "architecture": model.arch,
+        "training_data": model.training_data_root,
+        "split": model.split_record.get("method"),
+        "threshold_rule": model.operating_point.threshold_rule,
+        "temperature": model.stored_temperature,
         "validation": {k: validation.get(k) for k in ("n", "auc", "sensitivity", "specificity")},
-        "ood_check": metadata.get("ood", {}).get("method") if metadata.get("ood") else None,
-        "text": metadata.get("model_card"),
+        "ood_check": (model.ood or {}).get("method"),
+        "text": model.model_card,
     }
     return ModelInfo(
         name=engine.name,
         backend=engine.backend,
-        arch=metadata.get("arch"),
-        classes=list(metadata.get("classes", CLASSES)),
+        arch=model.arch,
+        classes=list(model.classes),
         threshold=engine.model.threshold,
         input_size=list(engine.model.preprocess.image_size),
         heatmaps=engine.network is not None,
@@ -270,7 +269,7 @@ def describe_model(engine: Engine, limits: UploadLimits) -> ModelInfo:
             "max_files": limits.max_files,
         },
         model_card=card,
-        metadata=_jsonable(metadata),
+        metadata=_jsonable(model.metadata),
     )
 
 

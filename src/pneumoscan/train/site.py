@@ -202,7 +202,7 @@ def calibrate_to_site(
 
     reporter = reporter or Reporter(quiet=True)
     loaded = load_model(model)
-    if unlabelled and (loaded.metadata.get("recipe") or {}).get("batchnorm") == "frozen":
+    if unlabelled and loaded.recipe.get("batchnorm") == "frozen":
         # Measured (MODEL_CARD.md): cross-fitted AdaBN took the site AUC of a frozen-BN
         # Lite0 from 0.982 to 0.932; its layers only ever saw the ImageNet statistics.
         raise DatasetError(
@@ -284,7 +284,7 @@ def _refit_head(
     # lazy: loads TensorFlow
     from pneumoscan.train.adapt import pooled_features, refit_head, set_binary_head
 
-    root = train_data or (loaded.metadata.get("data") or {}).get("root")
+    root = train_data or loaded.training_data_root
     if not root or not Path(root).exists():
         raise DatasetError(
             f"the head refit needs the model's training data; recorded root {root!r} is not "
