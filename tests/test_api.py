@@ -270,3 +270,12 @@ def test_quickstart_runs_on_a_small_labelled_folder(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert "PNEUMONIA" in done.stdout and "ROC AUC" in done.stdout
     assert (tmp_path / "heatmap.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_failed_in_memory_image_is_named_by_its_own_index(model: pneumoscan.Model) -> None:
+    small = np.zeros((64, 64), np.uint8)
+    huge = np.zeros((8000, 8000), np.uint8)  # 64 megapixels: over the pixel budget
+    table = model.predict([small, small, huge], batch_size=2)
+    failed = table.iloc[2]
+    assert failed["status"] == "error" and "image 2" in failed["reason"]
+    assert "image 0" not in failed["reason"]

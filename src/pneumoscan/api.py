@@ -170,13 +170,16 @@ def _split_inputs(inputs: Inputs) -> tuple[list[Path] | None, list[bytes]]:
     )
 
 
-def _decode_all(data: Sequence[bytes], model: AnyModel) -> list[DecodedImage | DecodeFailure]:
+def _decode_all(
+    data: Sequence[bytes], model: AnyModel, first: int = 0
+) -> list[DecodedImage | DecodeFailure]:
     """Decode in-memory images as files are decoded; a failure is a value, not a raise.
 
-    Messages call each image ``image <its index in data>``.
+    Messages call each image ``image <its index>``, counting from ``first`` (the position of
+    ``data[0]`` among all the images given).
     """
     return [
-        try_decode_image(item, model.preprocess, name=f"image {index}")
+        try_decode_image(item, model.preprocess, name=f"image {first + index}")
         for index, item in enumerate(data)
     ]
 
@@ -320,7 +323,7 @@ class Model:
         from pneumoscan.inference.predict import error_result, predict_decoded  # lazy: loads SciPy
 
         for start in range(0, len(data), batch_size):
-            items = _decode_all(data[start : start + batch_size], self._loaded)
+            items = _decode_all(data[start : start + batch_size], self._loaded, start)
             decoded = [item for item in items if isinstance(item, DecodedImage)]
             scored: Iterator[dict[str, Any]] = iter(())
             if decoded:

@@ -365,17 +365,18 @@ def _sweep(metrics: dict[str, Any]) -> str:
     )
 
 
-def _subtypes(metrics: dict[str, Any]) -> str:
-    rows = [
-        [
-            html.escape(name),
-            number(metrics, f"per_subtype.{name}.n"),
-            number(metrics, f"per_subtype.{name}.detected"),
-            number(metrics, f"per_subtype.{name}.sensitivity"),
-            interval(metrics, f"per_subtype.{name}.ci"),
-        ]
-        for name in metrics["per_subtype"]
+def _group_rows(metrics: dict[str, Any], block: str, hits: str, rate: str) -> list[list[str]]:
+    """One row per group of a per-group block (``per_subtype``, ``per_source``)."""
+    return [
+        [html.escape(name)]
+        + [number(metrics, f"{block}.{name}.{key}") for key in ("n", hits, rate)]
+        + [interval(metrics, f"{block}.{name}.ci")]
+        for name in metrics.get(block, {})
     ]
+
+
+def _subtypes(metrics: dict[str, Any]) -> str:
+    rows = _group_rows(metrics, "per_subtype", "detected", "sensitivity")
     content = (
         _table(["subtype", "images", "flagged", "sensitivity", "95% CI (Wilson)"], rows)
         if rows
@@ -385,20 +386,14 @@ def _subtypes(metrics: dict[str, Any]) -> str:
 
 
 def _sources(metrics: dict[str, Any]) -> str:
-    rows = [
-        [
-            html.escape(name),
-            number(metrics, f"per_source.{name}.n"),
-            number(metrics, f"per_source.{name}.cleared"),
-            number(metrics, f"per_source.{name}.specificity"),
-            interval(metrics, f"per_source.{name}.ci"),
-        ]
-        for name in metrics.get("per_source", {})
-    ]
+    rows = _group_rows(metrics, "per_source", "cleared", "specificity")
     if not rows:
         return ""
-    table = _table(["source series", "normal images", "not flagged", "specificity", "95% CI"], rows)
-    return f'<section id="sources"><h2>Specificity per source series</h2>{table}</section>'
+    header = ["source series", "normal images", "not flagged", "specificity", "95% CI (Wilson)"]
+    return (
+        '<section id="sources"><h2>Specificity per source series</h2>'
+        f"{_table(header, rows)}</section>"
+    )
 
 
 def _shortcuts(audit: dict[str, Any] | None) -> str:
