@@ -32,13 +32,11 @@ from pathlib import Path
 
 import numpy as np
 from common import SHARED_DATA, machine
-from sklearn.model_selection import StratifiedGroupKFold
 
 from pneumoscan.constants import CLASSES
 from pneumoscan.data.dataset import scan_dataset, source_from_name
 from pneumoscan.data.pipeline import decode_all
 from pneumoscan.data.preprocess import PreprocessConfig
-from pneumoscan.inference.calibration import apply_temperature
 from pneumoscan.metrics import (
     bootstrap_replicates,
     percentile_interval,
@@ -47,7 +45,7 @@ from pneumoscan.metrics import (
     weighted_roc_auc,
     wilson_interval,
 )
-from pneumoscan.train.site import _refit
+from pneumoscan.train.site import held_out_repeats
 
 CONFIDENCES = (0.5, 0.8, 0.9, 0.95)
 TARGETS = (0.95, 0.97)
@@ -112,15 +110,10 @@ def cv_refit(
     confidence: float,
     repeats: int = 10,
 ) -> dict[str, float]:
-    """Held-out sensitivity, specificity (overall and per source) of the calibrate refit."""
+    """Held-out sensitivity, specificity (overall and per source) of the calibrate refit,
+    from the same repeated folds ``pneumoscan calibrate`` reports."""
     sens, spec, per_source = [], [], {s: [] for s in sorted(set(sources[y == 0]))}
-    for repeat in range(repeats):
-        flagged = np.zeros(len(y), bool)
-        for fit, held in StratifiedGroupKFold(5, shuffle=True, random_state=repeat).split(
-            p_raw, y, patients
-        ):
-            temperature, bias, threshold = _refit(y[fit], p_raw[fit], target, confidence)
-            flagged[held] = apply_temperature(p_raw[held], temperature, bias) >= threshold
+    for _, flagged in held_out_repeats(y, p_raw, patients, target, confidence, 5, repeats):
         sens.append(flagged[y == 1].mean())
         spec.append((~flagged[y == 0]).mean())
         for source, values in per_source.items():

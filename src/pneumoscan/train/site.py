@@ -10,6 +10,7 @@ whole procedure is reported beside them.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +81,33 @@ def sample_size_warning(n_positive: int, target: float) -> str | None:
     )
 
 
-def _refit(
-    y_fit: np.ndarray, p_fit_raw: np.ndarray, target: float, confidence: float
-) -> tuple[float, float, float]:
-    """The whole site refit on some images: Platt scaling, then the confident threshold."""
-    return fit_scaling_and_threshold(y_fit, p_fit_raw, target, confidence)
+def held_out_repeats(
+    y_true: np.ndarray,
+    p_raw: np.ndarray,
+    patients: np.ndarray,
+    target: float,
+    confidence: float,
+    folds: int,
+    repeats: int,
+    seed: int = 0,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(held-out calibrated P(pneumonia), flagged)`` of the whole site refit, per repeat.
+
+    Each repeat fits Platt scaling and the threshold on the patients of ``folds - 1`` folds
+    and applies them to the held-out fold, so every image is scored once per repeat by a
+    refit that never saw its patient.
+    """
+    for repeat in range(repeats):
+        p_held_out = np.empty_like(p_raw)
+        flagged = np.zeros(len(p_raw), dtype=bool)
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + repeat)
+        for fit, held in splitter.split(p_raw, y_true, patients):
+            temperature, bias, threshold = fit_scaling_and_threshold(
+                y_true[fit], p_raw[fit], target, confidence
+            )
+            p_held_out[held] = apply_temperature(p_raw[held], temperature, bias)
+            flagged[held] = p_held_out[held] >= threshold
+        yield p_held_out, flagged
 
 
 def cross_validated_figures(
@@ -111,15 +134,9 @@ def cross_validated_figures(
         return None
     n_pos, n_neg = int(y_true.sum()), int((1 - y_true).sum())
     sens, spec, eces = [], [], []
-    for repeat in range(repeats):
-        p_held_out = np.empty_like(p_raw)
-        held_threshold = np.empty_like(p_raw)
-        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + repeat)
-        for fit, held in splitter.split(p_raw, y_true, patients):
-            temperature, bias, threshold = _refit(y_true[fit], p_raw[fit], target, confidence)
-            p_held_out[held] = apply_temperature(p_raw[held], temperature, bias)
-            held_threshold[held] = threshold
-        predicted = p_held_out >= held_threshold
+    for p_held_out, predicted in held_out_repeats(
+        y_true, p_raw, patients, target, confidence, folds, repeats, seed
+    ):
         sens.append(np.sum(predicted & (y_true == 1)) / n_pos)
         spec.append(np.sum(~predicted & (y_true == 0)) / n_neg)
         eces.append(expected_calibration_error(y_true, p_held_out))
@@ -231,7 +248,9 @@ def calibrate_to_site(
         apply_temperature(before_raw, loaded.temperature, loaded.logit_bias),
         loaded.threshold,
     )
-    temperature, bias, threshold = _refit(y_true, p_raw, target_sensitivity, confidence)
+    temperature, bias, threshold = fit_scaling_and_threshold(
+        y_true, p_raw, target_sensitivity, confidence
+    )
     p_after = apply_temperature(p_raw, temperature, bias)
     after = operating_figures(y_true, p_after, threshold)
     patients = table["patient_id"].to_numpy()
