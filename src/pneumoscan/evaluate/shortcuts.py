@@ -22,7 +22,12 @@ from pneumoscan.constants import CLASSES, DEFAULT_SEED
 from pneumoscan.data.dataset import empty_classes, scan_dataset
 from pneumoscan.data.pipeline import decode_all
 from pneumoscan.errors import DatasetError
-from pneumoscan.metrics import DEFAULT_RESAMPLES, percentile_interval, wilson_interval
+from pneumoscan.metrics import (
+    DEFAULT_RESAMPLES,
+    bootstrap_weight_blocks,
+    percentile_interval,
+    wilson_interval,
+)
 from pneumoscan.progress import Reporter
 
 Perturbation = Callable[[np.ndarray], np.ndarray]
@@ -122,12 +127,14 @@ def shift_statistics(
     Pure in its inputs (the scores), so it is tested without a network.
     """
     shift = np.asarray(after, float) - np.asarray(before, float)
-    _, unit = np.unique(np.asarray(patients).astype(str), return_inverse=True)
-    n_units = int(unit.max()) + 1
-    rng = np.random.default_rng(seed)
-    sums, counts = np.bincount(unit, shift, n_units), np.bincount(unit, minlength=n_units)
-    draws = rng.integers(0, n_units, size=(n_resamples, n_units))
-    replicates = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    # The same patient resamples as every other interval of the project: an image's weight is
+    # how often its patient was drawn.
+    replicates = np.concatenate(
+        [
+            weights @ shift / weights.sum(axis=1)
+            for weights in bootstrap_weight_blocks(patients, len(shift), n_resamples, seed)
+        ]
+    )
     flipped = int(np.sum((before >= threshold) != (after >= threshold)))
     y_true = np.asarray(y_true).astype(int)
     return ShortcutFinding(

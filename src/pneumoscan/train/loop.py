@@ -397,13 +397,9 @@ def freeze_batch_norm(network: Any) -> int:
     Returns:
         The number of layers frozen.
     """
-    import keras  # lazy: loads TensorFlow
+    from pneumoscan.train.adapt import batch_norm_layers  # lazy: loads TensorFlow
 
-    norms = [
-        layer
-        for layer in network._flatten_layers(include_self=False)
-        if isinstance(layer, keras.layers.BatchNormalization)
-    ]
+    norms = batch_norm_layers(network)
     for layer in norms:
         layer.trainable = False
     return len(norms)
