@@ -1,13 +1,13 @@
 """Command-line interface: a thin layer over the package's functions, one module per group of
-verbs (:mod:`.data`, :mod:`.training`, :mod:`.scoring`, :mod:`.evaluation`) on the shared app
-and error handler of :mod:`.common`.
+verbs (:mod:`.data`, :mod:`.training`, :mod:`.scoring`, :mod:`.evaluation`, :mod:`.interop`) on
+the shared app and error handler of :mod:`.common`.
 
 Heavy imports (TensorFlow, scikit-learn plots) happen inside the commands that need them.
 """
 
 from __future__ import annotations
 
-from pneumoscan.cli import data, evaluation, scoring, training
+from pneumoscan.cli import data, evaluation, interop, scoring, training
 from pneumoscan.cli.common import app
 from pneumoscan.cli.scoring import TABLE_SORTS, display_names, sort_results
 
@@ -24,6 +24,7 @@ app.command("fit-ood")(training.fit_ood_command)
 app.command()(scoring.models)
 app.command()(training.calibrate)
 app.command()(scoring.serve)
+app.command()(interop.pacs)
 app.command()(scoring.info)
 app.command()(evaluation.compare)
 app.command()(evaluation.report)

@@ -1,0 +1,93 @@
+"""What the SR and FHIR builders are pure functions of: one image's result and the model's
+identity, as plain typed values (no model, no network, no file)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pneumoscan.constants import VERSION
+
+#: Organisation root under which pneumoscan derives its DICOM UIDs (pydicom's own root:
+#: UIDs made from a hash of what they name, so the same result always gets the same UID).
+UID_PREFIX = "1.2.826.0.1.3680043.8.498."
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """The model behind a result, as results record it.
+
+    Attributes:
+        name: The model file's name (``efficientnet_lite0-res224-kermany.int8.onnx``).
+        sha256: SHA-256 of that file (of its source ``.keras`` file for a temporary export).
+        threshold: Operating threshold on P(pneumonia).
+        threshold_rule: How the threshold was chosen, or ``None`` when not recorded.
+        version: The pneumoscan version that scored.
+        arch: The architecture's registry name, when known.
+    """
+
+    name: str
+    sha256: str
+    threshold: float
+    threshold_rule: str | None = None
+    version: str = VERSION
+    arch: str | None = None
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One image's result, whatever produced it.
+
+    Attributes:
+        status: ``ok`` (scored), ``rejected`` (not a frontal chest X-ray) or ``error``
+            (unreadable).
+        probability: Calibrated P(pneumonia), for ``ok`` only.
+        decision: ``PNEUMONIA`` or ``NORMAL``, for ``ok`` only.
+        threshold: The threshold the decision was made at.
+        reason: Why there is no probability (``rejected`` and ``error``).
+        scored_at: When it was scored (UTC, ISO 8601), if known.
+    """
+
+    status: str
+    probability: float | None = None
+    decision: str | None = None
+    threshold: float | None = None
+    reason: str | None = None
+    scored_at: str | None = None
+
+    @property
+    def scored(self) -> bool:
+        """Whether the image has a probability."""
+        return self.status == "ok" and self.probability is not None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> ImageResult:
+        """The result in a row of ``pneumoscan predict`` (CSV, JSON lines or the API)."""
+        status = str(row.get("status") or "error")
+        probability = row.get("probability")
+        threshold = row.get("threshold")
+        reason = row.get("reason") or row.get("error")
+        return cls(
+            status=status,
+            probability=None if probability in (None, "") else float(probability),
+            decision=row.get("decision") or None,
+            threshold=None if threshold in (None, "") else float(threshold),
+            reason=None if status == "ok" else str(reason or "not scored"),
+            scored_at=row.get("scored_at") or None,
+        )
+
+    @classmethod
+    def from_prediction(cls, prediction: object) -> ImageResult:
+        """The result in what the scoring path returns: a typed prediction record (with
+        ``as_row()``) or a results row (a mapping)."""
+        as_row = getattr(prediction, "as_row", None)
+        row = as_row() if callable(as_row) else prediction
+        if not isinstance(row, Mapping):
+            raise TypeError(f"not a prediction: {type(prediction).__name__}")
+        return cls.from_row(row)
+
+    @classmethod
+    def refused(cls, reason: str, status: str = "rejected") -> ImageResult:
+        """A result without a probability, and why."""
+        return cls(status=status, reason=reason)

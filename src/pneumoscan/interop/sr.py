@@ -1,0 +1,234 @@
+"""One image's result as a DICOM Comprehensive SR (TID 1500 measurement report), with highdicom.
+
+The report is a pure function of the result, the source image's DICOM header and the model's
+identity (:func:`build_sr`): it references the source instance, copies its patient and study
+attributes (highdicom does, from the evidence), and holds
+
+- P(pneumonia) and the operating threshold as numeric measurements (UCUM ``1``);
+- the decision as a qualitative evaluation: Pneumonia (SCT 233604007) present or absent;
+- the model as a device observer (name, SHA-256 as its serial number) and as the algorithm
+  of the measurement group (TID 4019: name, pneumoscan version, and the SHA-256, threshold and
+  threshold rule as parameters);
+- for an image that was not scored: the qualitative evaluation *indeterminate*, no
+  probability, and the reason as text.
+
+Its Series and SOP Instance UIDs are derived from the study, the source instance and the
+model's hash (:func:`sr_uids`), so the same result always has the same UIDs: storing it twice
+changes nothing, and a PACS run can tell what it already wrote.
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from pneumoscan.constants import CLASSES
+from pneumoscan.interop.records import UID_PREFIX, ImageResult, ModelIdentity
+
+#: The project's own coding scheme, for concepts no public code fits (DICOM reserves scheme
+#: designators starting with 99 for local schemes).
+CODING_SCHEME = "99PNEUMOSCAN"
+P_PNEUMONIA = hd.sr.CodedConcept("P-PNEUMONIA", CODING_SCHEME, "Probability of pneumonia")
+THRESHOLD = hd.sr.CodedConcept("THRESHOLD", CODING_SCHEME, "Operating threshold")
+NOT_SCORED = hd.sr.CodedConcept("NOT-SCORED", CODING_SCHEME, "Reason not scored")
+PNEUMONIA = hd.sr.CodedConcept("233604007", "SCT", "Pneumonia")
+PRESENT = hd.sr.CodedConcept("52101004", "SCT", "Present")
+ABSENT = hd.sr.CodedConcept("2667000", "SCT", "Absent")
+INDETERMINATE = hd.sr.CodedConcept("82334004", "SCT", "Indeterminate")
+CHEST_XRAY = hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
+UNITLESS = hd.sr.CodedConcept("1", "UCUM", "no units")
+
+MANUFACTURER = "pneumoscan"
+#: Series number and description of the results series each study gets.
+SERIES_NUMBER = 9900
+SERIES_DESCRIPTION = "pneumoscan AI triage result (not a diagnosis)"
+TRACKING_IDENTIFIER = "pneumoscan pneumonia triage"
+
+
+#: Patient and study attributes an SR copies from its source (type 2: present, maybe empty).
+_COPIED = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+    "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName",
+)  # fmt: skip
+
+
+def _evidence(source: Dataset) -> Dataset:
+    """The source's header without its pixels, with every copied attribute present (empty
+    where the source lacks it: a DICOM type 2 attribute may be empty, never absent)."""
+    header = Dataset()
+    for element in source:
+        if element.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+            header.add(element)
+    for keyword in _COPIED:
+        if keyword not in header:
+            setattr(header, keyword, None)
+    return header
+
+
+def results_series_uid(study_uid: str, model_sha256: str) -> str:
+    """The results series of a study for a model: one per study and model."""
+    return str(
+        generate_uid(UID_PREFIX, entropy_srcs=["pneumoscan-series", study_uid, model_sha256])
+    )
+
+
+def sr_instance_uid(source_instance_uid: str, model_sha256: str) -> str:
+    """The SR of a source instance by a model: one per instance and model."""
+    return str(
+        generate_uid(UID_PREFIX, entropy_srcs=["pneumoscan-sr", source_instance_uid, model_sha256])
+    )
+
+
+def sr_uids(source: Dataset, model: ModelIdentity) -> tuple[str, str]:
+    """``(SeriesInstanceUID, SOPInstanceUID)`` of the SR for ``source`` by ``model``."""
+    return (
+        results_series_uid(str(source.StudyInstanceUID), model.sha256),
+        sr_instance_uid(str(source.SOPInstanceUID), model.sha256),
+    )
+
+
+def device_uid(model: ModelIdentity) -> str:
+    """A UID for the model as a DICOM device observer, derived from its file's hash."""
+    return str(generate_uid(UID_PREFIX, entropy_srcs=["pneumoscan-device", model.sha256]))
+
+
+def _algorithm(model: ModelIdentity, threshold: float) -> hd.sr.AlgorithmIdentification:
+    parameters = [f"model SHA-256 {model.sha256}", f"threshold {threshold:.6f}"]
+    if model.threshold_rule:
+        parameters.append(f"threshold rule: {model.threshold_rule}")
+    return hd.sr.AlgorithmIdentification(
+        name=f"pneumoscan {model.name}",
+        version=model.version,
+        parameters=parameters,
+        manufacturer=MANUFACTURER,
+    )
+
+
+def _observation_context(model: ModelIdentity) -> hd.sr.ObservationContext:
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=device_uid(model),
+        name="pneumoscan",
+        manufacturer_name=MANUFACTURER,
+        model_name=model.name[:64],
+        serial_number=model.sha256[:64],
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
+    )
+
+
+def _measurement_group(
+    result: ImageResult, source: Dataset, model: ModelIdentity
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    threshold = model.threshold if result.threshold is None else result.threshold
+    measurements: list[hd.sr.Measurement] = []
+    if result.scored:
+        assert result.probability is not None  # scored implies a probability
+        measurements = [
+            hd.sr.Measurement(name=P_PNEUMONIA, value=float(result.probability), unit=UNITLESS),
+            hd.sr.Measurement(name=THRESHOLD, value=float(threshold), unit=UNITLESS),
+        ]
+        present = (result.decision or "") == CLASSES[1]
+        evaluation = PRESENT if present else ABSENT
+    else:
+        evaluation = INDETERMINATE
+    instance = str(source.SOPInstanceUID)
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=generate_uid(UID_PREFIX, entropy_srcs=["pneumoscan-tracking", instance]),
+            identifier=TRACKING_IDENTIFIER,
+        ),
+        finding_type=PNEUMONIA,
+        algorithm_id=_algorithm(model, threshold),
+        measurements=measurements or None,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(PNEUMONIA, evaluation)],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+    )
+    if not result.scored:
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=NOT_SCORED,
+                value=result.reason or "not scored",
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    return group
+
+
+def build_sr(
+    result: ImageResult,
+    source: Dataset,
+    model: ModelIdentity,
+    *,
+    instance_number: int = 1,
+) -> hd.sr.ComprehensiveSR:
+    """The Comprehensive SR (TID 1500) holding one image's result.
+
+    Args:
+        result: The image's result (scored, or refused with a reason).
+        source: The source image's DICOM header (pixel data not needed); its patient and
+            study attributes are copied, and the SR references it.
+        model: The model that scored it.
+        instance_number: Instance Number of the SR within the study's results series.
+
+    Returns:
+        The SR as a pydicom data set (``save_as`` writes it; STOW-RS stores it).
+    """
+    report = hd.sr.MeasurementReport(
+        observation_context=_observation_context(model),
+        procedure_reported=CHEST_XRAY,
+        imaging_measurements=[_measurement_group(result, source, model)],
+    )
+    series_uid, sop_uid = sr_uids(source, model)
+    return hd.sr.ComprehensiveSR(
+        evidence=[_evidence(source)],
+        content=report,
+        series_instance_uid=series_uid,
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        series_description=SERIES_DESCRIPTION,
+        manufacturer_model_name=model.name[:64],
+        software_versions=f"pneumoscan {model.version}",
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+    )
+
+
+def read_sr(ds: Dataset) -> ImageResult:
+    """The result an SR written by :func:`build_sr` holds (read back with highdicom).
+
+    Raises:
+        ValueError: Not such an SR (no pneumoscan measurement group).
+    """
+    report = hd.sr.ComprehensiveSR.from_dataset(ds, copy=True)
+    content = report.content
+    if not isinstance(content, hd.sr.MeasurementReport):
+        raise ValueError(f"SR {ds.SOPInstanceUID} is not a TID 1500 measurement report")
+    groups = content.get_image_measurement_groups(finding_type=PNEUMONIA)
+    if not groups:
+        raise ValueError(f"SR {ds.SOPInstanceUID} holds no pneumoscan measurement group")
+    group = groups[0]
+    probability = group.get_measurements(name=P_PNEUMONIA)
+    threshold = group.get_measurements(name=THRESHOLD)
+    evaluations = group.get_qualitative_evaluations(name=PNEUMONIA)
+    if probability:
+        present = bool(evaluations) and evaluations[0].value == PRESENT
+        return ImageResult(
+            status="ok",
+            probability=float(probability[0].value),
+            decision=CLASSES[1] if present else CLASSES[0],
+            threshold=float(threshold[0].value) if threshold else None,
+        )
+    reasons = [
+        item.TextValue
+        for item in group[0].ContentSequence
+        if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "NOT-SCORED"
+    ]
+    return ImageResult.refused(str(reasons[0]) if reasons else "not scored")
