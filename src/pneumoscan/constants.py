@@ -35,8 +35,11 @@ DEFAULT_SITE_TARGET_SENSITIVITY = 0.95
 #: site's labelled sample (``pneumoscan calibrate``). Chosen by repeated patient-grouped
 #: cross-validation on the site sample (benchmarks/site_protocol.py; MODEL_CARD.md).
 DEFAULT_CONFIDENCE = 0.8
-#: Training images (a seeded sample) beside the site's in ``calibrate --refit-head``.
+#: Training images (a seeded sample) beside the site's in the head refit of ``calibrate``.
 DEFAULT_HEAD_TRAIN_IMAGES = 2000
+#: Training images whose pooled features a model file carries for that refit (float16:
+#: 1,500 x 1,280 features of Lite0 add 3.8 MB), so a hospital needs only its own sample.
+DEFAULT_HEAD_PRIOR_IMAGES = 1500
 #: Training images that calibrate an int8 export's activation ranges.
 DEFAULT_CALIBRATION_IMAGES = 256
 #: Threads decoding images ahead of the forward pass.
@@ -57,3 +60,5 @@ SAMPLES_DIR = ASSETS_DIR / "samples"
 METADATA_MEMBER = "pneumoscan.json"
 #: Model-file member holding the fitted out-of-distribution detector (``.npz``).
 OOD_MEMBER = "pneumoscan_ood.npz"
+#: Model-file member holding training features and labels for the site head refit (``.npz``).
+HEAD_PRIOR_MEMBER = "pneumoscan_head_prior.npz"

@@ -12,6 +12,7 @@ from pneumoscan.inference.calibration import (
     probability_to_logit,
     sensitivity_lower_bound,
     threshold_for_sensitivity,
+    threshold_between_scores,
     threshold_with_confidence,
 )
 from pneumoscan.metrics import binary_metrics, expected_calibration_error
@@ -20,10 +21,12 @@ from pneumoscan.metrics import binary_metrics, expected_calibration_error
 def test_threshold_meets_the_target_with_the_best_specificity() -> None:
     y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1])
     p = np.array([0.1, 0.3, 0.5, 0.7, 0.2, 0.4, 0.6, 0.65, 0.8, 0.85, 0.9, 0.92, 0.95, 0.99])
-    # 10 positives: 90% sensitivity may miss one (the 0.2), so the threshold is 0.4.
-    assert threshold_for_sensitivity(y, p, 0.9) == 0.4
-    assert threshold_for_sensitivity(y, p, 1.0) == 0.2
-    assert threshold_for_sensitivity(y, p, 0.8) == 0.6
+    # 10 positives: 90% sensitivity may miss one (the 0.2), so the threshold catches the 0.4
+    # and sits halfway (logit scale) to the next lower score, the normal at 0.3.
+    assert 0.3 < threshold_for_sensitivity(y, p, 0.9) < 0.4
+    assert threshold_for_sensitivity(y, p, 0.9) == pytest.approx(1 / (1 + np.sqrt(3.5)))
+    assert 0.1 < threshold_for_sensitivity(y, p, 1.0) < 0.2
+    assert 0.5 < threshold_for_sensitivity(y, p, 0.8) < 0.6
     for target in (0.8, 0.9, 0.97, 1.0):
         threshold = threshold_for_sensitivity(y, p, target)
         assert binary_metrics(y, p, threshold)["sensitivity"] >= target
@@ -101,6 +104,20 @@ def test_confident_threshold_says_when_the_sample_is_too_small() -> None:
     assert not reachable and threshold == pytest.approx(0.1)  # catches every pneumonia image
     with pytest.raises(ValueError, match="confidence"):
         threshold_with_confidence(np.ones(3, int), np.ones(3), 0.9, 1.0)
+
+
+def test_a_threshold_between_scores_survives_backend_noise() -> None:
+    # calibrate fitted on Keras, predict scored on ONNX: a threshold equal to a pneumonia
+    # image's score lost that image to a 1e-7 difference (0.969 promised, 0.961 delivered).
+    rng = np.random.default_rng(3)
+    y = np.r_[np.zeros(60, int), np.ones(90, int)]
+    p = np.r_[rng.beta(2, 5, 60), rng.beta(5, 2, 90)]
+    for target, confidence in ((0.95, 0.5), (0.95, 0.8), (0.9, 0.9)):
+        threshold, _ = threshold_with_confidence(y, p, target, confidence)
+        fitted = binary_metrics(y, p, threshold)["confusion_matrix"]
+        for noise in (-1e-6, 1e-6):
+            assert binary_metrics(y, p + noise, threshold)["confusion_matrix"] == fitted
+    assert threshold_between_scores(np.array([0.5, 0.9]), 0.5) == 0.5  # nothing below
 
 
 def test_lower_bound_matches_scipy_wilson() -> None:

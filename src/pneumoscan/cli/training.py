@@ -16,7 +16,6 @@ from pneumoscan.cli.common import (
     stdout,
 )
 from pneumoscan.constants import (
-    DEFAULT_CONFIDENCE,
     DEFAULT_SEED,
     DEFAULT_SITE_TARGET_SENSITIVITY,
     DEFAULT_TARGET_SENSITIVITY,
@@ -181,7 +180,7 @@ def calibrate(
     model: ModelOption = None,
     target_sensitivity: Annotated[
         float,
-        typer.Option(help="Sensitivity the new threshold must reach (with --confidence)."),
+        typer.Option(help="Sensitivity new images of the site should get."),
     ] = DEFAULT_SITE_TARGET_SENSITIVITY,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures.")] = None,
     unlabelled: Annotated[
@@ -189,37 +188,42 @@ def calibrate(
         typer.Option(help="Site X-rays without labels: re-estimate batch-norm statistics first."),
     ] = None,
     confidence: Annotated[
-        float,
+        float | None,
         typer.Option(
             help="One-sided confidence with which the sample's sensitivity must reach the "
-            "target (0.5 = no margin)."
+            "target (0.5 = no margin). Default: the least that kept the target in 95% of "
+            "patient splits of the sample."
         ),
-    ] = DEFAULT_CONFIDENCE,
+    ] = None,
     onnx: Annotated[
         bool, typer.Option(help="Write the ONNX export beside --out (predict's fast path).")
     ] = True,
     refit_head: Annotated[
         bool,
         typer.Option(
-            help="Also refit the final layer on training + site features (the site's weight "
-            "chosen by patient-grouped cross-validation)."
+            help="Refit the final layer on the site's and the model's training features (kept "
+            "only when patient-grouped cross-validation says it helps)."
         ),
-    ] = False,
+    ] = True,
     train_data: Annotated[
         Path | None,
-        typer.Option(help="The model's training data, for --refit-head (default: recorded)."),
+        typer.Option(help="Training data for the head refit if the model carries no features."),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace --out and its ONNX export if they exist.")
+    ] = False,
 ) -> None:
-    """Refit temperature and threshold to a site's labelled sample.
+    """Adapt a model to a site's labelled sample: final layer, calibration, threshold.
 
-    Learned weights never change; with --unlabelled, batch-norm statistics are re-estimated.
+    The figures it prints are the promise: the expected row is what new images of the site
+    should get, checked on many patient splits of the sample.
     """
     from pneumoscan.train.site import calibrate_to_site  # lazy: loads SciPy
 
     result = calibrate_to_site(
         model, data, out, target_sensitivity, reporter=Reporter(stderr),
         unlabelled=unlabelled, confidence=confidence, export=onnx,
-        refit_head=refit_head, train_data=train_data,
+        refit_head=refit_head, train_data=train_data, overwrite=overwrite,
     )  # fmt: skip
     table = Table(
         title=f"Site calibration on {data} (n={result['n']}, {result['n_pneumonia']} pneumonia)"
@@ -233,17 +237,42 @@ def calibrate(
         name = f"expected on new images ({cv['repeats']}x {cv['folds']}-fold cross-validated)"
         table.add_row(*_figures_row(name, cv))
     stdout.print(table)
+    if cv and cv["per_subtype"]:
+        stdout.print(
+            "expected sensitivity per subtype: "
+            + "; ".join(
+                f"{kind} {_fmt(f['sensitivity'])} ({_fmt(f['sensitivity_ci'][0])}-"
+                f"{_fmt(f['sensitivity_ci'][1])}, n={f['n']})"
+                for kind, f in cv["per_subtype"].items()
+            ),
+            highlight=False,
+        )
+    chosen = result["promise"]["chosen"]
+    stdout.print(
+        f"promise: sensitivity >= {target_sensitivity} on new patients. Fitted on one half of "
+        f"the sample's patients and checked on the other, this rule ({result['confidence_rule']}"
+        f": one-sided {result['confidence']:.0%} bound) fell short in "
+        f"{chosen['failure_rate']:.1%} of {chosen['splits']} splits (allowed: "
+        f"{result['promise']['max_failure_rate']:.0%}); per subtype: "
+        + ", ".join(
+            f"{kind} {f['failure_rate']:.1%}" for kind, f in chosen["per_subtype"].items()
+        ),
+        highlight=False,
+    )
+    head = result["head_refit"]
+    refitted = bool(head) and head["chosen"] != "original"
+    layer = f"refitted (site weight {head['chosen']})" if refitted else "kept"
     written = f"{out}" + (f" and {result['onnx']}" if result.get("onnx") else "")
     stdout.print(
-        f"temperature {result['temperature']:.3f}, logit bias {result['logit_bias']:+.3f}, "
-        f"threshold {format_threshold(result['threshold'])} "
-        f"(target sensitivity {target_sensitivity}, "
-        f"held at a one-sided {confidence:.0%} lower bound on the sample); wrote {written}"
+        f"final layer: {layer}; temperature {result['temperature']:.3f}, "
+        f"logit bias {result['logit_bias']:+.3f}, "
+        f"threshold {format_threshold(result['threshold'])}; wrote {written}",
+        highlight=False,
     )
     stdout.print(
-        "The 'on the sample itself' row is optimistic: the threshold was chosen on those images. "
-        "The 'expected' row estimates how the same procedure does on new images of this site, "
-        "by refitting without each held-out patient."
+        "The 'on the sample itself' row is optimistic: the threshold was chosen on those images "
+        "(scored here as predict scores them). The 'expected' row estimates how the same "
+        "procedure does on new images of this site, by refitting without each held-out patient."
     )
     if json_out:
         write_json(json_out, result)

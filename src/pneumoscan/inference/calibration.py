@@ -10,8 +10,10 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize_scalar
+from scipy.special import expit, logit
+from scipy.stats import norm
 
-from pneumoscan.models.modelfile import OperatingPoint
+from pneumoscan.models.modelfile import VALIDATION_SPLIT, OperatingPoint
 
 _EPS = 1e-7
 TEMPERATURE_BOUNDS = (0.05, 20.0)
@@ -19,16 +21,14 @@ TEMPERATURE_BOUNDS = (0.05, 20.0)
 
 def probability_to_logit(p_pneumonia: np.ndarray) -> np.ndarray:
     """log(p / (1 - p)), with p clipped away from 0 and 1."""
-    p = np.clip(np.asarray(p_pneumonia, dtype=np.float64), _EPS, 1 - _EPS)
-    return np.log(p) - np.log1p(-p)
+    return np.asarray(logit(np.clip(np.asarray(p_pneumonia, dtype=np.float64), _EPS, 1 - _EPS)))
 
 
 def apply_temperature(p_pneumonia: np.ndarray, temperature: float, bias: float = 0.0) -> np.ndarray:
     """Map probabilities through ``sigmoid(logit / temperature + bias)`` (ranks unchanged)."""
     if temperature == 1.0 and bias == 0.0:
         return np.asarray(p_pneumonia, dtype=np.float64)
-    scaled = probability_to_logit(p_pneumonia) / temperature + bias
-    return 1.0 / (1.0 + np.exp(-scaled))
+    return np.asarray(expit(probability_to_logit(p_pneumonia) / temperature + bias))
 
 
 def _negative_log_likelihood(y_true: np.ndarray, logits: np.ndarray, temperature: float) -> float:
@@ -79,10 +79,27 @@ def fit_temperature_and_bias(y_true: np.ndarray, p_pneumonia: np.ndarray) -> tup
     return 1.0 / slope, float(fit.intercept_[0])
 
 
+def threshold_between_scores(p_pneumonia: np.ndarray, lowest_caught: float) -> float:
+    """A threshold that flags ``lowest_caught`` and everything above it, placed halfway (on the
+    logit scale) to the next lower score.
+
+    A threshold equal to a score decides that image by a hair: the same network on another
+    backend (Keras, float32 or int8 ONNX) moves scores by 1e-7 and more, and the image would
+    flip. Halfway to the next score, every image fitted on keeps its decision on any backend.
+    """
+    scores = np.asarray(p_pneumonia, dtype=np.float64)
+    below = scores[scores < lowest_caught]
+    if len(below) == 0:
+        return float(lowest_caught)
+    bounded = np.clip([lowest_caught, below.max()], _EPS, 1 - _EPS)
+    return float(expit(np.mean(logit(bounded))))
+
+
 def threshold_for_sensitivity(y_true: np.ndarray, p_pneumonia: np.ndarray, target: float) -> float:
     """The highest threshold whose sensitivity on these images is at least ``target``.
 
-    The highest such threshold gives the best specificity for that sensitivity.
+    The highest such threshold gives the best specificity for that sensitivity; it sits
+    between scores (:func:`threshold_between_scores`).
 
     Raises:
         ValueError: No pneumonia image, or a target outside (0, 1].
@@ -93,20 +110,24 @@ def threshold_for_sensitivity(y_true: np.ndarray, p_pneumonia: np.ndarray, targe
     if len(positives) == 0:
         raise ValueError("choosing a threshold for sensitivity needs PNEUMONIA images")
     may_miss = int(np.floor((1.0 - target) * len(positives) + 1e-9))
-    return float(positives[may_miss])
+    return threshold_between_scores(p_pneumonia, positives[may_miss])
 
 
 def sensitivity_lower_bound(caught: int, positives: int, confidence: float) -> float:
-    """One-sided lower confidence bound of a sensitivity ``caught / positives`` (Wilson).
+    """One-sided lower confidence bound of a sensitivity ``caught / positives`` (Wilson score
+    interval, closed form: the same figure as SciPy's ``binomtest(...).proportion_ci`` with
+    ``method="wilson"``, without its cost inside the many-split checks).
 
     ``confidence`` 0.5 gives the observed proportion itself.
     """
+    rate = caught / positives
     if confidence <= 0.5:
-        return caught / positives
-    from scipy.stats import binomtest  # lazy: loads SciPy
-
-    interval = binomtest(caught, positives).proportion_ci(2 * confidence - 1, method="wilson")
-    return float(interval.low)
+        return rate
+    z = float(norm.ppf(confidence))
+    z2n = z * z / positives
+    centre = rate + z2n / 2
+    spread = z * np.sqrt(rate * (1 - rate) / positives + z2n / (4 * positives))
+    return float((centre - spread) / (1 + z2n))
 
 
 def threshold_with_confidence(
@@ -142,7 +163,7 @@ def threshold_with_confidence(
     while misses + 1 < n and sensitivity_lower_bound(n - misses - 1, n, confidence) >= target:
         misses += 1
     reachable = sensitivity_lower_bound(n - misses, n, confidence) >= target
-    return float(positives[misses]), reachable
+    return threshold_between_scores(p_pneumonia, positives[misses]), reachable
 
 
 def fit_scaling_and_threshold(
@@ -198,6 +219,7 @@ def fit_operating_point(
         logit_bias=bias,
         threshold_rule=threshold_rule,
         target_sensitivity=None if threshold_rule is None else target_sensitivity,
+        fitted_on=VALIDATION_SPLIT,
     )
     return point.to_metadata() | {
         "calibration": {

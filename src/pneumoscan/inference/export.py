@@ -45,7 +45,13 @@ from pneumoscan.inference.scorer import (
     read_onnx_metadata,
 )
 from pneumoscan.jsonio import atomic_write, jsonable
-from pneumoscan.models.modelfile import MetadataView, load_model, now_utc, read_member
+from pneumoscan.models.modelfile import (
+    MetadataView,
+    OperatingPoint,
+    load_model,
+    now_utc,
+    read_member,
+)
 
 FORMATS = ("onnx",)
 DEFAULT_OPSET = 17
@@ -220,6 +226,11 @@ def _quantize(
     finally:
         quantized.unlink(missing_ok=True)
     record |= {"calibration_data": str(calibration_data), "seed": seed}
+    if OperatingPoint.from_metadata(metadata).site_calibrated:
+        # The site's own sample set this operating point; our validation split must never
+        # replace it (the site's threshold 0.4932 once became 0.9187 here).
+        record["operating_point"] = "the site calibration's, kept (not refitted)"
+        return record, {}
     refitted = refit_operating_point(onnx_file, metadata, calibration_data)
     if refitted:
         float32 = MetadataView(metadata).validation_metrics

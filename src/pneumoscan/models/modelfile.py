@@ -27,6 +27,11 @@ if TYPE_CHECKING:
     import keras
 
 FORMAT_VERSION = 1
+#: ``OperatingPoint.fitted_on`` values.
+VALIDATION_SPLIT = "validation split"
+SITE_SAMPLE = "site sample"
+#: Names of the zip members pneumoscan adds beside Keras' own.
+EXTRA_MEMBER_PREFIX = "pneumoscan_"
 REQUIRED_KEYS = ("arch", "classes", "preprocess", "threshold")
 
 
@@ -124,13 +129,40 @@ def write_member(path: str | Path, name: str, data: bytes) -> None:
     _replace_member(Path(path), name, data)
 
 
-def save_model(model: keras.Model, path: str | Path, metadata: dict[str, Any]) -> Path:
-    """Save a Keras model with its metadata; the file appears only once complete."""
+def extra_members(path: str | Path) -> dict[str, bytes]:
+    """The pneumoscan members of a model file beside its metadata (the OOD detector, the head
+    prior...): everything a re-saved network must carry over to refuse and adapt as before."""
+    with zipfile.ZipFile(path) as archive:
+        return {
+            name: archive.read(name)
+            for name in archive.namelist()
+            if name.startswith(EXTRA_MEMBER_PREFIX) and name != METADATA_MEMBER
+        }
+
+
+def save_model(
+    model: keras.Model,
+    path: str | Path,
+    metadata: dict[str, Any],
+    members_from: str | Path | None = None,
+) -> Path:
+    """Save a Keras model with its metadata; the file appears only once complete.
+
+    Args:
+        model: The network.
+        path: Where to write.
+        metadata: The pneumoscan metadata.
+        members_from: A model file whose extra members (:func:`extra_members`) the new file
+            keeps: a network re-saved after a site refit still refuses what it refused.
+    """
     path = Path(path)
     metadata = {"format_version": FORMAT_VERSION, "saved": now_utc()} | metadata
+    carried = extra_members(members_from) if members_from is not None else {}
     with atomic_write(path) as tmp:
         model.save(tmp)
         write_metadata(tmp, metadata)
+        for name, data in carried.items():
+            _replace_member(Path(tmp), name, data)
     return path
 
 
@@ -146,28 +178,49 @@ class OperatingPoint:
     logit_bias: float = 0.0
     threshold_rule: str | None = None
     target_sensitivity: float | None = None
+    #: One-sided confidence of the sensitivity bound the rule demanded (None: the plain rate).
+    confidence: float | None = None
+    #: What it was fitted on: :data:`VALIDATION_SPLIT` or :data:`SITE_SAMPLE` (None: unrecorded,
+    #: files written before it was; ``site_calibration`` in the metadata then tells).
+    fitted_on: str | None = None
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any]) -> OperatingPoint:
         """The operating point in a model's metadata (``KeyError`` without a threshold)."""
         target = metadata.get("target_sensitivity")
         rule = metadata.get("threshold_rule")
+        confidence = metadata.get("threshold_confidence")
+        fitted_on = metadata.get("threshold_fitted_on")
+        if fitted_on is None and "site_calibration" in metadata:
+            fitted_on = SITE_SAMPLE
         return cls(
             threshold=float(metadata["threshold"]),
             temperature=float(metadata.get("temperature", 1.0)),
             logit_bias=float(metadata.get("logit_bias", 0.0)),
             threshold_rule=None if rule is None else str(rule),
             target_sensitivity=None if target is None else float(target),
+            confidence=None if confidence is None else float(confidence),
+            fitted_on=None if fitted_on is None else str(fitted_on),
         )
 
+    @property
+    def site_calibrated(self) -> bool:
+        """Whether a site's own sample set it (an export must keep it, never refit it on our
+        validation split)."""
+        return self.fitted_on == SITE_SAMPLE
+
     def to_metadata(self) -> dict[str, Any]:
-        """The metadata entries, in the order model files have always had them; the rule and
-        the target are left out when unknown."""
+        """The metadata entries, in the order model files have always had them; the rule, the
+        target, the confidence and the data it was fitted on are left out when unknown."""
         entries: dict[str, Any] = {"threshold": self.threshold}
         if self.threshold_rule is not None:
             entries["threshold_rule"] = self.threshold_rule
         if self.target_sensitivity is not None:
             entries["target_sensitivity"] = self.target_sensitivity
+        if self.confidence is not None:
+            entries["threshold_confidence"] = self.confidence
+        if self.fitted_on is not None:
+            entries["threshold_fitted_on"] = self.fitted_on
         return entries | {"temperature": self.temperature, "logit_bias": self.logit_bias}
 
 

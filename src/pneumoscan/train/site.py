@@ -1,10 +1,12 @@
-"""Site calibration: refit temperature, bias and threshold on a hospital's own labelled sample.
+"""Site calibration: adapt a model to a hospital's own labelled sample (``pneumoscan calibrate``).
 
-No learned weight changes: only the numbers that map the network's output to a calibrated
-probability (Platt scaling of the logit) and a decision; optionally the batch-norm statistics
-(``--unlabelled``). The refit figures on the sample itself are optimistic (the
-threshold was chosen on those images), so a patient-grouped cross-validated estimate of the
-whole procedure is reported beside them.
+The final layer is refitted on the site's features beside training features the model file
+carries (kept only when cross-validation says it helps), then Platt scaling and the threshold
+are fitted under a rule chosen so that the promised sensitivity holds on held-out patients
+(:mod:`pneumoscan.train.promise`). Optionally (``--unlabelled``) batch-norm statistics are
+re-estimated first. The figures on the sample itself are optimistic (the threshold was chosen
+on those images), so a patient-grouped cross-validated estimate of the whole procedure is
+reported beside them, per pneumonia subtype too.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.special import expit
 from sklearn.model_selection import StratifiedGroupKFold
 
 from pneumoscan.constants import (
@@ -24,16 +27,24 @@ from pneumoscan.constants import (
     DEFAULT_SITE_TARGET_SENSITIVITY,
 )
 from pneumoscan.data.cache import cached_decode
-from pneumoscan.data.dataset import data_fingerprint, empty_classes, scan_dataset, select_split
+from pneumoscan.data.dataset import (
+    data_fingerprint,
+    empty_classes,
+    file_sha1,
+    scan_dataset,
+    select_split,
+)
 from pneumoscan.data.pipeline import decode_all, iter_decoded_batches
 from pneumoscan.data.preprocess import to_model_input
-from pneumoscan.errors import DatasetError
+from pneumoscan.errors import DatasetError, OutputExistsError
 from pneumoscan.inference.calibration import (
     apply_temperature,
     fit_scaling_and_threshold,
 )
 from pneumoscan.metrics import binary_metrics, expected_calibration_error, wilson_interval
+from pneumoscan.models.head_prior import read_head_prior
 from pneumoscan.models.modelfile import (
+    SITE_SAMPLE,
     LoadedModel,
     OperatingPoint,
     load_model,
@@ -42,6 +53,13 @@ from pneumoscan.models.modelfile import (
     write_metadata,
 )
 from pneumoscan.progress import Reporter
+from pneumoscan.train.promise import (
+    CONFIDENCES,
+    MAX_FAILURE_RATE,
+    choose_rule,
+    split_check,
+    support_warning,
+)
 
 #: Widest 95% interval on the sensitivity target tolerated without a warning.
 MAX_INTERVAL_WIDTH = 0.10
@@ -118,6 +136,7 @@ def cross_validated_figures(
     seed: int = 0,
     confidence: float = DEFAULT_CONFIDENCE,
     repeats: int = CV_REPEATS,
+    subtypes: np.ndarray | None = None,
 ) -> dict[str, Any] | None:
     """Held-out figures of the whole refit, by repeated patient-grouped cross-validation.
 
@@ -125,6 +144,7 @@ def cross_validated_figures(
     once per repeat by a refit that never saw its patient. Rates are averaged over repeats;
     their intervals are Wilson intervals at the sample's size (the repeats reuse the same
     images, so they narrow nothing), and ``sensitivity_range`` shows the spread of repeats.
+    With ``subtypes``, ``per_subtype`` gives each pneumonia subtype's sensitivity the same way.
 
     Returns:
         ``None`` when a class has fewer than two images (no fold can hold both).
@@ -133,14 +153,27 @@ def cross_validated_figures(
     if folds < 2:
         return None
     n_pos, n_neg = int(y_true.sum()), int((1 - y_true).sum())
+    kinds = [] if subtypes is None else sorted(set(np.asarray(subtypes)[y_true == 1]))
     sens, spec, eces = [], [], []
+    by_kind: dict[str, list[float]] = {kind: [] for kind in kinds}
     for p_held_out, predicted in held_out_repeats(
         y_true, p_raw, patients, target, confidence, folds, repeats, seed
     ):
         sens.append(np.sum(predicted & (y_true == 1)) / n_pos)
         spec.append(np.sum(~predicted & (y_true == 0)) / n_neg)
         eces.append(expected_calibration_error(y_true, p_held_out))
+        for kind in kinds:
+            by_kind[kind].append(float(predicted[(y_true == 1) & (subtypes == kind)].mean()))
     sensitivity, specificity = float(np.mean(sens)), float(np.mean(spec))
+    per_subtype = {}
+    for kind, values in by_kind.items():
+        n_kind = int(np.sum((y_true == 1) & (subtypes == kind)))
+        rate = float(np.mean(values))
+        per_subtype[kind] = {
+            "n": n_kind,
+            "sensitivity": rate,
+            "sensitivity_ci": wilson_interval(round(rate * n_kind), n_kind),
+        }
     return {
         "folds": folds,
         "repeats": repeats,
@@ -152,6 +185,7 @@ def cross_validated_figures(
         "specificity_ci": wilson_interval(round(specificity * n_neg), n_neg),
         "specificity_range": (float(np.min(spec)), float(np.max(spec))),
         "ece": float(np.mean(eces)),
+        "per_subtype": per_subtype,
     }
 
 
@@ -175,50 +209,58 @@ def calibrate_to_site(
     batch_size: int = 32,
     reporter: Reporter | None = None,
     unlabelled: str | Path | None = None,
-    confidence: float = DEFAULT_CONFIDENCE,
+    confidence: float | None = None,
     export: bool = True,
-    refit_head: bool = False,
+    refit_head: bool = True,
     train_data: str | Path | None = None,
     train_images: int = DEFAULT_HEAD_TRAIN_IMAGES,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Refit temperature and threshold on a labelled local sample and save a new model file.
+    """Adapt a model to a site's labelled sample and save it as a new model file.
 
-    With ``unlabelled``, the network's batch-norm statistics are first re-estimated on the
-    site's own unlabelled X-rays (:func:`pneumoscan.train.adapt.adapt_batch_norm`); no other weight
-    changes.
+    By default the final layer is refitted on the site's features together with training
+    features the model file carries (kept only when patient-grouped cross-validation says it
+    ranks the site's images better; :func:`pneumoscan.train.adapt.refit_head`), then Platt
+    scaling and the threshold are fitted. The threshold rule is chosen by the split check
+    (:mod:`pneumoscan.train.promise`): the least conservative rule that, fitted on one half
+    of the sample's patients, delivered the target sensitivity on the other half in at least
+    95% of the splits.
 
     Args:
         model: Model file or run folder (default: the shipped model).
         data: Folder with ``NORMAL/`` and ``PNEUMONIA/`` (or a dataset root: all splits used).
         out: Path of the calibrated model file to write (the input is never modified).
-        target_sensitivity: Sensitivity the new threshold must reach on the sample.
+        target_sensitivity: Sensitivity the site should get on new images.
         batch_size: Images scored at a time.
         reporter: Progress and warnings sink.
-        unlabelled: Folder of the site's unlabelled X-rays (searched recursively).
-        confidence: One-sided confidence with which the sensitivity on the sample must reach
-            the target (0.5: the plain rule, no margin; see
-            :func:`pneumoscan.inference.calibration.threshold_with_confidence`).
+        unlabelled: Folder of the site's unlabelled X-rays (searched recursively): batch-norm
+            statistics are re-estimated on them first (not for frozen batch norm).
+        confidence: One-sided confidence with which the sample's sensitivity must reach the
+            target (see :func:`pneumoscan.inference.calibration.threshold_with_confidence`);
+            ``None`` chooses it by the split check.
         export: Also write the float32 ONNX export beside ``out`` (``OUT.onnx``), so that
             ``predict`` keeps its TensorFlow-free path for the calibrated model.
-        refit_head: Also refit the final layer on training plus site features
-            (:func:`pneumoscan.train.adapt.refit_head`; the site's weight, or keeping the original
-            layer, chosen by patient-grouped cross-validation). The threshold is then fitted
-            on the chosen head's out-of-fold scores, as new site images will see it.
-        train_data: The model's training data for ``refit_head`` (default: the root recorded
-            in the model).
-        train_images: How many training images (a seeded sample) the head refit uses.
+        refit_head: Refit the final layer (skipped, with a warning, when the model carries no
+            training features and ``train_data`` is not given).
+        train_data: Training data for the head refit when the model carries no features.
+        train_images: How many training images (a seeded sample) that fallback uses.
+        overwrite: Replace ``out`` (and its ONNX export) when they exist.
 
     Returns:
-        ``before``, ``after`` (on the sample itself), ``cross_validated`` figures (the
-        expected figures on new images of the site), the new ``temperature`` and
-        ``threshold``, a sample-size ``warning`` and a ``target_warning`` (or ``None``).
+        ``before``, ``after`` (on the sample itself, as ``predict`` scores it),
+        ``cross_validated`` (expected figures on new images of the site, per subtype too),
+        ``promise`` (the split check of the chosen rule), the new ``temperature``,
+        ``logit_bias`` and ``threshold``, and warnings (or ``None``).
 
     Raises:
-        DatasetError: A class has no readable image.
+        DatasetError: A class has no readable image, or ``out`` is the input model.
+        OutputExistsError: ``out`` or its export exists and ``overwrite`` is off.
     """
 
     reporter = reporter or Reporter(quiet=True)
+    out = Path(out)
     loaded = load_model(model)
+    _check_outputs(loaded.path, out, export, overwrite)
     if unlabelled and loaded.recipe.get("batchnorm") == "frozen":
         # Measured (MODEL_CARD.md): cross-fitted AdaBN took the site AUC of a frozen-BN
         # Lite0 from 0.982 to 0.932; its layers only ever saw the ImageNet statistics.
@@ -237,57 +279,122 @@ def calibrate_to_site(
     if empty_classes(table):
         raise DatasetError(f"{data}: calibration needs readable NORMAL and PNEUMONIA images")
     y_true = (table["label"] == CLASSES[1]).to_numpy().astype(int)
+    patients = table["patient_id"].to_numpy()
+    subtypes = table["subtype"].to_numpy().astype(str)
     p_raw, before_raw = p_raw[scored], before_raw[scored]
+    final_raw = p_raw
     head: dict[str, Any] | None = None
     if refit_head:
         head = _refit_head(loaded, table, y_true, p_raw, train_data, train_images, reporter)
-        p_raw = head.pop("oof_raw")
+    if head is not None:
+        # The threshold is fitted on out-of-fold scores, as new site images will see the head.
+        p_raw, final_raw = head.pop("oof_raw"), head.pop("final_raw")
 
     before = operating_figures(
         y_true,
         apply_temperature(before_raw, loaded.temperature, loaded.logit_bias),
         loaded.threshold,
     )
+    with reporter.task("checking the promise on patient splits", total=1) as advance:
+        checks = split_check(
+            y_true, p_raw, patients, subtypes, target_sensitivity,
+            confidences=CONFIDENCES if confidence is None else (confidence,),
+        )  # fmt: skip
+        advance(1)
+    chosen, supported = choose_rule(checks)
     temperature, bias, threshold = fit_scaling_and_threshold(
-        y_true, p_raw, target_sensitivity, confidence
+        y_true, p_raw, target_sensitivity, chosen.confidence
     )
-    p_after = apply_temperature(p_raw, temperature, bias)
-    after = operating_figures(y_true, p_after, threshold)
-    patients = table["patient_id"].to_numpy()
+    after = operating_figures(y_true, apply_temperature(final_raw, temperature, bias), threshold)
     warning = sample_size_warning(int(y_true.sum()), target_sensitivity)
     cross_validated = cross_validated_figures(
-        y_true, p_raw, patients, target_sensitivity, confidence=confidence
-    )
+        y_true, p_raw, patients, target_sensitivity, confidence=chosen.confidence,
+        subtypes=subtypes,
+    )  # fmt: skip
     short = target_warning(cross_validated, target_sensitivity)
+    support = support_warning(
+        chosen, supported, target_sensitivity, int(y_true.sum()),
+        cross_validated["specificity"] if cross_validated else after["specificity"],
+    )  # fmt: skip
     result: dict[str, Any] = {
         "model": str(loaded.path),
         "data": str(data),
         "n": len(y_true),
         "n_pneumonia": int(y_true.sum()),
         "target_sensitivity": target_sensitivity,
-        "confidence": confidence,
+        "confidence": chosen.confidence,
+        "confidence_rule": "chosen by the split check" if confidence is None else "given",
         "temperature": temperature,
         "logit_bias": bias,
         "threshold": threshold,
         "before": before,
         "after": after,
         "cross_validated": cross_validated,
+        "promise": {
+            "max_failure_rate": MAX_FAILURE_RATE,
+            "supported": supported,
+            "chosen": chosen.to_dict(),
+            "rules": [check.to_dict() for check in checks],
+        },
         "warning": warning,
         "target_warning": short,
+        "support_warning": support,
         "batch_norm_adaptation": adapted,
         "head_refit": head,
     }
-    for message in (warning, short):
+    for message in (warning, short, support):
         if message:
             reporter.warn(message)
-    _save_calibrated(loaded, Path(out), result, data_fingerprint(table))
+    _save_calibrated(loaded, out, result, table)
     if export:
         from pneumoscan.inference.export import export_onnx  # lazy: loads SciPy
 
         with reporter.task("writing the ONNX export beside it", total=1) as advance:
-            result["onnx"] = str(export_onnx(out, Path(out).with_suffix(".onnx")).path)
+            result["onnx"] = str(export_onnx(out, out.with_suffix(".onnx")).path)
             advance(1)
+    result["after"] = _on_scoring_path(out, table, y_true, after, batch_size, reporter)
     return result
+
+
+def _check_outputs(source: Path, out: Path, export: bool, overwrite: bool) -> None:
+    """Refuse to write over the input model, or over existing files unless asked."""
+    if out.resolve() == source.resolve():
+        raise DatasetError(f"{out}: choose a new file; the input model is kept unchanged")
+    if overwrite:
+        return
+    for path in (out, out.with_suffix(".onnx")) if export else (out,):
+        if path.exists():
+            raise OutputExistsError(f"{path} exists; choose a new --out or pass --overwrite")
+
+
+def _on_scoring_path(
+    out: Path,
+    table: Any,
+    y_true: np.ndarray,
+    fitted: dict[str, Any],
+    batch_size: int,
+    reporter: Reporter,
+) -> dict[str, Any]:
+    """The sample's figures as ``predict --model OUT`` scores it (its ONNX export when there is
+    one), so that what calibrate prints is what the scoring path gives."""
+    from pneumoscan.inference.backends import open_model  # lazy: loads SciPy
+    from pneumoscan.inference.scorer import score_files  # lazy: loads SciPy
+
+    scoring, _, _ = open_model(out, "auto")
+    with reporter.task("scoring the sample as predict will", total=len(table)) as advance:
+        scores = []
+        for score in score_files(scoring, table["path"].tolist(), batch_size):
+            scores.append(np.nan if score.probability is None else score.probability)
+            advance(1)
+    p_scoring = np.asarray(scores)
+    figures = operating_figures(y_true, p_scoring, fitted["threshold"])
+    figures["backend"] = type(scoring).__name__
+    if figures["confusion_matrix"] != fitted["confusion_matrix"]:
+        reporter.warn(
+            f"on the scoring path ({figures['backend']}) the sample's confusion matrix is "
+            f"{figures['confusion_matrix']}, against {fitted['confusion_matrix']} when fitted"
+        )
+    return figures
 
 
 def _refit_head(
@@ -298,45 +405,74 @@ def _refit_head(
     train_data: str | Path | None,
     train_images: int,
     reporter: Reporter,
-) -> dict[str, Any]:
-    """Refit the network's final layer in place (when cross-validation says it helps)."""
+) -> dict[str, Any] | None:
+    """Refit the network's final layer in place (when cross-validation says it helps).
+
+    Returns:
+        The refit's record with ``oof_raw`` and ``final_raw`` site scores, or ``None`` (with a
+        warning) when neither the model nor ``train_data`` gives training features.
+    """
     # lazy: loads TensorFlow
     from pneumoscan.train.adapt import pooled_features, refit_head, set_binary_head
-
-    root = train_data or loaded.training_data_root
-    if not root or not Path(root).exists():
-        raise DatasetError(
-            f"the head refit needs the model's training data; recorded root {root!r} is not "
-            "here: pass --train-data"
-        )
-    train = select_split(scan_dataset(root), "train", loaded.metadata)
-    train = train[train["error"] == ""]
-    train = train.sample(n=min(train_images, len(train)), random_state=0).reset_index(drop=True)
 
     def features(pixels: np.ndarray) -> np.ndarray:
         batches = (to_model_input(pixels[i : i + 64]) for i in range(0, len(pixels), 64))
         return pooled_features(loaded.network, batches)
 
-    with reporter.task("head refit: training features", total=len(train)) as advance:
-        train_pixels, kept, _ = cached_decode(train["path"].tolist(), loaded.preprocess, None)
-        advance(len(train) // 2)
-        train_x = features(train_pixels)
-        advance(len(train) - len(train) // 2)
-    train_y = (train["label"].to_numpy()[kept] == CLASSES[1]).astype(int)
+    prior = read_head_prior(loaded.path)
+    if prior is not None and train_data is None:
+        train_x, train_y, source = prior.features, prior.labels, "carried in the model file"
+    else:
+        found = _training_features(loaded, train_data, train_images, features, reporter)
+        if found is None:
+            return None
+        train_x, train_y, source = found
     site_pixels, site_kept, _ = decode_all(table["path"].tolist(), loaded.preprocess)
     if len(site_kept) != len(table):
         raise DatasetError("a site image became unreadable during calibration; run it again")
     site_x = features(site_pixels)
     fitted = refit_head(train_x, train_y, site_x, y_true, table["patient_id"].to_numpy(), p_raw)
     coef, intercept = fitted.pop("coef", None), fitted.pop("intercept", None)
+    fitted["final_raw"] = p_raw
     if coef is not None and intercept is not None:
         set_binary_head(loaded.network, coef, intercept)
+        fitted["final_raw"] = expit(site_x @ coef + intercept)
     reporter.info(
         "head refit: out-of-fold site AUC "
         + ", ".join(f"{k} {v:.4f}" for k, v in fitted["candidates"].items())
         + f"; kept {fitted['chosen']}"
     )
-    return fitted | {"train_images": len(train_y), "train_data": str(root)}
+    return fitted | {"train_images": len(train_y), "train_features": source}
+
+
+def _training_features(
+    loaded: LoadedModel,
+    train_data: str | Path | None,
+    train_images: int,
+    features: Any,
+    reporter: Reporter,
+) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """Pooled features of a seeded sample of the model's training images in ``train_data``
+    (default: the recorded root), or ``None`` with a warning when they are not here."""
+    root = train_data or loaded.training_data_root
+    if not root or not Path(root).exists():
+        if train_data is not None:
+            raise DatasetError(f"{train_data}: training data folder not found")
+        reporter.warn(
+            f"{loaded.path.name} carries no training features and its training data "
+            f"({root}) is not here: the final layer is not refitted, only the operating point"
+        )
+        return None
+    train = select_split(scan_dataset(root), "train", loaded.metadata)
+    train = train[train["error"] == ""]
+    train = train.sample(n=min(train_images, len(train)), random_state=0).reset_index(drop=True)
+    with reporter.task("head refit: training features", total=len(train)) as advance:
+        train_pixels, kept, _ = cached_decode(train["path"].tolist(), loaded.preprocess, None)
+        advance(len(train) // 2)
+        train_x = features(train_pixels)
+        advance(len(train) - len(train) // 2)
+    train_y = (train["label"].to_numpy()[kept] == CLASSES[1]).astype(int)
+    return train_x, train_y, str(root)
 
 
 def _raw_scores(
@@ -377,22 +513,24 @@ def _adapt(
     return {"method": "AdaBN", "images": used, "folder": str(folder)}
 
 
-def _save_calibrated(
-    loaded: LoadedModel, out: Path, result: dict[str, Any], fingerprint: str
-) -> None:
+def _save_calibrated(loaded: LoadedModel, out: Path, result: dict[str, Any], table: Any) -> None:
     source, metadata = loaded.path, loaded.metadata
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.resolve() == source.resolve():
-        raise DatasetError(f"{out}: choose a new file; the input model is kept unchanged")
     head = result.get("head_refit")
     if result["batch_norm_adaptation"] or (head and head["chosen"] != "original"):
-        save_model(loaded.network, out, metadata)
+        # The OOD detector and the head prior travel with the re-saved network.
+        save_model(loaded.network, out, metadata, members_from=source)
     else:
         shutil.copyfile(source, out)
     keys = ("data", "n", "n_pneumonia", "confidence", "before", "after", "cross_validated")
     site = {k: result[k] for k in keys} | {
         "batch_norm_adaptation": result["batch_norm_adaptation"],
         "head_refit": result.get("head_refit"),
+        "promise": {k: result["promise"][k] for k in ("max_failure_rate", "supported", "chosen")},
+        # Content hashes, not names (a hospital's file names may carry patient identifiers):
+        # `evaluate` recognises the calibration sample by them and says its figures are
+        # in-sample.
+        "files": sorted(file_sha1(path)[:16] for path in table["path"]),
     }
     point = OperatingPoint(
         threshold=result["threshold"],
@@ -400,16 +538,19 @@ def _save_calibrated(
         logit_bias=result["logit_bias"],
         threshold_rule=(
             f"highest threshold whose site-sample sensitivity has a one-sided "
-            f"{result['confidence']:.0%} lower bound >= {result['target_sensitivity']}"
+            f"{result['confidence']:.0%} lower bound >= {result['target_sensitivity']} "
+            f"({result['confidence_rule']})"
         ),
         target_sensitivity=result["target_sensitivity"],
+        confidence=result["confidence"],
+        fitted_on=SITE_SAMPLE,
     )
     updated = (
         metadata
         | point.to_metadata()
         | {
             "site_calibration": site
-            | {"fingerprint": fingerprint, "date": now_utc(), "source": str(source)},
+            | {"fingerprint": data_fingerprint(table), "date": now_utc(), "source": str(source)},
         }
     )
     write_metadata(out, updated)
