@@ -10,7 +10,7 @@ attributes (highdicom does, from the evidence), and holds
   of the measurement group (TID 4019: name, pneumoscan version, and the SHA-256, threshold and
   threshold rule as parameters);
 - for an image that was not scored: the qualitative evaluation *indeterminate*, no
-  probability, and the reason as text.
+  probability, and the reason as text (refused, or unreadable).
 
 Its Series and SOP Instance UIDs are derived from the study, the source instance and the
 model's hash (:func:`sr_uids`), so the same result always has the same UIDs: storing it twice
@@ -32,7 +32,9 @@ from pneumoscan.interop.records import UID_PREFIX, ImageResult, ModelIdentity
 CODING_SCHEME = "99PNEUMOSCAN"
 P_PNEUMONIA = hd.sr.CodedConcept("P-PNEUMONIA", CODING_SCHEME, "Probability of pneumonia")
 THRESHOLD = hd.sr.CodedConcept("THRESHOLD", CODING_SCHEME, "Operating threshold")
-NOT_SCORED = hd.sr.CodedConcept("NOT-SCORED", CODING_SCHEME, "Reason not scored")
+#: Why an image has no probability: refused (not a frontal chest X-ray) or unreadable.
+REFUSED = hd.sr.CodedConcept("REFUSED", CODING_SCHEME, "Not scored: not a frontal chest X-ray")
+UNREADABLE = hd.sr.CodedConcept("UNREADABLE", CODING_SCHEME, "Not scored: image unreadable")
 PNEUMONIA = hd.sr.CodedConcept("233604007", "SCT", "Pneumonia")
 PRESENT = hd.sr.CodedConcept("52101004", "SCT", "Present")
 ABSENT = hd.sr.CodedConcept("2667000", "SCT", "Absent")
@@ -146,12 +148,14 @@ def _measurement_group(
         algorithm_id=_algorithm(model, threshold),
         measurements=measurements or None,
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(PNEUMONIA, evaluation)],
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+        # From the UIDs, not from_source_image: an image whose pixel attributes are damaged
+        # still gets its SR (saying why it was not scored).
+        source_images=[hd.sr.SourceImageForMeasurementGroup(str(source.SOPClassUID), instance)],
     )
     if not result.scored:
         group[0].ContentSequence.append(
             hd.sr.TextContentItem(
-                name=NOT_SCORED,
+                name=UNREADABLE if result.status == "error" else REFUSED,
                 value=result.reason or "not scored",
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
@@ -226,9 +230,9 @@ def read_sr(ds: Dataset) -> ImageResult:
             decision=CLASSES[1] if present else CLASSES[0],
             threshold=float(threshold[0].value) if threshold else None,
         )
-    reasons = [
-        item.TextValue
-        for item in group[0].ContentSequence
-        if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "NOT-SCORED"
-    ]
-    return ImageResult.refused(str(reasons[0]) if reasons else "not scored")
+    for item in group[0].ContentSequence:
+        code = item.ConceptNameCodeSequence[0].CodeValue
+        if item.ValueType == "TEXT" and code in (REFUSED.value, UNREADABLE.value):
+            status = "error" if code == UNREADABLE.value else "rejected"
+            return ImageResult.refused(str(item.TextValue), status)
+    return ImageResult.refused("not scored")
