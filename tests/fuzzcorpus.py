@@ -22,7 +22,7 @@ from pneumoscan.data.dicom import write_dicom
 from conftest import SITE_SAMPLE, fixture_images
 
 #: Seeds stay small, so that thousands of mutations decode in seconds.
-SEED_SIDE = 48
+SEED_SIDE = 64
 
 
 def _xray_grey() -> np.ndarray:

@@ -28,6 +28,23 @@ class ImageTooLargeError(ImageReadError):
     """An image's header declares more pixels than pneumoscan decodes (refused unread)."""
 
 
+class ImageTooSmallError(ImageReadError):
+    """An image is smaller than the model can read reliably (refused unscored)."""
+
+
+class UnsupportedFormatError(ImageReadError):
+    """A file is an image or document of a format an X-ray does not come in (refused before
+    any decoder runs)."""
+
+
+class DecodeTimeoutError(ImageReadError):
+    """Decoding one file passed its deadline (a scan bomb, or a far too slow decoder)."""
+
+
+class FileTooLargeError(ImageReadError):
+    """A file is larger than the cap on bytes read per file (refused unread)."""
+
+
 class UnexpectedDecodeError(ImageReadError):
     """A decoder failed in a way no specific check foresaw; the message names the exception.
 

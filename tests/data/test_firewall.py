@@ -54,7 +54,7 @@ def _png_header_only(width: int, height: int, bit_depth: int = 1) -> bytes:
 
 
 def _dicom_bytes(tmp_path: Path, **options: object) -> bytes:
-    pixels = (np.arange(40 * 48).reshape(40, 48) % 4096).astype(np.uint16)
+    pixels = (np.arange(64 * 72).reshape(64, 72) % 4096).astype(np.uint16)
     return write_dicom(pixels, tmp_path / "seed.dcm", bits_stored=12, **options).read_bytes()  # type: ignore[arg-type]
 
 

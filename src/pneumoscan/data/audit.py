@@ -10,7 +10,6 @@ several splits and files that cannot be read. :func:`audit_dataset` returns a JS
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
 from collections import Counter
@@ -22,7 +21,7 @@ from typing import Any
 import imagehash
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import Image
 from rich.console import Console
 from rich.progress import track
 from sklearn.linear_model import LogisticRegression
@@ -32,8 +31,7 @@ from sklearn.preprocessing import StandardScaler
 
 from pneumoscan.constants import CLASSES, DEFAULT_SEED, SPLITS
 from pneumoscan.data.dataset import patients_in_several_splits, scan_dataset
-from pneumoscan.data.preprocess import load_image
-from pneumoscan.errors import ImageReadError
+from pneumoscan.data.preprocess import DecodeFailure, load_image, read_file
 from pneumoscan.plots import plot_class_balance, plot_sample_grid
 
 #: Largest Hamming distance (of 64 bits) between perceptual hashes counted as a near-duplicate.
@@ -56,7 +54,6 @@ AUDIT_FILE = "audit.json"
 CLASS_BALANCE_FILE = "class_balance.png"
 SAMPLE_GRID_FILE = "sample_grid.png"
 
-_HASH_DRAFT_SIZE = 256  # phash looks at a 32x32 thumbnail; decoding more pixels is wasted work
 _THUMBNAIL_SIDE = 32
 _BLOCK_ROWS = 256  # rows per block of the pairwise hash comparison (~10 MB per block at 5k)
 _POPCOUNT = np.array([bin(value).count("1") for value in range(256)], dtype=np.uint8)
@@ -67,7 +64,6 @@ _SPLIT_NOTE = (
     "splits of the public copy may be two different people; treat these as possible leaks to "
     "check, not proven ones."
 )
-_READ_ERRORS = (OSError, SyntaxError, ValueError, ImageReadError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -80,16 +76,10 @@ class _Fingerprints:
     failures: dict[int, str]  # table row -> why decoding failed
 
 
-def _grey_image(data: bytes) -> Image.Image:
-    """Decode file bytes to an upright greyscale image for perceptual hashing."""
-    with Image.open(io.BytesIO(data)) as image:
-        if image.format == "JPEG":
-            # JPEG can decode at 1/2..1/8 scale for free; phash only needs a small image.
-            image.draft("L", (_HASH_DRAFT_SIZE, _HASH_DRAFT_SIZE))
-            image.load()
-            return ImageOps.exif_transpose(image).convert("L")
-    # Other formats go through the project's loader, which maps 16-bit PNGs to 8 bits.
-    return load_image(data).convert("L")
+def _grey_image(data: bytes, name: str) -> Image.Image:
+    """Decode file bytes to an upright greyscale image for perceptual hashing, through the
+    project's decoder and its firewall (16-bit PNGs mapped to 8 bits, bombs refused)."""
+    return load_image(data, name=name).convert("L")
 
 
 def _phash_int(image: Image.Image) -> int:
@@ -127,18 +117,21 @@ def _fingerprint(table: pd.DataFrame, console: Console | None) -> _Fingerprints:
         if not e
     ]
     for row, path in _progress(rows, console, f"Hashing {len(rows)} images"):
+        name = Path(path).name
         try:
-            data = Path(path).read_bytes()
+            if not Path(path).exists():
+                failures[row] = "no such file (removed after the scan)"
+                continue
+            data = read_file(path, name=name)
             sha1[row] = hashlib.sha1(data, usedforsecurity=False).hexdigest()
-            grey = _grey_image(data)
+            grey = _grey_image(data, name)
             phash[row] = _phash_int(grey)
             thumbnail[row] = _thumbnail_vector(grey)
-        except FileNotFoundError:
-            failures[row] = "no such file (removed after the scan)"
-        except _READ_ERRORS as exc:
-            # The header scan only checks that a file starts like an image; a truncated file
-            # fails here, when its pixels are decoded.
-            failures[row] = f"damaged or truncated image ({exc})"
+        except Exception as exc:  # the per-file firewall: no file's content may end an audit
+            # The header scan does not decode pixels; a truncated file fails here.
+            failures[row] = DecodeFailure.from_exception(name, exc).message.removeprefix(
+                f"{name}: "
+            )
     return _Fingerprints(sha1, phash, thumbnail, failures)
 
 

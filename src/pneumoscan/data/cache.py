@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from pneumoscan.data.dataset import file_sha1
 from pneumoscan.data.pipeline import iter_decoded_batches
 from pneumoscan.data.preprocess import DecodeFailure, PreprocessConfig
 from pneumoscan.jsonio import atomic_write
@@ -170,13 +171,11 @@ def _hash_files(paths: Sequence[str]) -> list[str | None]:
     hashes: list[str | None] = []
     for path in paths:
         try:
-            data = Path(path).read_bytes()
+            # Hashed here, decoded from the path later: a file rewritten in between would be
+            # stored under its old hash, a race not worth a second read of every file.
+            hashes.append(file_sha1(path))
         except OSError:
             hashes.append(None)
-            continue
-        # Hashed here, decoded from the path later: a file rewritten in between would be
-        # stored under its old hash, a race not worth a second read of every file.
-        hashes.append(hashlib.sha1(data, usedforsecurity=False).hexdigest())
     return hashes
 
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import StratifiedGroupKFold
 
 from pneumoscan.constants import (
@@ -29,7 +28,8 @@ from pneumoscan.constants import (
     MIN_VAL_IMAGES,
     SPLITS,
 )
-from pneumoscan.errors import DatasetError, InvalidInputError
+from pneumoscan.data.preprocess import read_header as read_image_header
+from pneumoscan.errors import DatasetError, ImageReadError, InvalidInputError
 
 COLUMNS = [
     "path",
@@ -162,18 +162,24 @@ def find_class_folders(root: str | Path) -> list[ClassFolder]:
 def read_header(path: Path) -> tuple[int, int, int, str]:
     """Read an image's size and channel count without decoding its pixels.
 
+    The header goes through every check decoding makes (format, size, budget, minimum side,
+    scans) behind the same per-file firewall, so a file that decoding would refuse (a
+    decompression bomb, a GIF named ``.png``) is recorded as unreadable here, never raised.
+
     Returns:
         ``(width, height, channels, error)``; on failure the sizes are 0 and ``error`` says why.
     """
     try:
-        if path.stat().st_size == 0:
-            return 0, 0, 0, "empty file (0 bytes)"
-        with Image.open(path) as image:
-            return image.width, image.height, len(image.getbands()), ""
-    except UnidentifiedImageError:
-        return 0, 0, 0, "not an image (unrecognised format)"
-    except OSError as exc:
-        return 0, 0, 0, f"unreadable: {exc}"
+        width, height, channels, _ = read_image_header(path, name=path.name)
+    except Exception as exc:  # the per-file firewall: no file's content may end a scan
+        return 0, 0, 0, _reason(path.name, exc)
+    return width, height, channels, ""
+
+
+def _reason(name: str, exc: Exception) -> str:
+    """The message without the file name in front (the table's row already names the file)."""
+    message = str(exc) if isinstance(exc, ImageReadError) else f"unreadable: {exc!r}"
+    return message.removeprefix(f"{name}: ")
 
 
 def _iter_files(folder: Path) -> Iterable[Path]:
@@ -272,8 +278,13 @@ def patients_in_several_splits(table: pd.DataFrame) -> dict[str, list[str]]:
 
 
 def file_sha1(path: str | Path) -> str:
-    """SHA-1 of a file's bytes (content identity; not a security hash)."""
-    return hashlib.sha1(Path(path).read_bytes(), usedforsecurity=False).hexdigest()
+    """SHA-1 of a file's bytes (content identity; not a security hash), read a megabyte at a
+    time so that no file is held whole in memory, whatever its size."""
+    digest = hashlib.sha1(usedforsecurity=False)
+    with open(path, "rb") as file:
+        while block := file.read(2**20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def data_fingerprint(table: pd.DataFrame) -> str:

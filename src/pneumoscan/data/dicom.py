@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,18 +21,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pneumoscan.data.limits import check_pixel_budget
-from pneumoscan.errors import ImageReadError
+from pneumoscan.data.formats import DICOM_MAGIC, PREAMBLE_LENGTH, codestream_size, jpeg_scans
+from pneumoscan.data.formats import looks_like_dicom as looks_like_dicom  # its home is formats
+from pneumoscan.data.limits import (
+    MAX_DECODE_BYTES,
+    MAX_JPEG_SCANS,
+    check_deadline,
+    check_pixel_budget,
+    max_file_bytes,
+)
+from pneumoscan.errors import ImageReadError, ImageTooLargeError
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
     from pydicom.uid import UID
 
-#: Bytes 128-131 of a DICOM Part 10 file.
-DICOM_MAGIC = b"DICM"
-PREAMBLE_LENGTH = 128
-#: Little-endian tags of the groups a preamble-less (raw) DICOM data set starts with.
-_RAW_DICOM_STARTS = (b"\x02\x00", b"\x08\x00")
 DECODER_PACKAGES = "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 #: Peak bytes per pixel of decoding an uncompressed greyscale DICOM image: the file's bytes,
@@ -39,6 +43,12 @@ _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 #: Measured (benchmarks/decode_memory.py): a 59-megapixel 16-bit file peaked at 513 MiB,
 #: about 8.4 bytes per pixel above the interpreter's own 36 MiB.
 _DICOM_BYTES_PER_PIXEL = 9
+#: The same for a deflated file: the inflated data set and the copy pydicom reads its Pixel
+#: Data into come on top (benchmarks/decode_memory.py).
+_DEFLATED_BYTES_PER_PIXEL = 13
+#: The transfer syntax whose data set pydicom would inflate whole (as bytes, to find it in
+#: the file meta before parsing anything).
+_DEFLATED_UID = b"1.2.840.10008.1.2.1.99"
 #: Rows transformed at a time, so the float64 temporaries of the grey-level transforms stay a
 #: few MB whatever the image size.
 _ROWS_PER_CHUNK = 256
@@ -87,18 +97,6 @@ def _reading(name: str, what: str) -> Iterator[None]:
         raise ImageReadError(f"{name}: {what}: {explain(exc)}") from exc
 
 
-def looks_like_dicom(header: bytes) -> bool:
-    """Whether a file's first bytes are a DICOM file's, whatever its name.
-
-    True for Part 10 files (``DICM`` after the 128-byte preamble) and for raw data sets that
-    start directly with a group 0002 or 0008 element, as some older archives store them.
-    """
-    if header[PREAMBLE_LENGTH : PREAMBLE_LENGTH + 4] == DICOM_MAGIC:
-        return True
-    # A raw data set starts with (gggg,eeee) then, in explicit VR, a two-letter VR.
-    return header[:2] in _RAW_DICOM_STARTS and len(header) >= 8 and header[4:6].isalpha()
-
-
 def read_dataset(data: bytes, name: str) -> Dataset:
     """Parse DICOM bytes into a pydicom data set.
 
@@ -112,7 +110,9 @@ def read_dataset(data: bytes, name: str) -> Dataset:
     with _reading(name, "damaged DICOM file"), warnings.catch_warnings():
         # pydicom warns while guessing a raw data set's encoding; failures still raise.
         warnings.simplefilter("ignore", UserWarning)
-        ds = pydicom.dcmread(io.BytesIO(data), force=force)
+        ds = _read_deflated(data, name) if _DEFLATED_UID in data[:4096] else None
+        if ds is None:
+            ds = pydicom.dcmread(io.BytesIO(data), force=force)
         meta = getattr(ds, "file_meta", None)
         if meta is None or "TransferSyntaxUID" not in meta:
             _set_raw_transfer_syntax(ds)
@@ -122,6 +122,62 @@ def read_dataset(data: bytes, name: str) -> Dataset:
             f"{name}: damaged DICOM file: no data element could be read after the header"
         )
     return ds
+
+
+def _read_deflated(data: bytes, name: str) -> Dataset | None:
+    """A Deflated Explicit VR Little Endian file, inflated within a bound; ``None`` when the
+    file's transfer syntax is another one.
+
+    pydicom inflates such a file whole before reading a single element, so 1 MB of deflated
+    zeros becomes gigabytes (issue 22). Here the data set is inflated by a decompressor told
+    the most bytes it may produce (:func:`_inflation_limit`), and a file that holds more is
+    refused; what was inflated is then read as the uncompressed data set it is.
+    """
+    from pydicom.dataset import FileDataset  # lazy: loads pydicom
+    from pydicom.filereader import (  # lazy: loads pydicom
+        _read_file_meta_info,
+        read_dataset,
+        read_preamble,
+    )
+    from pydicom.uid import (  # lazy: loads pydicom
+        DeflatedExplicitVRLittleEndian,
+        ExplicitVRLittleEndian,
+    )
+
+    stream = io.BytesIO(data)
+    preamble = read_preamble(stream, data[PREAMBLE_LENGTH : PREAMBLE_LENGTH + 4] != DICOM_MAGIC)
+    meta = _read_file_meta_info(stream)
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return None
+    body = _inflate(memoryview(data)[stream.tell() :], name)
+    dataset = read_dataset(io.BytesIO(body), is_implicit_VR=False, is_little_endian=True)
+    del body
+    # What is held now is the uncompressed data set, decoded as such from here on.
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return FileDataset(name, dataset, preamble=preamble, file_meta=meta)
+
+
+def _inflation_limit() -> int:
+    """Most bytes a deflated data set may inflate to: a 16-bit image at the largest size the
+    budget admits at the deflated files' cost per pixel, and never more than the file cap."""
+    pixels = MAX_DECODE_BYTES / _DEFLATED_BYTES_PER_PIXEL
+    return int(min(max_file_bytes(), 2 * pixels + 2**20))
+
+
+def _inflate(deflated: memoryview, name: str) -> bytes:
+    limit = _inflation_limit()
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        body = inflater.decompress(deflated, limit)
+    except zlib.error as exc:
+        raise ImageReadError(f"{name}: damaged deflated DICOM data set ({explain(exc)})") from exc
+    if inflater.unconsumed_tail:
+        raise ImageTooLargeError(
+            f"{name}: deflated DICOM data set inflates to more than {limit / 2**20:.0f} MB "
+            f"(from {len(deflated) / 2**20:.1f} MB); refused before inflating it whole (a "
+            "decompression bomb; export the image uncompressed if it is genuine)"
+        )
+    return body
 
 
 def _set_raw_transfer_syntax(ds: Dataset) -> None:
@@ -178,6 +234,46 @@ def _check_size(ds: Dataset, name: str, frames: int) -> None:
     check_pixel_budget(
         name, columns, rows * frames, bytes_per_pixel=_DICOM_BYTES_PER_PIXEL * max(1, samples)
     )
+    _check_codestream(ds, name, columns, rows)
+
+
+def _check_codestream(ds: Dataset, name: str, columns: int, rows: int) -> None:
+    """Compare a compressed image's real size, from its codestream header, with Rows and
+    Columns before decoding: the codec allocates for the codestream, so a 3 MB file that says
+    512 x 512 and holds 16000 x 16000 would need gigabytes (issue 22). JPEG streams with far
+    more scans than any encoder writes (scan bombs) are refused too.
+    """
+    import pydicom.uid as uids  # lazy: loads pydicom
+    from pydicom.encaps import generate_fragments  # lazy: loads pydicom
+
+    syntax = _transfer_syntax(ds, name)
+    if syntax in uids.JPEG2000TransferSyntaxes:
+        kind = "JPEG 2000"
+    elif syntax in uids.JPEGTransferSyntaxes or syntax in uids.JPEGLSTransferSyntaxes:
+        kind = "JPEG"
+    else:
+        return
+    with _reading(name, f"damaged encapsulated {syntax.name} Pixel Data"):
+        encapsulated = ds.PixelData
+        fragments = generate_fragments(encapsulated)
+        next(fragments, None)  # the Basic Offset Table
+        first = next(fragments, b"")
+    try:
+        width, height, _ = codestream_size(first, kind)
+    except ImageReadError as exc:
+        raise ImageReadError(f"{name}: damaged {syntax.name} DICOM: {exc}") from exc
+    check_pixel_budget(name, width, height, bytes_per_pixel=_DICOM_BYTES_PER_PIXEL)
+    if (width, height) != (columns, rows):
+        raise ImageReadError(
+            f"{name}: DICOM header says {columns} x {rows} pixels but its {syntax.name} "
+            f"codestream holds {width} x {height}; refused without decoding (a damaged or "
+            "crafted file)"
+        )
+    if kind == "JPEG" and (scans := jpeg_scans(encapsulated)) > MAX_JPEG_SCANS:
+        raise ImageReadError(
+            f"{name}: its {syntax.name} codestream holds {scans} scans, over the "
+            f"{MAX_JPEG_SCANS} any encoder writes; refused without decoding (a scan bomb)"
+        )
 
 
 def _pixels(ds: Dataset, name: str) -> np.ndarray:
@@ -330,6 +426,7 @@ def _monochrome_to_uint8(ds: Dataset, stored: np.ndarray, name: str) -> np.ndarr
         low, high = _display_range(ds, extremes, voi)
         inverted = _inverted(ds)
         for rows in _row_chunks(stored.shape[0]):
+            check_deadline(name)
             values = _modality(ds, stored[rows])
             if voi:
                 values = _apply_voi(values, ds, integral)
@@ -392,7 +489,9 @@ def dataset_to_uint8(ds: Dataset, name: str = "<DICOM>") -> np.ndarray:
     _check_size(ds, name, frames)
     with _reading(name, "invalid DICOM Photometric Interpretation"):
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    check_deadline(name)
     stored = _pixels(ds, name)
+    check_deadline(name)
     if photometric in _MONOCHROME:
         if stored.ndim != 2:
             raise ImageReadError(f"{name}: unexpected greyscale pixel shape {stored.shape}")

@@ -8,6 +8,7 @@ same ``to_model_input`` per batch, so every path feeds the model identical tenso
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,12 +17,27 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pneumoscan.constants import DEFAULT_IMAGE_SIZE
-from pneumoscan.data.dicom import explain, looks_like_dicom
-from pneumoscan.data.limits import MAX_PIXELS, check_pixel_budget
-from pneumoscan.errors import ImageReadError, ImageTooLargeError, UnexpectedDecodeError
+from pneumoscan.data.dicom import explain
+from pneumoscan.data.formats import SNIFF_BYTES, jpeg_scans, sniff_format
+from pneumoscan.data.limits import (
+    MAX_JPEG_SCANS,
+    MAX_PIXELS,
+    check_deadline,
+    check_min_side,
+    check_pixel_budget,
+    decode_deadline,
+    max_file_bytes,
+)
+from pneumoscan.errors import (
+    FileTooLargeError,
+    ImageReadError,
+    ImageTooLargeError,
+    InvalidInputError,
+    UnexpectedDecodeError,
+)
 
 ImageSource = str | Path | bytes | BinaryIO
 
@@ -39,6 +55,9 @@ _INTENSITY = ("none", "equalize")
 _DECODE_BYTES_PER_PIXEL = {"1": 5, "L": 5, "P": 20, "RGB": 13, "I": 16, "F": 16}
 _DECODE_BYTES_DEFAULT = 26  # RGBA, LA, CMYK...: the most expensive path
 _HIGH_BIT_DEPTH_BYTES = 10  # I;16 and its byte orders
+#: Bytes Pillow reads (and decodes) at a time, so the decode deadline is checked often: a
+#: progressive JPEG's scans are decoded as their bytes arrive.
+_READ_BLOCK = 16384
 #: Rows rescaled at a time from 16/32 bits, so the float64 copy stays a few MB.
 _ROWS_PER_CHUNK = 256
 #: Colour spread (see :func:`colour_spread`) up to which an RGB image counts as a tinted grey
@@ -104,22 +123,46 @@ def _describe(source: ImageSource, name: str | None = None) -> str:
     return str(source) if isinstance(source, str | Path) else "<uploaded image>"
 
 
+def _too_large(name: str, size: int | None, cap: int) -> FileTooLargeError:
+    held = f"{size / 2**20:.0f} MB" if size is not None else "more"
+    return FileTooLargeError(
+        f"{name}: file of {held} is over the {cap / 2**20:g} MB limit per file; refused "
+        "without reading it (PNEUMOSCAN_MAX_FILE_MB raises the limit)"
+    )
+
+
 def _read_bytes(source: ImageSource, name: str) -> bytes:
-    """The whole file: formats are told apart by content, never by the file name."""
+    """The whole file, up to the cap on bytes per file (:func:`~pneumoscan.data.limits.
+    max_file_bytes`): formats are told apart by content, never by the file name, and a file
+    over the cap is refused before it is read (a 2 GB file is never held in memory)."""
+    cap = max_file_bytes()
     if isinstance(source, bytes):
         data = source
     elif isinstance(source, str | Path):
         try:
-            data = Path(source).read_bytes()
+            with open(source, "rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                if size > cap:
+                    raise _too_large(name, size, cap)
+                data = file.read(cap + 1)
         except FileNotFoundError as exc:
             raise ImageReadError(f"{name}: no such file") from exc
+        except IsADirectoryError as exc:
+            raise ImageReadError(f"{name}: cannot read file ({exc})") from exc
         except OSError as exc:
             raise ImageReadError(f"{name}: cannot read file ({exc})") from exc
     else:
-        data = source.read()
+        data = source.read(cap + 1)
+    if len(data) > cap:
+        raise _too_large(name, len(data) if isinstance(source, bytes) else None, cap)
     if not data:
         raise ImageReadError(f"{name}: empty file (0 bytes)")
     return data
+
+
+def read_file(source: str | Path, name: str | None = None) -> bytes:
+    """A file's bytes, refused over the cap on bytes per file (see :func:`_read_bytes`)."""
+    return _read_bytes(source, _describe(source, name))
 
 
 def failure_message(name: str, exc: BaseException) -> str:
@@ -138,8 +181,8 @@ def decode_firewall(name: str) -> Iterator[None]:
     """
     try:
         yield
-    except ImageReadError:
-        raise
+    except (ImageReadError, InvalidInputError):
+        raise  # a file's own reason, or a setting to fix (PNEUMOSCAN_MAX_FILE_MB...)
     except Exception as exc:
         raise UnexpectedDecodeError(failure_message(name, exc)) from exc
 
@@ -151,8 +194,24 @@ def decode_bytes_per_pixel(mode: str) -> float:
     return _DECODE_BYTES_PER_PIXEL.get(mode, _DECODE_BYTES_DEFAULT)
 
 
-def _open_pillow(data: bytes, name: str) -> Image.Image:
-    """Open with Pillow, check the declared size against the budget, then decode.
+class _DeadlineReader(io.BytesIO):
+    """The file's bytes as Pillow reads them, checking the decode deadline before each read:
+    Pillow decodes block by block as it reads, so a decoder stuck in a scan bomb stops at the
+    next block instead of holding a core for a minute."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        super().__init__(data)
+        self._name = name
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        check_deadline(self._name)
+        return super().read(size)
+
+
+def _open_header(data: bytes, name: str, fmt: str) -> Image.Image:
+    """Open with Pillow's decoder for ``fmt`` only (the format sniffed from the content), and
+    check the declared size, the minimum side and, for JPEG, the number of scans; no pixel is
+    decoded yet.
 
     ``Image.open`` reads only the header, so an oversized image is refused before its pixels
     are decompressed; Pillow's own bomb limit (about 179 megapixels, 3x ours) still applies.
@@ -161,25 +220,70 @@ def _open_pillow(data: bytes, name: str) -> Image.Image:
         with warnings.catch_warnings():
             # Pillow warns above its limit; pneumoscan's lower one is checked just below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(_DeadlineReader(data, name), formats=[fmt])
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(
             f"{name}: image over the {MAX_PIXELS / 1e6:.0f}-megapixel limit; refused without "
             f"decoding ({explain(exc)})"
         ) from exc
     except UnidentifiedImageError as exc:
-        raise ImageReadError(f"{name}: not an image (unrecognised format)") from exc
+        raise ImageReadError(f"{name}: damaged {fmt} header (not readable as {fmt})") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageReadError(f"{name}: damaged or truncated image header ({explain(exc)})") from exc
     width, height = image.size
     if width <= 0 or height <= 0:
         raise ImageReadError(f"{name}: image size {width} x {height} is not valid")
     check_pixel_budget(name, width, height, decode_bytes_per_pixel(image.mode))
+    if fmt == "JPEG" and (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
+        raise ImageReadError(
+            f"{name}: JPEG of {scans} scans, over the {MAX_JPEG_SCANS} any encoder writes; "
+            "refused without decoding (a scan bomb)"
+        )
+    return image
+
+
+def _open_pillow(data: bytes, name: str, fmt: str) -> Image.Image:
+    """:func:`_open_header`, then decode the pixels a block at a time under the deadline."""
+    image = _open_header(data, name, fmt)
+    if isinstance(image, ImageFile.ImageFile):
+        image.decodermaxblock = _READ_BLOCK
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageReadError(f"{name}: damaged or truncated image ({explain(exc)})") from exc
+    check_deadline(name)
     return image
+
+
+def read_header(source: str | Path, name: str | None = None) -> tuple[int, int, int, str]:
+    """``(width, height, channels, format)`` of an image file from its header, with every
+    check :func:`decode_image` makes before decoding (format, size, budget, minimum side,
+    scans); no pixel is decoded, and only the first bytes of a non-DICOM file are read.
+
+    Raises:
+        ImageReadError: Whatever the file holds; the same reasons decoding would give.
+    """
+    name = _describe(source, name)
+    with decode_firewall(name), decode_deadline():
+        try:
+            with open(source, "rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                head = file.read(SNIFF_BYTES)
+        except FileNotFoundError as exc:
+            raise ImageReadError(f"{name}: no such file") from exc
+        except OSError as exc:
+            raise ImageReadError(f"{name}: cannot read file ({exc})") from exc
+        if size == 0:
+            raise ImageReadError(f"{name}: empty file (0 bytes)")
+        if size > (cap := max_file_bytes()):
+            raise _too_large(name, size, cap)
+        fmt = sniff_format(head, name)
+        if fmt == "DICOM":
+            image = _open_with_format(source, name)[0]
+            return image.width, image.height, len(image.getbands()), fmt
+        with _open_header(_read_bytes(source, name), name, fmt) as image:
+            check_min_side(name, image.width, image.height)
+            return image.width, image.height, len(image.getbands()), fmt
 
 
 def _open_with_format(source: ImageSource, name: str) -> tuple[Image.Image, str]:
@@ -190,13 +294,18 @@ def _open_with_format(source: ImageSource, name: str) -> tuple[Image.Image, str]
     Either way the declared size is checked before decoding (:mod:`pneumoscan.data.limits`).
     """
     data = _read_bytes(source, name)
-    if looks_like_dicom(data[:256]):
+    fmt = sniff_format(data[:SNIFF_BYTES], name)
+    if fmt == "DICOM":
         # Deferred import: pydicom is only needed when a DICOM file arrives.
         from pneumoscan.data.dicom import read_dicom
 
-        return Image.fromarray(read_dicom(data, name)), "DICOM"
-    image = _open_pillow(data, name)
-    return image, str(image.format or "unknown")
+        image = Image.fromarray(read_dicom(data, name))
+    else:
+        image = _open_pillow(data, name, fmt)
+    # After decoding, so that a damaged small file gets the specific reason; decoding an
+    # image this small costs nothing.
+    check_min_side(name, image.width, image.height)
+    return image, fmt
 
 
 def _high_bit_depth_to_8bit(image: Image.Image) -> Image.Image:
@@ -299,7 +408,7 @@ def _upright_rgb(image: Image.Image, name: str) -> Image.Image:
         raise ImageReadError(f"{name}: cannot convert image ({exc})") from exc
 
 
-def load_image(source: ImageSource) -> Image.Image:
+def load_image(source: ImageSource, name: str | None = None) -> Image.Image:
     """Decode an image file into an upright 8-bit RGB ``PIL.Image``.
 
     The format is found from the content, not the file name: JPEG, PNG (8/16-bit, greyscale,
@@ -308,13 +417,14 @@ def load_image(source: ImageSource) -> Image.Image:
 
     Args:
         source: A path, the file's bytes, or a binary file object.
+        name: What messages call the file (default: its path, or a generic label).
 
     Raises:
         ImageReadError: The file is missing, empty, not an image, or damaged; the message
             names the file.
     """
-    name = _describe(source)
-    with decode_firewall(name):
+    name = _describe(source, name)
+    with decode_firewall(name), decode_deadline():
         return _upright_rgb(_open_with_format(source, name)[0], name)
 
 
@@ -351,7 +461,7 @@ def decode_image(
             budget), :class:`~pneumoscan.errors.UnexpectedDecodeError` for the rest.
     """
     name = _describe(source, name)
-    with decode_firewall(name):
+    with decode_firewall(name), decode_deadline():
         return _decode_image(source, config, name)
 
 
