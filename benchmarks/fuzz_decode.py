@@ -2,14 +2,21 @@
 ``pneumoscan.errors.ImageReadError`` (issue 12).
 
     pip install -e .[fuzz]
-    python benchmarks/fuzz_decode.py --seconds 600 [--corpus DIR] [--firewall]
+    python benchmarks/fuzz_decode.py --seconds 600 [--format DICOM] [--corpus DIR] [--firewall]
 
 The seed corpus is built from a real X-ray (the site sample when ../shared/data is there,
-else the repo's fixtures) in every input format: JPEG, PNG (8 and 16 bit), TIFF, and DICOM
-raw, RLE, MONOCHROME1 and with a VOI LUT (see ``tests/fuzzcorpus.py``). By default the
-inner decoder runs without the per-file firewall, so a crash is a root cause still to fix
-with a specific message; ``--firewall`` fuzzes the public ``decode_image`` instead.
-Crashing inputs are written by atheris as ``crash-*`` files in the working folder.
+else the repo's fixtures) in every accepted format (see ``tests/fuzzcorpus.py``): JPEG
+(baseline, progressive), PNG (8 and 16 bit), TIFF (LZW, 16 bit), and DICOM raw, RLE,
+MONOCHROME1, with a VOI LUT, JPEG, JPEG 2000 and deflated. ``--format`` seeds one format only
+(run one fuzzer per format to give each its share of inputs). By default the inner decoder
+runs without the per-file firewall, so a crash is a root cause still to fix with a specific
+message; ``--firewall`` fuzzes the public ``decode_image`` instead. An input that takes over
+5 s (``-timeout``) or 1 GB of memory (``-rss_limit_mb``) is a finding too, as is any
+exception but ``ImageReadError``. Findings are written by atheris as ``crash-*``,
+``timeout-*`` or ``oom-*`` files in the working folder; per-format runs issue 22 reported:
+
+    nohup nice -n 19 .venv/bin/python benchmarks/fuzz_decode.py --format JPEG --seconds 1200 \
+        > runs/fuzz-JPEG/log 2>&1 &
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 import fuzzcorpus  # noqa: E402
+from pneumoscan.data.formats import ACCEPTED_FORMATS  # noqa: E402
+from pneumoscan.data.limits import decode_deadline  # noqa: E402
 from pneumoscan.data.preprocess import PreprocessConfig, _decode_image, decode_image  # noqa: E402
 from pneumoscan.errors import ImageReadError  # noqa: E402
 
@@ -36,6 +45,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=60, help="How long to fuzz.")
     parser.add_argument("--corpus", type=Path, help="Corpus folder (default: a temporary one).")
     parser.add_argument("--firewall", action="store_true", help="Fuzz the public decoder.")
+    parser.add_argument("--format", choices=ACCEPTED_FORMATS, help="Seed only this format.")
     args, rest = parser.parse_known_args()
     try:
         import atheris
@@ -46,12 +56,16 @@ def main() -> None:
 
     def one_input(data: bytes) -> None:
         # ImageReadError is the one allowed outcome for a bad file; anything else crashes.
-        with contextlib.suppress(ImageReadError):
+        # The deadline is the production one, so a slow input must beat it to be a finding.
+        with contextlib.suppress(ImageReadError), decode_deadline():
             decode(data, CONFIG)
 
     corpus = args.corpus or Path(tempfile.mkdtemp(prefix="pneumoscan-fuzz-"))
     corpus.mkdir(parents=True, exist_ok=True)
-    for name, data in fuzzcorpus.seed_corpus().items():
+    seeds = (
+        fuzzcorpus.seeds_by_format()[args.format] if args.format else fuzzcorpus.seed_corpus()
+    )
+    for name, data in seeds.items():
         (corpus / name).write_bytes(data)
     print(f"seed corpus in {corpus}; fuzzing for {args.seconds} s", flush=True)
     atheris.instrument_all()
@@ -59,7 +73,8 @@ def main() -> None:
         sys.argv[0],
         *rest,
         f"-max_total_time={args.seconds}",
-        "-rss_limit_mb=2048",
+        "-rss_limit_mb=1024",
+        "-timeout=5",
         str(corpus),
     ]
     atheris.Setup(argv, one_input)

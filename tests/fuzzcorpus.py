@@ -17,7 +17,9 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import RLELossless
 
+import bombs
 from pneumoscan.data.dicom import write_dicom
+from pneumoscan.data.formats import SNIFF_BYTES, sniff_format
 
 from conftest import SITE_SAMPLE, fixture_images
 
@@ -56,8 +58,9 @@ def _with_voi_lut(stored: np.ndarray) -> bytes:
 
 
 def seed_corpus() -> dict[str, bytes]:
-    """``name -> bytes``: JPEG, PNG (8 and 16 bit), TIFF, and DICOM raw, RLE, MONOCHROME1 and
-    with a VOI LUT, all of one real X-ray."""
+    """``name -> bytes``: JPEG (baseline, progressive), PNG (8 and 16 bit), TIFF (LZW, 16 bit),
+    and DICOM raw, RLE, MONOCHROME1, with a VOI LUT, JPEG, JPEG 2000 and deflated, all of one
+    real X-ray."""
     grey = _xray_grey()
     stored = (grey.astype(np.uint16) * 16).astype(np.uint16)
     return {
@@ -69,7 +72,21 @@ def seed_corpus() -> dict[str, bytes]:
         "rle.dcm": _dicom(stored, bits_stored=12, transfer_syntax=RLELossless),
         "mono1.dcm": _dicom(4095 - stored, photometric="MONOCHROME1", bits_stored=12),
         "voilut.dcm": _with_voi_lut(stored),
+        # Issue 22: every accepted format and every DICOM codec path has a seed.
+        "progressive.jpeg": _pillow(grey, "JPEG", quality=90, progressive=True),
+        "xray16.tiff": _pillow(stored.astype(np.uint16), "TIFF"),
+        "jpeg.dcm": bombs.dicom_jpeg(SEED_SIDE, header_side=SEED_SIDE),
+        "j2k.dcm": bombs.dicom_j2k(SEED_SIDE, header_side=SEED_SIDE),
+        "deflated.dcm": bombs.deflated_dicom(SEED_SIDE, real_side=SEED_SIDE),
     }
+
+
+def seeds_by_format() -> dict[str, dict[str, bytes]]:
+    """:func:`seed_corpus` grouped by the format the decoder sniffs (JPEG, PNG, TIFF, DICOM)."""
+    grouped: dict[str, dict[str, bytes]] = {}
+    for name, data in seed_corpus().items():
+        grouped.setdefault(sniff_format(data[:SNIFF_BYTES], name), {})[name] = data
+    return grouped
 
 
 def mutations(seeds: dict[str, bytes], count: int, seed: int = 0) -> Iterator[tuple[str, bytes]]:

@@ -23,6 +23,11 @@ from typing import TYPE_CHECKING, Any
 # first; a value the user set is kept); the lines TensorFlow 2.21 writes before reading it
 # are filtered by an import hook (pneumoscan._quiet_tf).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# ONNX Runtime records telemetry (process, OS and host details) into
+# ~/.cache/Microsoft/DeveloperTools/.onnxruntime/ as soon as it is imported; in a hospital
+# nothing may leave or be kept about the host unasked. Read when it loads, so set here
+# (issue 22; the sessions also call onnxruntime.disable_telemetry_events()).
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 from pneumoscan import _quiet_tf  # standard library only: TensorFlow stays unloaded
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pneumoscan.errors import DatasetError, PneumoscanError
+from pneumoscan.errors import DatasetError, OutputExistsError, PneumoscanError
 from pneumoscan.models.modelfile import read_metadata
 from pneumoscan.progress import Reporter
 from pneumoscan.train.loop import TrainOptions, options_to_command, small_validation_warning, train
@@ -184,3 +184,27 @@ def test_soft_targets_mix_labels_with_the_teacher(trained_run: Path) -> None:
             TrainOptions(data="d", out="o", teacher=teacher, distill_weight=1.5),
             pixels, labels, Reporter(quiet=True),
         )  # fmt: skip
+
+
+def test_a_folder_of_someone_elses_files_is_not_overwritten(tmp_path: Path) -> None:
+    # Issue 22: train --out on an ordinary folder overwrote the user's config.json, then
+    # crashed on their history.csv.
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text('{"theme": "dark"}')
+    (out / "history.csv").write_text("date,weight\n")
+    (out / "notes.txt").write_text("keep")
+    with pytest.raises(OutputExistsError, match=r"not a pneumoscan run.*config.json, history.csv"):
+        train(TrainOptions(data=str(FIXTURES), out=str(out), epochs=1))
+    assert (out / "config.json").read_text() == '{"theme": "dark"}'
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "history.csv", "notes.txt"]
+
+
+def test_a_finished_run_without_checkpoints_is_not_replaced(tmp_path: Path) -> None:
+    # Issue 22: a finished run whose checkpoints/ was removed had its model.keras replaced.
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.keras").write_bytes(b"the user's model")
+    with pytest.raises(OutputExistsError, match="holds a finished model"):
+        train(TrainOptions(data=str(FIXTURES), out=str(out), epochs=1))
+    assert (out / "model.keras").read_bytes() == b"the user's model"

@@ -277,6 +277,13 @@ def export_model(
         int, typer.Option(help="Training images that calibrate the int8 ranges.")
     ] = DEFAULT_CALIBRATION_IMAGES,
     seed: Annotated[int, typer.Option(help="Seed of the calibration sample.")] = DEFAULT_SEED,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Replace an existing --out file (the default export beside "
+            "the model is always refreshed)."
+        ),
+    ] = False,
 ) -> None:
     """Export a model (with its metadata and OOD detector) to ONNX for ONNX Runtime."""
     from pneumoscan.inference.export import (  # lazy: loads SciPy
@@ -295,6 +302,7 @@ def export_model(
     summary = export_onnx(
         source, target, opset=opset, quantize=quantize,
         calibration_data=calibration_data, calibration_images=calibration_images, seed=seed,
+        overwrite=overwrite or out is None,
     )  # fmt: skip
     detector = "included" if summary.ood else "none (run fit-ood first to include one)"
     if summary.quantization:

@@ -29,7 +29,12 @@ from pneumoscan.constants import (
     METADATA_MEMBER,
     OOD_MEMBER,
 )
-from pneumoscan.errors import InvalidInputError, ModelFileError, PneumoscanError
+from pneumoscan.errors import (
+    InvalidInputError,
+    ModelFileError,
+    OutputExistsError,
+    PneumoscanError,
+)
 from pneumoscan.inference.ood import ood_feature_layers
 from pneumoscan.inference.quantize import (
     QUANTIZE_CHOICES,
@@ -113,6 +118,7 @@ def export_onnx(
     calibration_data: str | Path | None = None,
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
     seed: int = DEFAULT_SEED,
+    overwrite: bool = True,
 ) -> ExportSummary:
     """Write ``model`` (default: the shipped one) as a self-contained ONNX file.
 
@@ -124,17 +130,22 @@ def export_onnx(
         calibration_data: Dataset holding the model's training images (needed for int8).
         calibration_images: How many training images calibrate the int8 ranges.
         seed: Seed of the calibration sample.
+        overwrite: Replace ``out`` if it exists; ``False`` refuses before any work (the
+            CLI's default, so ``export --out`` never replaces a file unasked).
 
     Returns:
         What was written.
 
     Raises:
+        OutputExistsError: ``out`` exists and ``overwrite`` is false.
         ModelFileError: The model cannot be loaded or the conversion fails.
         ValueError: Unknown ``quantize``, or int8 without ``calibration_data``.
         DatasetError: No calibration image could be read.
     """
     import onnx  # lazy: loads onnx
 
+    if not overwrite and Path(out).exists():
+        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise InvalidInputError(
             f"unknown quantisation {quantize!r}; choose one of {QUANTIZE_CHOICES}"

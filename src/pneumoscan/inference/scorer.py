@@ -88,6 +88,8 @@ def onnx_session(path: str | Path, threads: int | None = None) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: ONNX file not found")
+    # No telemetry from a hospital's machine (ORT_DISABLE_TELEMETRY is set on import, too).
+    ort.disable_telemetry_events()
     options = ort.SessionOptions()
     # Idle ONNX Runtime threads spin for work by default; on a 2-core machine that spinning
     # takes the cores the decoding threads need (measured: benchmarks/predict_throughput.py).

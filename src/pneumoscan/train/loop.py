@@ -36,7 +36,13 @@ from pneumoscan.data.dataset import (
 )
 from pneumoscan.data.pipeline import decode_all, make_tf_dataset, steps_per_epoch
 from pneumoscan.data.preprocess import PreprocessConfig
-from pneumoscan.errors import DatasetError, InvalidInputError, ModelFileError, PneumoscanError
+from pneumoscan.errors import (
+    DatasetError,
+    InvalidInputError,
+    ModelFileError,
+    OutputExistsError,
+    PneumoscanError,
+)
 from pneumoscan.jsonio import write_json
 from pneumoscan.models import Recipe, create_model, get_spec
 from pneumoscan.models.modelfile import (
@@ -263,11 +269,48 @@ class _RunFolder:
         self.metrics = self.root / "metrics.json"
 
 
+def _is_run_config(path: Path) -> bool:
+    """Whether ``path`` is a ``config.json`` that ``pneumoscan train`` wrote."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    options = config.get("options") if isinstance(config, dict) else None
+    return isinstance(options, dict) and {"data", "arch", "seed"} <= options.keys()
+
+
+def _check_fresh_folder(run: _RunFolder) -> None:
+    """Refuse to start a run over files it did not write (issue 22).
+
+    A folder may be new, empty or hold unrelated files; a run that stopped before its first
+    checkpoint (its own ``config.json``, no model) starts again. Anything else the run would
+    write over (a finished run whose checkpoints were removed, a user's ``config.json`` or
+    ``history.csv``) is refused, naming the files.
+    """
+    if run.model.exists():
+        raise OutputExistsError(
+            f"{run.root} holds a finished model ({run.model.name}) and no checkpoint to resume "
+            "from; choose another --out (a run never replaces a model it did not train)"
+        )
+    ours = run.config.exists() and _is_run_config(run.config)
+    written = (run.config, run.split, run.skipped, run.history, run.curves, run.metrics)
+    theirs = [p.name for p in written if p.exists() and not ours]
+    if run.checkpoints.exists() and not ours:
+        theirs.append(f"{run.checkpoints.name}/")
+    if theirs:
+        raise OutputExistsError(
+            f"{run.root} is not a pneumoscan run folder and holds {', '.join(theirs)}, which "
+            "training would overwrite; choose another --out (a new or empty folder)"
+        )
+
+
 def _check_resume(run: _RunFolder, options: TrainOptions) -> dict[str, Any] | None:
-    """Return the saved state when resuming; refuse to overwrite a run silently."""
+    """Return the saved state when resuming; refuse to overwrite a run, or a user's files,
+    silently."""
     if not run.state.exists():
         if options.resume and run.config.exists():
             raise PneumoscanError(f"{run.root}: no checkpoint yet; start again without --resume")
+        _check_fresh_folder(run)
         return None
     if not options.resume:
         raise PneumoscanError(
