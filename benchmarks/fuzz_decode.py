@@ -62,9 +62,7 @@ def main() -> None:
 
     corpus = args.corpus or Path(tempfile.mkdtemp(prefix="pneumoscan-fuzz-"))
     corpus.mkdir(parents=True, exist_ok=True)
-    seeds = (
-        fuzzcorpus.seeds_by_format()[args.format] if args.format else fuzzcorpus.seed_corpus()
-    )
+    seeds = fuzzcorpus.seeds_by_format()[args.format] if args.format else fuzzcorpus.seed_corpus()
     for name, data in seeds.items():
         (corpus / name).write_bytes(data)
     print(f"seed corpus in {corpus}; fuzzing for {args.seconds} s", flush=True)

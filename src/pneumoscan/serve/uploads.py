@@ -8,11 +8,15 @@ is buffered anywhere.
 
 from __future__ import annotations
 
+import asyncio
+import re
+import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 MB = 1024 * 1024
 DEFAULT_MAX_FILE_BYTES = 20 * MB
@@ -20,6 +24,12 @@ DEFAULT_MAX_REQUEST_BYTES = 100 * MB
 DEFAULT_MAX_FILES = 50
 #: Non-file form fields are ignored, but still bounded: a client could send a huge one.
 MAX_FIELD_BYTES = 64 * 1024
+#: Longest a request body may take to arrive: 100 MB at 2 MB/s. A client that trickles bytes
+#: (one every 5 s) would otherwise hold a connection and its buffers for ever.
+DEFAULT_BODY_SECONDS = 60.0
+#: ``filename*=charset'language'percent-encoded`` (RFC 5987 / RFC 6266), which
+#: python-multipart's header parser drops.
+_EXTENDED_FILENAME = re.compile(rb"""(?:^|;)\s*filename\*\s*=\s*"?([^;"]*)"?""", re.IGNORECASE)
 
 
 class UploadError(Exception):
@@ -44,11 +54,13 @@ class UploadLimits:
         max_file_bytes: Largest accepted file.
         max_request_bytes: Largest accepted request body (all files and fields together).
         max_files: Most files in one request.
+        body_seconds: Longest the whole request body may take to arrive.
     """
 
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_files: int = DEFAULT_MAX_FILES
+    body_seconds: float = DEFAULT_BODY_SECONDS
 
 
 @dataclass(frozen=True)
@@ -121,10 +133,12 @@ class _Collector:
             raise UploadError(400, "a multipart part has no Content-Disposition header")
         _, options = parse_options_header(disposition)
         self._part.name = options.get(b"name", b"").decode("utf-8", "replace")
-        filename = options.get(b"filename")
+        filename = _extended_filename(disposition)
+        if filename is None and b"filename" in options:
+            filename = options[b"filename"].decode("utf-8", "replace")
         if filename is not None:
             # Browsers send the bare name; some clients send a path, whose folders say nothing.
-            name = filename.decode("utf-8", "replace").replace("\\", "/").rsplit("/", 1)[-1]
+            name = filename.replace("\\", "/").rsplit("/", 1)[-1]
             self._part.filename = name or "unnamed"
         if self._is_file() and len(self.uploads) >= self.limits.max_files:
             raise UploadError(413, f"too many files: at most {self.limits.max_files} per request")
@@ -172,6 +186,23 @@ class _Collector:
         return self._part.name == self.field_name
 
 
+def _extended_filename(disposition: bytes) -> str | None:
+    """The RFC 5987 ``filename*`` of a Content-Disposition header, decoded; ``None`` when
+    there is none or it cannot be decoded (the plain ``filename`` is used then). RFC 6266
+    gives ``filename*`` precedence: clients send both, the plain one as an ASCII fallback."""
+    match = _EXTENDED_FILENAME.search(disposition)
+    if match is None:
+        return None
+    charset, _, rest = match.group(1).strip().partition(b"'")
+    _language, quote, encoded = rest.partition(b"'")
+    if not quote:
+        return None
+    try:
+        return urllib.parse.unquote_to_bytes(encoded).decode(charset.decode("ascii") or "utf-8")
+    except (LookupError, UnicodeDecodeError):
+        return None
+
+
 def _boundary(headers: Mapping[str, str]) -> bytes:
     content_type, options = parse_options_header(headers.get("content-type", ""))
     if content_type != b"multipart/form-data":
@@ -193,6 +224,22 @@ def _check_declared_length(headers: Mapping[str, str], limits: UploadLimits) -> 
         )
 
 
+async def _parse(
+    stream: AsyncIterator[bytes], parser: MultipartParser, limits: UploadLimits
+) -> None:
+    received = 0
+    async for chunk in stream:
+        received += len(chunk)
+        if received > limits.max_request_bytes:
+            raise UploadError(
+                413,
+                f"request larger than the {describe_size(limits.max_request_bytes)} "
+                "limit per request",
+            )
+        parser.write(chunk)
+    parser.finalize()
+
+
 async def read_uploads(
     headers: Mapping[str, str],
     stream: AsyncIterator[bytes],
@@ -209,27 +256,28 @@ async def read_uploads(
 
     Raises:
         UploadError: Not multipart (415), malformed (400), a file, the request or the file
-            count over its cap (413). Reading stops at the first byte over a cap.
+            count over its cap (413), a body slower than ``limits.body_seconds`` (408), a
+            client that disconnected (400). Reading stops at the first byte over a cap.
     """
     limits = limits or UploadLimits()
     boundary = _boundary(headers)
     _check_declared_length(headers, limits)
     collector = _Collector(field_name, limits)
     parser = MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
-    received = 0
     try:
-        async for chunk in stream:
-            received += len(chunk)
-            if received > limits.max_request_bytes:
-                raise UploadError(
-                    413,
-                    f"request larger than the {describe_size(limits.max_request_bytes)} "
-                    "limit per request",
-                )
-            parser.write(chunk)
-        parser.finalize()
+        async with asyncio.timeout(limits.body_seconds):
+            await _parse(stream, parser, limits)
     except FormParserError as exc:
         raise UploadError(400, f"malformed multipart body ({exc})") from exc
+    except TimeoutError as exc:
+        raise UploadError(
+            408,
+            f"the request body did not arrive within {limits.body_seconds:g} s; "
+            "the upload was too slow",
+        ) from exc
+    except ClientDisconnect as exc:
+        # Answered (to no one) instead of an ASGI traceback in the log.
+        raise UploadError(400, "the client disconnected during the upload") from exc
     if not collector.finished:
         raise UploadError(400, "incomplete multipart body (the upload was cut short?)")
     if not collector.uploads:
