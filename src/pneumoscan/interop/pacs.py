@@ -293,19 +293,37 @@ class PacsRunner:
         return with_retry(call, what, self.retry, self.report)
 
     def image_studies(self, since: date | None = None) -> list[str]:
-        """Study Instance UIDs of the studies with DX or CR images (QIDO-RS)."""
-        filters = {"StudyDate": f"{since:%Y%m%d}-"} if since is not None else None
-        found = self._call(
-            "QIDO-RS search for studies",
-            lambda: self.client.search_for_studies(
-                fields=["ModalitiesInStudy"], search_filters=filters, get_remaining=True
-            ),
-        )
-        return [
-            _first(study, _STUDY_UID)
-            for study in found
-            if set(_values(study, _MODALITIES_IN_STUDY)) & set(MODALITIES)
-        ]
+        """Study Instance UIDs of the studies with DX or CR images (QIDO-RS, one query per
+        modality on ModalitiesInStudy, as every DICOMweb server must match it), in the order
+        found."""
+        found: dict[str, None] = {}
+        for modality in MODALITIES:
+            filters = {"ModalitiesInStudy": modality}
+            if since is not None:
+                filters["StudyDate"] = f"{since:%Y%m%d}-"
+            studies = self._search_all(
+                f"QIDO-RS search for {modality} studies",
+                lambda offset, filters=filters: self.client.search_for_studies(  # type: ignore[misc]
+                    fields=["ModalitiesInStudy"], search_filters=filters, offset=offset
+                ),
+                _STUDY_UID,
+            )
+            found.update(dict.fromkeys(_first(study, _STUDY_UID) for study in studies))
+        return list(found)
+
+    def _search_all(
+        self, what: str, search: Callable[[int], list[dict[str, Any]]], key: str
+    ) -> list[dict[str, Any]]:
+        """Every page of a QIDO-RS search (a server may cap each answer). Paging stops at a
+        page that adds nothing new: some servers ignore ``offset`` under some filters and
+        would send the first page for ever."""
+        found: dict[str, dict[str, Any]] = {}
+        while True:
+            page = self._call(what, lambda: search(len(found)))
+            new = {_first(item, key): item for item in page if _first(item, key) not in found}
+            if not new:
+                return list(found.values())
+            found.update(new)
 
     def _image_instances(self, study_uid: str) -> list[tuple[str, str]]:
         """``(series UID, SOP instance UID)`` of the study's DX and CR instances."""
@@ -318,9 +336,12 @@ class PacsRunner:
             if _first(item, _MODALITY) not in MODALITIES:
                 continue
             series_uid = _first(item, _SERIES_UID)
-            found = self._call(
+            found = self._search_all(
                 f"QIDO-RS search for instances of series {series_uid}",
-                lambda uid=series_uid: self.client.search_for_instances(study_uid, uid),  # type: ignore[misc]
+                lambda offset, uid=series_uid: self.client.search_for_instances(  # type: ignore[misc]
+                    study_uid, uid, offset=offset
+                ),
+                _SOP_UID,
             )
             instances.extend((series_uid, _first(i, _SOP_UID)) for i in found)
         return instances
