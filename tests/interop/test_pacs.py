@@ -226,3 +226,16 @@ def test_a_pacs_that_is_down_is_retried_then_reported() -> None:
     assert result.exit_code == 1
     assert "retrying in 1.0 s" in result.output
     assert re.search(r"failed after 2 tries: ConnectionError", result.output), result.output
+
+
+def test_poll_passes_until_interrupted(
+    pacs: Pacs, first_run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupt(seconds: float) -> None:
+        assert seconds == 30
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pneumoscan.cli.interop.time.sleep", interrupt)
+    polled = run_pacs(pacs, "--poll", "30")
+    assert polled.exit_code == 0, polled.output
+    assert "0 SRs stored" in polled.output and "stopped polling" in polled.output

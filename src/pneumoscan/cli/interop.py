@@ -102,4 +102,8 @@ def pacs(
             )
         if poll is None:
             return
-        time.sleep(poll)
+        try:
+            time.sleep(poll)
+        except KeyboardInterrupt:
+            stderr.print("stopped polling", highlight=False)
+            return
