@@ -116,7 +116,7 @@ def make_bombs(root: Path) -> None:
     def write(name: str, data: bytes) -> None:
         (root / FILES[name]).write_bytes(data)
 
-    write("1-bit PNG bomb 40000x40000", bombs.png_bomb(40000))
+    write("1-bit PNG bomb 40000x40000", bombs.png_bomb(40000, whole=True))
     write("deflated DICOM bomb (2 GiB inflated)", bombs.deflated_dicom(32768))
     write("JPEG DICOM, 512 header, 16000 stream", bombs.dicom_jpeg(16000, header_side=512))
     write("J2K DICOM, 512 header, 8000 stream", bombs.dicom_j2k(8000, header_side=512))

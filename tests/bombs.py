@@ -148,11 +148,24 @@ def scan_bomb(side: int = 4096, repeats: int = 10_000, xray_side: int = 128) -> 
     return data[:end] + smallest * repeats + data[end:]
 
 
-def png_bomb(side: int = 40000) -> bytes:
-    """A 1-bit PNG of ``side x side`` zero pixels: a few kilobytes that declare a huge image."""
-    buffer = io.BytesIO()
-    Image.new("1", (side, side)).save(buffer, "PNG")
-    return buffer.getvalue()
+def png_bomb(side: int = 40000, whole: bool = False) -> bytes:
+    """A 1-bit PNG declaring ``side x side`` pixels. ``whole``: every (zero) pixel compressed,
+    as a real bomb is (Pillow needs ``side**2 / 8`` bytes to write it); otherwise a header and
+    a short first IDAT chunk, which is all a decoder reads before deciding (instant)."""
+    if whole:
+        buffer = io.BytesIO()
+        Image.new("1", (side, side)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 4096)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
 
 
 def write(path: Path, data: bytes) -> Path:
