@@ -19,7 +19,12 @@ from pneumoscan.data.preprocess import decode_to_uint8
 from pneumoscan.inference.backends import open_model
 from pneumoscan.inference.export import onnx_matches
 from pneumoscan.inference.quantize import calibration_paths
-from pneumoscan.inference.scorer import OnnxModel, load_onnx_model, p_pneumonia
+from pneumoscan.inference.scorer import (
+    OnnxModel,
+    load_onnx_model,
+    p_pneumonia,
+    read_onnx_metadata,
+)
 from pneumoscan.models.modelfile import LoadedModel, load_model
 
 from conftest import FIXTURES, SITE_SAMPLE, fixture_images
@@ -162,3 +167,34 @@ def test_info_reads_an_onnx_export(tmp_path: Path) -> None:
     bogus.write_bytes(b"not onnx")
     result = runner.invoke(app, ["info", "--model", str(bogus)])
     assert result.exit_code != 0 and "bogus.onnx" in result.output
+
+
+def test_int8_export_keeps_a_site_operating_point(trained_run: Path, tmp_path: Path) -> None:
+    # A hospital calibrates, then exports for speed: its threshold (0.4932 here) was once
+    # replaced by one refitted on our validation split, while the site's rule text stayed.
+    from pneumoscan.models.modelfile import read_metadata, write_metadata
+
+    data = _kaggle_layout(tmp_path / "data")
+    site = tmp_path / "site.keras"
+    site.write_bytes((trained_run / "model.keras").read_bytes())
+    metadata = read_metadata(site)
+    metadata["data"]["split"] |= {"val_fraction": 0.3}  # a val split the fixtures can hold
+    write_metadata(site, metadata | {"threshold": 0.4932})
+    validation_fitted = tmp_path / "val.int8.onnx"
+    args = ["--quantize", "int8", "--calibration-data", str(data), "--calibration-images", "8"]
+    result = runner.invoke(app, ["export", "--model", str(site), *args, "--out",
+                                 str(validation_fitted)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert read_onnx_metadata(validation_fitted)["threshold"] != 0.4932  # refitted on val
+    write_metadata(
+        site,
+        read_metadata(site)
+        | {"threshold_fitted_on": "site sample", "site_calibration": {"n": 204}},
+    )
+    site_fitted = tmp_path / "site.int8.onnx"
+    result = runner.invoke(app, ["export", "--model", str(site), *args, "--out",
+                                 str(site_fitted)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    exported = read_onnx_metadata(site_fitted)
+    assert exported["threshold"] == 0.4932
+    assert exported["export"]["quantization"]["operating_point"].startswith("the site")

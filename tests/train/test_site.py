@@ -30,7 +30,9 @@ def test_calibration_refits_threshold_and_temperature_only(
     trained_run: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "site.keras"
-    result = calibrate_to_site(trained_run, _site(), out, target_sensitivity=0.95)
+    result = calibrate_to_site(
+        trained_run, _site(), out, target_sensitivity=0.95, refit_head=False, export=False
+    )
     assert result["after"]["sensitivity"] >= 0.95
     metadata = read_metadata(out)
     assert metadata["threshold"] == result["threshold"]
@@ -54,15 +56,20 @@ def test_cli_prints_before_after_and_warns_on_small_samples(
     result = CliRunner().invoke(
         app,
         ["calibrate", "--model", str(trained_run), "--data", str(FIXTURES),
-         "--out", str(tmp_path / "m.keras"), "--json", str(tmp_path / "c.json")],
+         "--out", str(tmp_path / "m.keras"), "--json", str(tmp_path / "c.json"),
+         "--train-data", str(FIXTURES)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "before" in text and "cross-validated" in text and "95% interval" in text
+    assert "per subtype: bacteria" in text and "virus" in text and "promise:" in text
     figures = json.loads((tmp_path / "c.json").read_text())
     assert {"before", "after", "cross_validated", "temperature", "threshold"} <= set(figures)
     assert figures["n_pneumonia"] == n_pneumonia
     assert figures["cross_validated"]["repeats"] == 10
+    assert set(figures["cross_validated"]["per_subtype"]) == {"bacteria", "virus"}
+    chosen = figures["promise"]["chosen"]
+    assert chosen["confidence"] == figures["confidence"] and chosen["splits"] == 200
     # predict keeps its TensorFlow-free path: the ONNX export sits beside the calibrated model.
     from pneumoscan.inference.export import onnx_matches
 
@@ -145,7 +152,7 @@ def test_every_scoring_path_applies_the_stored_calibration(
     expected = apply_temperature(raw, 2.0, 1.5)
     np.testing.assert_allclose(p_pneumonia(model, pixels), expected, atol=1e-9)
     results = predict_batch(make_scorer(model, None), pixels, ood_check=False)
-    np.testing.assert_allclose([r["probability"] for r in results], expected, atol=1e-6)
+    np.testing.assert_allclose([r.probability for r in results], expected, atol=1e-6)
 
 
 def test_adabn_also_adapts_a_network_trained_with_frozen_batch_norm() -> None:
@@ -197,3 +204,87 @@ def test_calibrate_refits_the_head_on_real_xrays(trained_run: Path, tmp_path: Pa
     kernel, _ = load_model(out).network.layers[-1].get_weights()
     if head["chosen"] != "original":
         assert np.all(kernel[:, 0] == 0)  # the regression lives in the PNEUMONIA column
+
+
+def test_calibrate_never_writes_over_an_existing_file(trained_run: Path, tmp_path: Path) -> None:
+    from pneumoscan.errors import OutputExistsError
+
+    taken = tmp_path / "theirs.keras"
+    taken.write_bytes(b"somebody's file")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        calibrate_to_site(trained_run, FIXTURES, taken, refit_head=False)
+    assert taken.read_bytes() == b"somebody's file"
+    beside = tmp_path / "new.onnx"
+    beside.write_bytes(b"their export")
+    with pytest.raises(OutputExistsError, match=r"new\.onnx"):
+        calibrate_to_site(trained_run, FIXTURES, tmp_path / "new.keras", refit_head=False)
+    assert beside.read_bytes() == b"their export"
+
+
+def test_a_refitted_head_keeps_the_ood_detector_and_needs_no_training_data(
+    trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `calibrate --refit-head` once wrote a model without the out-of-distribution detector:
+    # it refused nothing the shipped model refused.
+    import pneumoscan.train.adapt as adapt
+    from pneumoscan.constants import OOD_MEMBER
+    from pneumoscan.data.pipeline import decode_all
+    from pneumoscan.data.preprocess import to_model_input
+    from pneumoscan.models.head_prior import HeadPrior, read_head_prior, write_head_prior
+    from pneumoscan.models.modelfile import read_member, write_member
+
+    source = tmp_path / "shipped.keras"
+    source.write_bytes((trained_run / "model.keras").read_bytes())
+    write_member(source, OOD_MEMBER, b"the detector's arrays")
+    loaded = load_model(source)
+    paths = [str(p) for p in sorted(FIXTURES.glob("*/*.jpeg"))]
+    pixels, _, _ = decode_all(paths, loaded.preprocess)
+    features = adapt.pooled_features(loaded.network, [to_model_input(pixels)])
+    labels = np.array(["PNEUMONIA" in p for p in paths], dtype=int)
+    write_head_prior(source, HeadPrior(features, labels))
+    real_refit = adapt.refit_head
+
+    def blind_original(*args: object, **kwargs: object) -> dict[str, object]:
+        # An original head that ranks the site at random, so that a refit is kept.
+        site_labels = args[3]
+        blind = np.random.default_rng(0).uniform(0, 1, len(site_labels))  # type: ignore[arg-type]
+        return real_refit(*args[:5], blind, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(adapt, "refit_head", blind_original)
+    out = tmp_path / "site.keras"
+    result = calibrate_to_site(source, FIXTURES, out, target_sensitivity=0.9, export=False)
+    head = result["head_refit"]
+    assert head["chosen"] != "original"
+    assert head["train_features"] == "carried in the model file"
+    assert head["train_images"] == len(labels)
+    assert read_member(out, OOD_MEMBER) == b"the detector's arrays"
+    carried = read_head_prior(out)
+    assert carried is not None and len(carried.labels) == len(labels)
+    kernel, _ = load_model(out).network.layers[-1].get_weights()
+    assert np.all(kernel[:, 0] == 0)  # the refitted regression, not the original head
+
+
+def test_calibrate_promises_what_predict_delivers(trained_run: Path, tmp_path: Path) -> None:
+    # calibrate fitted on Keras and printed sensitivity 0.969; predict scored the same images on
+    # the ONNX export and delivered 0.961: a threshold equal to a score flipped on 1e-7.
+    out = tmp_path / "site.keras"
+    result = calibrate_to_site(
+        trained_run, FIXTURES, out, target_sensitivity=0.9, train_data=FIXTURES,
+        train_images=30,
+    )  # fmt: skip
+    assert result["after"]["backend"] == "OnnxModel"
+    csv = tmp_path / "rows.csv"
+    printed = CliRunner().invoke(
+        app, ["predict", str(FIXTURES), "--model", str(out), "--out", str(csv)]
+    )
+    assert printed.exit_code == 0, printed.output
+    import pandas as pd
+
+    rows = pd.read_csv(csv)
+    flagged = rows["probability"].to_numpy() >= read_metadata(out)["threshold"]
+    truth = rows["path"].str.contains("PNEUMONIA").to_numpy()
+    delivered = [
+        [int(np.sum(~truth & ~flagged)), int(np.sum(~truth & flagged))],
+        [int(np.sum(truth & ~flagged)), int(np.sum(truth & flagged))],
+    ]
+    assert delivered == result["after"]["confusion_matrix"]
