@@ -154,7 +154,7 @@ def test_dsrdump_renders_and_dciodvfy_finds_no_error(
     for sop, sr in pacs.results().items():
         path = tmp_path / f"{sop}.dcm"
         sr.save_as(path, enforce_file_format=True)
-        dump = subprocess.run([DSRDUMP, "-Pl", str(path)], capture_output=True, text=True)
+        dump = subprocess.run([DSRDUMP, "+Pl", str(path)], capture_output=True, text=True)
         assert dump.returncode == 0, dump.stderr
         assert "Comprehensive SR Document" in dump.stdout
         assert ("Probability of pneumonia" in dump.stdout) != ("Not scored:" in dump.stdout)

@@ -81,7 +81,7 @@ def test_field_tools_accept_it(
     assert DSRDUMP is not None and DCIODVFY is not None
     path = tmp_path / "sr.dcm"
     build_sr(result, source, MODEL).save_as(path, enforce_file_format=True)
-    dump = subprocess.run([DSRDUMP, "-Pl", str(path)], capture_output=True, text=True)
+    dump = subprocess.run([DSRDUMP, "+Pl", str(path)], capture_output=True, text=True)
     assert dump.returncode == 0 and "Pneumonia" in dump.stdout
     check = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True)
     assert not [line for line in check.stderr.splitlines() if line.startswith("Error")]

@@ -80,7 +80,7 @@ def pacs(
         client,
         loaded,
         retry=RetryPolicy(attempts=retries),
-        report=lambda line: stderr.print(line, highlight=False),
+        report=lambda line: stderr.print(line, highlight=False, soft_wrap=True),
         fhir_out=fhir,
     )
     while True:
@@ -90,7 +90,9 @@ def pacs(
         except PacsError as exc:
             if poll is None:
                 _fail(str(exc), code=1)
-            stderr.print(f"[red]error:[/red] {exc}; next pass in {poll:g} s", highlight=False)
+            stderr.print(
+                f"[red]error:[/red] {exc}; next pass in {poll:g} s", highlight=False, soft_wrap=True
+            )
         else:
             seconds = time.perf_counter() - started
             stdout.print(
@@ -99,6 +101,7 @@ def pacs(
                 f"{summary.count('error')} unreadable) in {seconds:.1f} s "
                 f"({loaded.name})",
                 highlight=False,
+                soft_wrap=True,
             )
         if poll is None:
             return
