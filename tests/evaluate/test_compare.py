@@ -72,7 +72,11 @@ def test_cli_compare_same_model_under_two_paths(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "verdict: no significant difference" in text
+    assert "sensitivity, bacteria" in text and "sensitivity, virus" in text
     comparison = json.loads(out_json.read_text())
+    viral = comparison["a"]["per_subtype"]["virus"]
+    assert viral["n"] == sum("virus" in p.name for p in FIXTURES.glob("PNEUMONIA/*"))
+    assert viral["ci"][0] <= viral["sensitivity"] <= viral["ci"][1]
     assert comparison["n"] == 48 and comparison["split"] == "all"
     assert comparison["a"]["auc"] == comparison["b"]["auc"]
     assert comparison["auc_difference"]["difference"] == 0.0

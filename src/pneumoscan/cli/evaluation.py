@@ -10,7 +10,6 @@ import typer
 from rich.table import Table
 
 from pneumoscan.cli.common import (
-    ModelOption,
     ScoringModelOption,
     _fail,
     _fmt,
@@ -170,6 +169,15 @@ def compare(
             label,
             *(f"{_fmt(m[key])} ({_fmt_ci(m[key + '_ci'])})" for m in (a, b)),
         )
+    for kind in a["per_subtype"]:
+        table.add_row(
+            f"sensitivity, {kind}",
+            *(
+                f"{_fmt(m['per_subtype'][kind]['sensitivity'])} "
+                f"({_fmt_ci(m['per_subtype'][kind]['ci'])})"
+                for m in (a, b)
+            ),
+        )
     table.add_row("threshold", format_threshold(a["threshold"]), format_threshold(b["threshold"]))
     stdout.print(table)
     difference = result["auc_difference"]
@@ -189,7 +197,7 @@ def report(
     data: Annotated[
         Path, typer.Option("--data", help="Dataset root or folder with NORMAL/ PNEUMONIA/.")
     ],
-    model: ModelOption = None,
+    model: ScoringModelOption = None,
     out: Annotated[Path, typer.Option(help="HTML file to write.")] = Path("report.html"),
     split: Annotated[
         str, typer.Option(help="Split of a dataset root (val: the model's validation split).")

@@ -18,11 +18,13 @@ from pneumoscan.constants import DEFAULT_SEED
 from pneumoscan.data.dataset import scan_dataset, select_split
 from pneumoscan.errors import DatasetError
 from pneumoscan.evaluate.scoring import score_images, split_name
+from pneumoscan.inference.backends import load_any_model
 from pneumoscan.metrics import (
     DEFAULT_CONFIDENCE,
     DEFAULT_RESAMPLES,
     paired_auc_difference,
     rates_with_intervals,
+    sensitivity_by_subtype,
 )
 from pneumoscan.models.modelfile import resolve_model_path
 from pneumoscan.progress import Reporter
@@ -84,14 +86,13 @@ def compare_models(
     Returns:
         ``model_a``, ``model_b``, ``data``, ``split``, ``n``, ``n_patients``, per model
         (``a``, ``b``) its ``auc``, ``threshold``, ``sensitivity`` and ``specificity`` with
-        Wilson intervals, the :func:`~pneumoscan.metrics.paired_auc_difference` fields under
-        ``auc_difference``, ``verdict`` and ``skipped``.
+        Wilson intervals and ``per_subtype`` sensitivity (``bacteria``, ``virus``), the
+        :func:`~pneumoscan.metrics.paired_auc_difference` fields under ``auc_difference``,
+        ``verdict`` and ``skipped``.
 
     Raises:
         DatasetError: No image readable by both models.
     """
-    from pneumoscan.inference.backends import load_any_model  # lazy: loads SciPy
-
     reporter = reporter or Reporter(quiet=True)
     path_a, path_b = resolve_model_path(model_a), resolve_model_path(model_b)
     loaded_a = load_any_model(path_a)
@@ -121,8 +122,14 @@ def compare_models(
         y_true, scored_a.p_pneumonia, scored_b.p_pneumonia, groups, n_resamples, seed, confidence
     )
     name_a, name_b = _labels(loaded_a.path, loaded_b.path)
+    subtypes = scored_a.table["subtype"].to_numpy()
     per_model = {
         key: _model_summary(y_true, scored.p_pneumonia, scored.threshold, auc, auc_ci, confidence)
+        | {
+            "per_subtype": sensitivity_by_subtype(
+                y_true, scored.p_pneumonia, subtypes, scored.threshold, confidence
+            )
+        }
         for key, scored, auc, auc_ci in (
             ("a", scored_a, difference["auc_a"], difference["auc_a_ci"]),
             ("b", scored_b, difference["auc_b"], difference["auc_b_ci"]),
