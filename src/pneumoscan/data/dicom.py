@@ -165,19 +165,36 @@ def _inflation_limit() -> int:
 
 
 def _inflate(deflated: memoryview, name: str) -> bytes:
+    """The inflated data set, once a first pass that keeps nothing has measured it within the
+    limit: a bomb is refused having cost a megabyte of memory, not the limit's worth."""
     limit = _inflation_limit()
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
-        body = inflater.decompress(deflated, limit)
+        size = _inflated_size(deflated, limit)
+        if size > limit:
+            raise ImageTooLargeError(
+                f"{name}: deflated DICOM data set inflates to more than {limit / 2**20:.0f} MB "
+                f"(from {len(deflated) / 2**20:.1f} MB); refused before inflating it whole (a "
+                "decompression bomb; export the image uncompressed if it is genuine)"
+            )
+        return zlib.decompressobj(-zlib.MAX_WBITS).decompress(deflated)
     except zlib.error as exc:
         raise ImageReadError(f"{name}: damaged deflated DICOM data set ({explain(exc)})") from exc
-    if inflater.unconsumed_tail:
-        raise ImageTooLargeError(
-            f"{name}: deflated DICOM data set inflates to more than {limit / 2**20:.0f} MB "
-            f"(from {len(deflated) / 2**20:.1f} MB); refused before inflating it whole (a "
-            "decompression bomb; export the image uncompressed if it is genuine)"
-        )
-    return body
+
+
+def _inflated_size(deflated: memoryview, limit: int) -> int:
+    """Bytes ``deflated`` inflates to, counted a megabyte at a time; stops past ``limit``."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    block = 2**20
+    size, offset, tail = 0, block, bytes(deflated[:block])
+    while size <= limit:
+        produced = len(inflater.decompress(tail, block))
+        size += produced
+        tail = inflater.unconsumed_tail
+        if not tail and offset < len(deflated):
+            tail, offset = bytes(deflated[offset : offset + block]), offset + block
+        elif not tail and not produced:
+            break
+    return size
 
 
 def _set_raw_transfer_syntax(ds: Dataset) -> None:
