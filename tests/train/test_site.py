@@ -288,3 +288,19 @@ def test_calibrate_promises_what_predict_delivers(trained_run: Path, tmp_path: P
         [int(np.sum(truth & ~flagged)), int(np.sum(truth & flagged))],
     ]
     assert delivered == result["after"]["confusion_matrix"]
+
+
+def test_evaluating_on_the_calibration_sample_is_flagged(tmp_path: Path) -> None:
+    from pneumoscan.data.dataset import file_sha1
+    from pneumoscan.train.site import calibration_sample_overlap
+
+    sample = sorted(FIXTURES.glob("*/*.jpeg"))
+    expected = {"sensitivity": 0.97, "sensitivity_ci": [0.93, 0.99],
+                "specificity": 0.9, "specificity_ci": [0.81, 0.95]}  # fmt: skip
+    metadata = {"site_calibration": {"files": [file_sha1(p)[:16] for p in sample[:10]],
+                                     "cross_validated": expected}}  # fmt: skip
+    found = calibration_sample_overlap(metadata, sample)
+    assert found is not None and found["overlap"] == 10 and found["n"] == len(sample)
+    assert "in-sample" in found["warning"] and "0.970 (0.930-0.990)" in found["warning"]
+    assert calibration_sample_overlap(metadata, sample[10:]) is None
+    assert calibration_sample_overlap({"threshold": 0.5}, sample) is None

@@ -12,7 +12,7 @@ reported beside them, per pneumonia subtype too.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +199,43 @@ def target_warning(cross_validated: dict[str, Any] | None, target: float) -> str
         "target: expect fewer pneumonia cases caught than asked. Label more pneumonia images "
         "or raise --confidence."
     )
+
+
+def calibration_sample_overlap(
+    metadata: Mapping[str, Any], paths: Sequence[str | Path]
+) -> dict[str, Any] | None:
+    """Whether a site-calibrated model is being evaluated on its own calibration sample.
+
+    Its threshold (and a refitted head) were fitted on those images, so figures on them are
+    in-sample: the cross-validated expectation stored at calibration is what to quote instead.
+
+    Returns:
+        ``None`` when no image is in the sample (or the model was not site-calibrated), else
+        ``overlap`` (images of the sample among ``paths``), ``n``, the stored ``expected``
+        (cross-validated) figures and a ``warning`` sentence.
+    """
+    site = metadata.get("site_calibration") or {}
+    recorded = set(site.get("files") or ())
+    if not recorded:
+        return None
+    overlap = sum(file_sha1(path)[:16] in recorded for path in paths)
+    if overlap == 0:
+        return None
+    expected = site.get("cross_validated")
+    warning = (
+        f"{overlap} of {len(paths)} images are this model's site-calibration sample: its "
+        "threshold and calibration were fitted on them, so the figures here are in-sample "
+        "and optimistic"
+    )
+    if expected:
+        low_sens, high_sens = expected["sensitivity_ci"]
+        low_spec, high_spec = expected["specificity_ci"]
+        warning += (
+            f". Expected on new images of the site (cross-validated at calibration): "
+            f"sensitivity {expected['sensitivity']:.3f} ({low_sens:.3f}-{high_sens:.3f}), "
+            f"specificity {expected['specificity']:.3f} ({low_spec:.3f}-{high_spec:.3f})"
+        )
+    return {"overlap": overlap, "n": len(paths), "expected": expected, "warning": warning}
 
 
 def calibrate_to_site(
