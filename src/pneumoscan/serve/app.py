@@ -85,7 +85,7 @@ def _load_in_background(
             logger.info(
                 "model %s ready on %s in %.1f s",
                 state.engine.name,
-                backend,
+                state.engine.backend,
                 time.perf_counter() - started,
             )
 
