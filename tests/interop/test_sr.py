@@ -10,10 +10,10 @@ import pytest
 from pacs_server import DCIODVFY, DSRDUMP, needs_dicom_tools
 from studies import make_studies
 
-from pneumoscan.interop.records import ImageResult, ModelIdentity
+from pneumoscan.interop.records import ImageResult, ReportedModel
 from pneumoscan.interop.sr import build_sr, read_sr, sr_uids
 
-MODEL = ModelIdentity(
+MODEL = ReportedModel(
     name="model.int8.onnx",
     sha256="0123456789abcdef" * 4,
     threshold=0.92,
@@ -61,7 +61,7 @@ def test_uids_are_fixed_by_what_the_sr_describes(source: pydicom.Dataset) -> Non
     first, again = build_sr(SCORED, source, MODEL), build_sr(HAND, source, MODEL)
     assert (first.SeriesInstanceUID, first.SOPInstanceUID) == sr_uids(source, MODEL)
     assert first.SOPInstanceUID == again.SOPInstanceUID
-    other = ModelIdentity(name="other.onnx", sha256="f" * 64, threshold=0.5)
+    other = ReportedModel(name="other.onnx", sha256="f" * 64, threshold=0.5)
     assert build_sr(SCORED, source, other).SOPInstanceUID != first.SOPInstanceUID
 
 

@@ -19,7 +19,7 @@ from fhir.resources.R4B.bundle import Bundle
 from pydicom.dataset import Dataset
 
 from pneumoscan.constants import CLASSES
-from pneumoscan.interop.records import ImageResult, ModelIdentity
+from pneumoscan.interop.records import ImageResult, ReportedModel
 from pneumoscan.models.modelfile import now_utc
 
 #: The project's code system, for concepts no LOINC or SNOMED CT code fits.
@@ -63,7 +63,7 @@ def _subject(source: Dataset) -> dict[str, Any]:
     return {"display": "patient without an identifier in the DICOM header"}
 
 
-def device(model: ModelIdentity) -> dict[str, Any]:
+def device(model: ReportedModel) -> dict[str, Any]:
     """The model as a FHIR ``Device``: its file name, pneumoscan version and SHA-256."""
     return {
         "resourceType": "Device",
@@ -120,7 +120,7 @@ def imaging_study(sources: Sequence[Dataset]) -> dict[str, Any]:
 
 
 def observation(
-    result: ImageResult, source: Dataset, model: ModelIdentity, refs: dict[str, str]
+    result: ImageResult, source: Dataset, model: ReportedModel, refs: dict[str, str]
 ) -> dict[str, Any]:
     """One image's result as an ``Observation``: P(pneumonia) as its value, the decision
     (Pneumonia present or absent) and the threshold as components; or, for an image that was
@@ -172,7 +172,7 @@ def observation(
     return resource
 
 
-def _conclusion(results: Sequence[ImageResult], model: ModelIdentity) -> str:
+def _conclusion(results: Sequence[ImageResult], model: ReportedModel) -> str:
     flagged = sum(r.scored and r.decision == CLASSES[1] for r in results)
     scored = sum(r.scored for r in results)
     refused = len(results) - scored
@@ -187,7 +187,7 @@ def _conclusion(results: Sequence[ImageResult], model: ModelIdentity) -> str:
 
 def study_bundle(
     items: Sequence[tuple[ImageResult, Dataset]],
-    model: ModelIdentity,
+    model: ReportedModel,
     issued: str | None = None,
 ) -> dict[str, Any]:
     """A ``collection`` Bundle of one study's results, validated by ``fhir.resources``.

@@ -41,15 +41,10 @@ from requests.adapters import HTTPAdapter
 from pneumoscan.data.preprocess import DecodedImage, try_decode_image
 from pneumoscan.errors import InvalidInputError, PneumoscanError
 from pneumoscan.inference.ood import OodDetector
-from pneumoscan.inference.predict import (
-    load_detector,
-    make_scorer,
-    model_sha256,
-    predict_decoded,
-)
+from pneumoscan.inference.predict import load_detector, make_scorer, predict_decoded
 from pneumoscan.inference.scorer import AnyModel, Scorer
 from pneumoscan.interop.fhir import study_bundle
-from pneumoscan.interop.records import ImageResult, ModelIdentity
+from pneumoscan.interop.records import ImageResult, ReportedModel
 from pneumoscan.interop.selection import MODALITIES, refusal
 from pneumoscan.interop.sr import build_sr, results_series_uid, sr_instance_uid
 
@@ -202,18 +197,6 @@ def pacs_session(
     return session
 
 
-def model_identity(model: AnyModel) -> ModelIdentity:
-    """The identity results record for a model: file name, SHA-256, operating point."""
-    point = model.operating_point
-    return ModelIdentity(
-        name=model.name,
-        sha256=model_sha256(model) or "unknown",
-        threshold=point.threshold,
-        threshold_rule=point.threshold_rule,
-        arch=model.arch,
-    )
-
-
 def _values(item: dict[str, Any], tag: str) -> list[Any]:
     return list(item.get(tag, {}).get("Value", []))
 
@@ -281,7 +264,7 @@ class PacsRunner:
         self.client = client
         client.set_http_retry_params(retry=False)
         self.model = model
-        self.identity = model_identity(model)
+        self.identity = ReportedModel.of(model)
         self.retry = retry or RetryPolicy()
         self.report = report
         self.fhir_out = fhir_out

@@ -1,5 +1,5 @@
 """What the SR and FHIR builders are pure functions of: one image's result and the model's
-identity, as plain typed values (no model, no network, no file)."""
+identity, as plain typed values (no network, no file)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pneumoscan.constants import VERSION
+from pneumoscan.inference.predict import model_sha256
+from pneumoscan.inference.scorer import AnyModel
 
 #: Organisation root under which pneumoscan derives its DICOM UIDs (pydicom's own root:
 #: UIDs made from a hash of what they name, so the same result always gets the same UID).
@@ -15,8 +17,9 @@ UID_PREFIX = "1.2.826.0.1.3680043.8.498."
 
 
 @dataclass(frozen=True)
-class ModelIdentity:
-    """The model behind a result, as results record it.
+class ReportedModel:
+    """The model behind a result, as an SR or a FHIR report names it: the scoring path's
+    model identity plus the threshold's rule and the architecture.
 
     Attributes:
         name: The model file's name (``efficientnet_lite0-res224-kermany.int8.onnx``).
@@ -33,6 +36,18 @@ class ModelIdentity:
     threshold_rule: str | None = None
     version: str = VERSION
     arch: str | None = None
+
+    @classmethod
+    def of(cls, model: AnyModel) -> ReportedModel:
+        """The identity of an opened model: file name, SHA-256, operating point."""
+        point = model.operating_point
+        return cls(
+            name=model.name,
+            sha256=model_sha256(model) or "unknown",
+            threshold=point.threshold,
+            threshold_rule=point.threshold_rule,
+            arch=model.arch,
+        )
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from pneumoscan.constants import CLASSES
-from pneumoscan.interop.records import UID_PREFIX, ImageResult, ModelIdentity
+from pneumoscan.interop.records import UID_PREFIX, ImageResult, ReportedModel
 
 #: The project's own coding scheme, for concepts no public code fits (DICOM reserves scheme
 #: designators starting with 99 for local schemes).
@@ -83,7 +83,7 @@ def sr_instance_uid(source_instance_uid: str, model_sha256: str) -> str:
     )
 
 
-def sr_uids(source: Dataset, model: ModelIdentity) -> tuple[str, str]:
+def sr_uids(source: Dataset, model: ReportedModel) -> tuple[str, str]:
     """``(SeriesInstanceUID, SOPInstanceUID)`` of the SR for ``source`` by ``model``."""
     return (
         results_series_uid(str(source.StudyInstanceUID), model.sha256),
@@ -91,12 +91,12 @@ def sr_uids(source: Dataset, model: ModelIdentity) -> tuple[str, str]:
     )
 
 
-def device_uid(model: ModelIdentity) -> str:
+def device_uid(model: ReportedModel) -> str:
     """A UID for the model as a DICOM device observer, derived from its file's hash."""
     return str(generate_uid(UID_PREFIX, entropy_srcs=["pneumoscan-device", model.sha256]))
 
 
-def _algorithm(model: ModelIdentity, threshold: float) -> hd.sr.AlgorithmIdentification:
+def _algorithm(model: ReportedModel, threshold: float) -> hd.sr.AlgorithmIdentification:
     parameters = [f"model SHA-256 {model.sha256}", f"threshold {threshold:.6f}"]
     if model.threshold_rule:
         parameters.append(f"threshold rule: {model.threshold_rule}")
@@ -108,7 +108,7 @@ def _algorithm(model: ModelIdentity, threshold: float) -> hd.sr.AlgorithmIdentif
     )
 
 
-def _observation_context(model: ModelIdentity) -> hd.sr.ObservationContext:
+def _observation_context(model: ReportedModel) -> hd.sr.ObservationContext:
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=device_uid(model),
         name="pneumoscan",
@@ -124,7 +124,7 @@ def _observation_context(model: ModelIdentity) -> hd.sr.ObservationContext:
 
 
 def _measurement_group(
-    result: ImageResult, source: Dataset, model: ModelIdentity
+    result: ImageResult, source: Dataset, model: ReportedModel
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     threshold = model.threshold if result.threshold is None else result.threshold
     measurements: list[hd.sr.Measurement] = []
@@ -166,7 +166,7 @@ def _measurement_group(
 def build_sr(
     result: ImageResult,
     source: Dataset,
-    model: ModelIdentity,
+    model: ReportedModel,
     *,
     instance_number: int = 1,
 ) -> hd.sr.ComprehensiveSR:
