@@ -208,3 +208,18 @@ def test_a_finished_run_without_checkpoints_is_not_replaced(tmp_path: Path) -> N
     with pytest.raises(OutputExistsError, match="holds a finished model"):
         train(TrainOptions(data=str(FIXTURES), out=str(out), epochs=1))
     assert (out / "model.keras").read_bytes() == b"the user's model"
+
+
+def test_frozen_blocks_keep_their_pretrained_weights() -> None:
+    from pneumoscan.errors import InvalidInputError
+    from pneumoscan.models import create_model
+    from pneumoscan.train.loop import freeze_early_blocks
+
+    network = create_model("efficientnet_lite0")
+    frozen = freeze_early_blocks(network, 5)
+    assert "stem_conv" in frozen and "block4_project_conv" in frozen
+    assert not any(name.startswith("block5_") for name in frozen)
+    trainable = {w.path.split("/")[0] for w in network.trainable_weights}
+    assert "block5_project_conv" in trainable and not trainable & set(frozen)
+    with pytest.raises(InvalidInputError, match="block99"):
+        freeze_early_blocks(create_model("efficientnet_lite0"), 100)

@@ -49,7 +49,11 @@ def train(
         typer.Option(help="Train on about this many images (whole patients), for quick runs."),
     ] = None,
     augment: Annotated[
-        str | None, typer.Option(help="Augmentation: none or xray (default: the recipe's).")
+        str | None,
+        typer.Option(
+            help="Augmentation: none, xray, or xray_border (xray plus border masking, the "
+            "shipped recipe's; default: the recipe's)."
+        ),
     ] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Default: the recipe's.")] = None,
     precision: Annotated[
@@ -67,6 +71,10 @@ def train(
     select_on: Annotated[
         str | None,
         typer.Option(help="Epoch kept: best val_auc or val_loss (default: the recipe's)."),
+    ] = None,
+    frozen_blocks: Annotated[
+        int | None,
+        typer.Option(help="Keep the stem and this many first blocks pretrained (default: recipe)."),
     ] = None,
     teacher: Annotated[
         str | None,
@@ -108,7 +116,8 @@ def train(
         learning_rate=learning_rate, seed=seed, val_fraction=val_fraction,
         max_images=max_images, augment=augment, label_smoothing=label_smoothing,
         precision=precision, intensity=intensity, batchnorm=batchnorm, select_on=select_on,
-        teacher=teacher, distill_weight=distill_weight, keep_checkpoints=keep_checkpoints,
+        frozen_blocks=frozen_blocks, teacher=teacher, distill_weight=distill_weight,
+        keep_checkpoints=keep_checkpoints,
         target_sensitivity=target_sensitivity, resume=resume,
     )  # fmt: skip
     result = run_training(options, Reporter(stderr), cache_dir=cache_dir, use_cache=not no_cache)

@@ -43,6 +43,9 @@ class Recipe:
             affine parameters kept).
         select_on: Which validation figure picks the restored epoch: ``val_auc`` (highest) or
             ``val_loss`` (lowest).
+        frozen_blocks: The stem and this many first blocks keep their pretrained weights (0:
+            none): low-level filters learned on ImageNet stay generic instead of fitting one
+            hospital's detector and processing.
     """
 
     optimizer: str = "rmsprop"
@@ -58,6 +61,7 @@ class Recipe:
     precision: str = "float32"
     batchnorm: str = "trainable"
     select_on: str = "val_auc"
+    frozen_blocks: int = 0
 
     def validate(self) -> None:
         """Refuse values no training step understands.
@@ -73,6 +77,8 @@ class Recipe:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"recipe {name}={getattr(self, name)!r}; choose one of {allowed}")
+        if self.frozen_blocks < 0:
+            raise ValueError(f"recipe frozen_blocks={self.frozen_blocks}; must be 0 or more")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""

@@ -43,6 +43,7 @@ from pneumoscan.errors import (
     OutputExistsError,
     PneumoscanError,
 )
+from pneumoscan.inference.calibration import fit_operating_point
 from pneumoscan.jsonio import write_json
 from pneumoscan.models import Recipe, create_model, get_spec
 from pneumoscan.models.modelfile import (
@@ -87,6 +88,7 @@ class TrainOptions:
     intensity: str | None = None
     batchnorm: str | None = None
     select_on: str | None = None
+    frozen_blocks: int | None = None
     teacher: str | None = None
     distill_weight: float = 0.5
     keep_checkpoints: bool = False
@@ -117,6 +119,7 @@ def resolve_recipe(options: TrainOptions) -> Recipe:
         "precision": options.precision,
         "batchnorm": options.batchnorm,
         "select_on": options.select_on,
+        "frozen_blocks": options.frozen_blocks,
     }
     recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
     try:
@@ -129,9 +132,12 @@ def resolve_recipe(options: TrainOptions) -> Recipe:
 def resolve_preprocess(options: TrainOptions) -> PreprocessConfig:
     """The architecture's preprocessing with the CLI's overrides applied."""
     preprocess = get_spec(options.arch).preprocess
-    if options.intensity is not None:
-        preprocess = replace(preprocess, intensity=options.intensity)
-    preprocess.validate()
+    try:
+        if options.intensity is not None:
+            preprocess = replace(preprocess, intensity=options.intensity)
+        preprocess.validate()
+    except ValueError as exc:  # the config's own check: one `error:` line, not a traceback
+        raise InvalidInputError(str(exc)) from None
     return preprocess
 
 
@@ -387,6 +393,8 @@ def train(
             backbone = create_model(options.arch)
             if recipe.batchnorm == "frozen":
                 freeze_batch_norm(backbone)
+            if recipe.frozen_blocks:
+                freeze_early_blocks(backbone, recipe.frozen_blocks)
             network = wrap_for_training(backbone, augmenter)
             optimizer = _build_optimizer(recipe, recipe.epochs * steps)
             network.compile(optimizer=optimizer, loss=_build_loss(recipe), metrics=["accuracy"])
@@ -446,6 +454,31 @@ def freeze_batch_norm(network: Any) -> int:
     for layer in norms:
         layer.trainable = False
     return len(norms)
+
+
+def freeze_early_blocks(network: Any, blocks: int) -> list[str]:
+    """Keep the stem and the first ``blocks`` blocks at their pretrained weights.
+
+    Layers are named ``stem_*`` and ``block{i}_*`` in the registry's EfficientNet-Lite
+    networks.
+
+    Returns:
+        The names of the layers frozen.
+
+    Raises:
+        InvalidInputError: The network has no such blocks.
+    """
+    prefixes = ("stem_", *(f"block{i}_" for i in range(blocks)))
+    frozen = [
+        layer
+        for layer in network._flatten_layers(include_self=False)
+        if layer.name.startswith(prefixes) and layer.weights
+    ]
+    if not any(layer.name.startswith(f"block{blocks - 1}_") for layer in frozen):
+        raise InvalidInputError(f"{network.name} has no block{blocks - 1}: cannot freeze {blocks}")
+    for layer in frozen:
+        layer.trainable = False
+    return [layer.name for layer in frozen]
 
 
 def _distillation_targets(
@@ -548,7 +581,6 @@ def _finish(
     started: float,
 ) -> dict[str, Any]:
     """Score validation, write the metadata-carrying model, metrics and curves."""
-    from pneumoscan.inference.calibration import fit_operating_point  # lazy: loads SciPy
     from pneumoscan.plots import plot_training_curves  # lazy: loads matplotlib
     from pneumoscan.train.callbacks import predict_pixels  # lazy: loads TensorFlow
 
