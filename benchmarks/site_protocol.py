@@ -129,15 +129,31 @@ def cv_refit(
     }
 
 
-def describe(
-    name: str, y: np.ndarray, p_raw: np.ndarray, patients: np.ndarray, sources: np.ndarray
-) -> dict[str, object]:
+def auc_with_interval(
+    y: np.ndarray, p_raw: np.ndarray, patients: np.ndarray
+) -> tuple[float, tuple[float, float]]:
+    """ROC AUC and its 95% bootstrap interval (2,000 patient resamples)."""
     replicates = bootstrap_replicates(y, [p_raw], [weighted_roc_auc], patients, 2000, 0)[0, 0]
-    row: dict[str, object] = {
-        "name": name,
-        "auc": safe_roc_auc(y, p_raw),
-        "auc_ci": percentile_interval(replicates),
-    }
+    low, high = percentile_interval(replicates)
+    return safe_roc_auc(y, p_raw), (low, high)
+
+
+def describe(
+    name: str,
+    y: np.ndarray,
+    p_raw: np.ndarray,
+    patients: np.ndarray,
+    sources: np.ndarray,
+    subtypes: np.ndarray,
+) -> dict[str, object]:
+    auc, interval = auc_with_interval(y, p_raw, patients)
+    row: dict[str, object] = {"name": name, "auc": auc, "auc_ci": interval}
+    # Each subtype against the normals: viral pneumonia is where the new site's misses are.
+    for kind in ("bacteria", "virus"):
+        keep = (y == 0) | (subtypes == kind)
+        row[f"auc_{kind}_vs_normal"], row[f"auc_{kind}_vs_normal_ci"] = auc_with_interval(
+            y[keep], p_raw[keep], patients[keep]
+        )
     for target in TARGETS:
         row[f"best_spec_at_{target}"] = specificity_at_sensitivity(y, p_raw, target)
     for target in TARGETS:
@@ -150,9 +166,14 @@ def describe(
 
 def _print(row: dict[str, object]) -> None:
     low, high = row["auc_ci"]  # type: ignore[misc]
+    subtypes = "; ".join(
+        f"{kind}-vs-normal AUC {row[f'auc_{kind}_vs_normal']:.4f} "
+        f"({row[f'auc_{kind}_vs_normal_ci'][0]:.3f}-{row[f'auc_{kind}_vs_normal_ci'][1]:.3f})"  # type: ignore[index]
+        for kind in ("bacteria", "virus")
+    )
     print(
         f"\n{row['name']}\n  site AUC {row['auc']:.4f} (95% CI {low:.3f}-{high:.3f}); "
-        f"best specificity at sensitivity 0.95: {row['best_spec_at_0.95']:.3f}, "
+        f"{subtypes}\n  best specificity at sensitivity 0.95: {row['best_spec_at_0.95']:.3f}, "
         f"at 0.97: {row['best_spec_at_0.97']:.3f}"
     )
     for target in TARGETS:
@@ -188,18 +209,21 @@ def main() -> None:
     y = (table["label"] == CLASSES[1]).to_numpy().astype(int)
     patients = table["patient_id"].to_numpy()
     sources = np.array([source_from_name(Path(p).name) for p in table["path"]])
+    subtypes = table["subtype"].to_numpy().astype(str)
     print(f"{machine()}\nsite sample {args.site}: {len(y)} images, {int(y.sum())} pneumonia")
 
     cache = args.json.parent / "site_scores"
     scores = {str(path): raw_scores(path, pixels, cache) for path in args.networks}
-    rows = [describe(name, y, p, patients, sources) for name, p in scores.items()]
+    rows = [describe(name, y, p, patients, sources, subtypes) for name, p in scores.items()]
     if args.adabn:
         for path in args.networks:
             adapted = adabn_cross_fitted(path, pixels, patients)
-            rows.append(describe(f"{path} + AdaBN (cross-fitted)", y, adapted, patients, sources))
+            rows.append(describe(
+                f"{path} + AdaBN (cross-fitted)", y, adapted, patients, sources, subtypes
+            ))
     if args.ensemble and len(scores) > 1:
         mean = np.mean(list(scores.values()), axis=0)
-        rows.append(describe("mean of " + ", ".join(scores), y, mean, patients, sources))
+        rows.append(describe("mean of " + ", ".join(scores), y, mean, patients, sources, subtypes))
     for row in rows:
         _print(row)
     args.json.parent.mkdir(parents=True, exist_ok=True)
