@@ -239,3 +239,24 @@ def test_poll_passes_until_interrupted(
     polled = run_pacs(pacs, "--poll", "30")
     assert polled.exit_code == 0, polled.output
     assert "0 SRs stored" in polled.output and "stopped polling" in polled.output
+
+
+def test_heatmaps_are_stored_as_overlays_not_for_diagnosis(
+    pacs: Pacs, first_run: Run, tmp_path: Path
+) -> None:
+    """Runs last: it adds a study, scored with --heatmaps (Grad-CAM loads TensorFlow)."""
+    new = [i for i in make_studies(tmp_path / "new") if i.path.name == "dx-m2.dcm"]
+    pacs.client.store_instances([pydicom.dcmread(i.path) for i in new])
+    run = run_pacs(pacs, "--once", "--heatmaps")
+    assert run.exit_code == 0, run.output
+    assert "1 SR(s) stored (1 scored, 0 refused, 0 unreadable) and 1 overlay(s)" in run.output
+    found = pacs.client.search_for_instances(new[0].study_uid, search_filters={"Modality": "OT"})
+    assert len(found) == 1
+    series, sop = found[0]["0020000E"]["Value"][0], found[0]["00080018"]["Value"][0]
+    overlay = pacs.client.retrieve_instance(new[0].study_uid, series, sop)
+    assert overlay.BurnedInAnnotation == "YES"
+    assert overlay.ImageComments.startswith("NOT FOR DIAGNOSIS")
+    assert overlay.SourceImageSequence[0].ReferencedSOPInstanceUID == new[0].sop_uid
+    assert overlay.pixel_array.ndim == 3
+    again = run_pacs(pacs, "--once", "--heatmaps")
+    assert "0 SRs stored" in again.output

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from datetime import date, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -19,6 +19,19 @@ def _since(value: str | None) -> date | None:
         return datetime.strptime(value, "%Y-%m-%d").date()
     except ValueError:
         _fail(f"--since {value!r}: give a date as YYYY-MM-DD")
+
+
+def _keras_network(model: Path | None) -> Any:
+    """The Keras network for Grad-CAM: of ``model`` (a ``.keras`` file or run folder) or of the
+    shipped model; it never scores."""
+    from pneumoscan.models.modelfile import load_model, resolve_model_path  # lazy: CLI start-up
+
+    if model is not None and model.suffix.lower() == ".onnx":
+        _fail(
+            "--heatmaps needs the Keras model: give --model MODEL.keras (it scores on its ONNX "
+            "export when one is saved beside it)"
+        )
+    return load_model(resolve_model_path(model)).network
 
 
 def pacs(
@@ -52,6 +65,13 @@ def pacs(
         Path | None,
         typer.Option(help="Also append each study's FHIR R4 bundle to this .ndjson file."),
     ] = None,
+    heatmaps: Annotated[
+        bool,
+        typer.Option(
+            help="Also store a Grad-CAM overlay per scored image (Secondary Capture, labelled "
+            "NOT FOR DIAGNOSIS); needs the Keras model and loads TensorFlow."
+        ),
+    ] = False,
     retries: Annotated[
         int, typer.Option(help="Tries per request while the PACS is down or answers 5xx.")
     ] = 5,
@@ -60,7 +80,13 @@ def pacs(
     per image back into its study (idempotent: a second pass writes nothing)."""
     try:
         # lazy: loads highdicom, dicomweb-client and fhir.resources (the pacs extra)
-        from pneumoscan.interop.pacs import PacsError, PacsRunner, RetryPolicy, connect
+        from pneumoscan.interop.pacs import (
+            GradcamOverlays,
+            PacsError,
+            PacsRunner,
+            RetryPolicy,
+            connect,
+        )
     except ImportError as exc:
         _fail(f"{exc}; install the PACS support with `pip install 'pneumoscan[pacs]'`")
     from pneumoscan.inference.backends import open_model  # lazy: loads SciPy
@@ -76,12 +102,14 @@ def pacs(
     loaded, _, note = open_model(model, backend)
     if note:
         stderr.print(note, highlight=False)
+    overlays = GradcamOverlays(_keras_network(model)) if heatmaps else None
     runner = PacsRunner(
         client,
         loaded,
         retry=RetryPolicy(attempts=retries),
         report=lambda line: stderr.print(line, highlight=False, soft_wrap=True),
         fhir_out=fhir,
+        overlays=overlays,
     )
     while True:
         started = time.perf_counter()

@@ -30,20 +30,30 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
 import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
+from PIL import Image
 from pydicom.dataset import Dataset
 from requests.adapters import HTTPAdapter
 
+from pneumoscan.constants import CLASSES
 from pneumoscan.data.preprocess import DecodedImage, try_decode_image
 from pneumoscan.errors import InvalidInputError, PneumoscanError
+from pneumoscan.inference.explain import gradcam, overlay_png
 from pneumoscan.inference.ood import OodDetector
-from pneumoscan.inference.predict import load_detector, make_scorer, predict_decoded
+from pneumoscan.inference.predict import (
+    display_at_original_aspect,
+    load_detector,
+    make_scorer,
+    predict_decoded,
+)
 from pneumoscan.inference.scorer import AnyModel, Scorer
 from pneumoscan.interop.fhir import study_bundle
+from pneumoscan.interop.overlay import build_overlay_sc
 from pneumoscan.interop.records import ImageResult, ReportedModel
 from pneumoscan.interop.selection import MODALITIES, refusal
 from pneumoscan.interop.sr import build_sr, results_series_uid, sr_instance_uid
@@ -60,7 +70,45 @@ TIMEOUT = (10.0, 120.0)
 #: Retrieve instances as stored (no transcoding by the PACS).
 ANY_TRANSFER_SYNTAX = (("application/dicom", "*"),)
 
+if TYPE_CHECKING:
+    import keras
+
 T = TypeVar("T")
+
+
+#: Makes one picture (``(H, W, 3)`` uint8, or ``None``) per decoded image from its result.
+OverlayMaker = Callable[[Sequence[DecodedImage], Sequence[ImageResult]], list[np.ndarray | None]]
+
+
+class GradcamOverlays:
+    """Grad-CAM overlays of scored images, on the Keras network of the scoring model's
+    ``.keras`` file (it never scores: the probabilities stay those of the scoring backend).
+
+    Each map shows the evidence for the image's own decision, as ``predict --heatmaps`` does.
+    """
+
+    def __init__(self, network: keras.Model) -> None:
+        self.network = network
+
+    def __call__(
+        self, decoded: Sequence[DecodedImage], results: Sequence[ImageResult]
+    ) -> list[np.ndarray | None]:
+        pictures: list[np.ndarray | None] = [None] * len(decoded)
+        chosen = [i for i, result in enumerate(results) if result.scored]
+        if not chosen:
+            return pictures
+        classes = [CLASSES.index(results[i].decision or CLASSES[0]) for i in chosen]
+        pixels = np.stack([decoded[i].pixels for i in chosen])
+        maps = gradcam(self.network, pixels, class_index=classes)
+        for heatmap, i in zip(maps, chosen, strict=True):
+            result = results[i]
+            title = (
+                f"P(pneumonia) {result.probability:.3f}, threshold {result.threshold:.3f}: "
+                f"{result.decision}\ncolour: evidence for {result.decision}"
+            )
+            png = overlay_png(display_at_original_aspect(decoded[i]), heatmap, title)
+            pictures[i] = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        return pictures
 
 
 class PacsError(PneumoscanError):
@@ -217,6 +265,7 @@ class StudyOutcome:
 
     study_uid: str
     written: int = 0
+    overlays: int = 0
     already_done: int = 0
     results: list[tuple[str, ImageResult]] = field(default_factory=list)
     seconds: float = 0.0
@@ -249,6 +298,8 @@ class PacsRunner:
         report: Where progress and retry messages go (one line each).
         fhir_out: A JSON lines file to which each study's FHIR bundle is appended.
         ood_check: Run the cheap checks and the model's OOD detector, as ``predict`` does.
+        overlays: Makes a picture per scored image (``None`` for none), stored beside the
+            SRs as a Secondary Capture labelled not for diagnosis (:class:`GradcamOverlays`).
     """
 
     def __init__(
@@ -260,6 +311,7 @@ class PacsRunner:
         report: Callable[[str], None] = lambda message: None,
         fhir_out: Path | None = None,
         ood_check: bool = True,
+        overlays: OverlayMaker | None = None,
     ) -> None:
         self.client = client
         client.set_http_retry_params(retry=False)
@@ -269,6 +321,7 @@ class PacsRunner:
         self.report = report
         self.fhir_out = fhir_out
         self.ood_check = ood_check
+        self.overlays = overlays
         self.detector: OodDetector | None = load_detector(model) if ood_check else None
         self.scorer: Scorer = make_scorer(model, self.detector, ood_check)
 
@@ -383,9 +436,14 @@ class PacsRunner:
     def score(self, datasets: Sequence[Dataset]) -> list[ImageResult]:
         """Results for retrieved instances, in order: refused by the selection rules, or
         decoded and scored as ``pneumoscan predict`` scores a file."""
+        return self._score(datasets)[0]
+
+    def _score(
+        self, datasets: Sequence[Dataset]
+    ) -> tuple[list[ImageResult], dict[int, DecodedImage]]:
+        """:meth:`score`, and the decoded image of each scored position (for overlays)."""
         results: list[ImageResult | None] = [None] * len(datasets)
-        decoded: list[DecodedImage] = []
-        positions: list[int] = []
+        decoded: dict[int, DecodedImage] = {}
         for index, ds in enumerate(datasets):
             reason = refusal(ds)
             if reason is not None:
@@ -394,15 +452,17 @@ class PacsRunner:
             name = f"instance {ds.SOPInstanceUID}"
             item = try_decode_image(_file_bytes(ds), self.model.preprocess, name=name)
             if isinstance(item, DecodedImage):
-                decoded.append(item)
-                positions.append(index)
+                decoded[index] = item
             else:
                 results[index] = ImageResult.refused(item.message, "error")
         if decoded:
-            rows = predict_decoded(self.scorer, decoded, self.detector, self.ood_check)
-            for index, row in zip(positions, rows, strict=True):
+            rows = predict_decoded(
+                self.scorer, list(decoded.values()), self.detector, self.ood_check
+            )
+            for index, row in zip(decoded, rows, strict=True):
                 results[index] = ImageResult.from_prediction(row)
-        return [r if r is not None else ImageResult.refused("not scored") for r in results]
+        final = [r if r is not None else ImageResult.refused("not scored") for r in results]
+        return final, decoded
 
     def process_study(self, study_uid: str) -> StudyOutcome:
         """Score the study's instances that have no SR yet and store their SRs (one STOW-RS
@@ -421,21 +481,34 @@ class PacsRunner:
                 retrieved = self._header(study_uid, series_uid, sop_uid)
             datasets.append(retrieved)
         readable = [i for i in range(len(datasets)) if i not in failures]
-        scored = dict(zip(readable, self.score([datasets[i] for i in readable]), strict=True))
+        scored, decoded = self._score([datasets[i] for i in readable])
+        by_position = dict(zip(readable, scored, strict=True))
         results = [
-            scored[i] if i in scored else ImageResult.refused(failures[i], "error")
+            by_position[i] if i in by_position else ImageResult.refused(failures[i], "error")
             for i in range(len(datasets))
         ]
-        reports = [
+        reports: list[Dataset] = [
             build_sr(result, ds, self.identity, instance_number=done + i + 1)
             for i, (result, ds) in enumerate(zip(results, datasets, strict=True))
         ]
+        if self.overlays is not None and decoded:
+            positions = [readable[j] for j in decoded]
+            pictures = self.overlays(list(decoded.values()), [results[i] for i in positions])
+            for i, picture in zip(positions, pictures, strict=True):
+                if picture is not None:
+                    number = done + len(reports) + 1
+                    reports.append(
+                        build_overlay_sc(
+                            picture, datasets[i], self.identity, instance_number=number
+                        )
+                    )
+                    outcome.overlays += 1
         self._store(study_uid, reports)
         if self.fhir_out is not None:
             bundle = study_bundle(list(zip(results, datasets, strict=True)), self.identity)
             with self.fhir_out.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(bundle) + "\n")
-        outcome.written = len(reports)
+        outcome.written = len(reports) - outcome.overlays
         outcome.results = [
             (str(ds.SOPInstanceUID), result) for ds, result in zip(datasets, results, strict=True)
         ]
@@ -444,14 +517,14 @@ class PacsRunner:
 
     def _store(self, study_uid: str, reports: Sequence[Dataset]) -> None:
         answer = self._call(
-            f"STOW-RS store of {len(reports)} SR(s) in study {study_uid}",
+            f"STOW-RS store of {len(reports)} instance(s) in study {study_uid}",
             lambda: self.client.store_instances(list(reports), study_uid),
         )
         failed = answer.get("FailedSOPSequence") if answer is not None else None
         if failed:
             reasons = ", ".join(str(item.get("FailureReason", "?")) for item in failed)
             raise PacsError(
-                f"STOW-RS: the PACS refused {len(failed)} SR(s) of study {study_uid} "
+                f"STOW-RS: the PACS refused {len(failed)} instance(s) of study {study_uid} "
                 f"(failure reasons {reasons})"
             )
 
@@ -465,8 +538,9 @@ class PacsRunner:
                 counts = {s: sum(r.status == s for _, r in outcome.results) for s in _STATUSES}
                 self.report(
                     f"study {study_uid}: {outcome.written} SR(s) stored ({counts['ok']} scored, "
-                    f"{counts['rejected']} refused, {counts['error']} unreadable) in "
-                    f"{outcome.seconds:.2f} s"
+                    f"{counts['rejected']} refused, {counts['error']} unreadable)"
+                    + (f" and {outcome.overlays} overlay(s)" if outcome.overlays else "")
+                    + f" in {outcome.seconds:.2f} s"
                 )
         return summary
 

@@ -56,7 +56,7 @@ _COPIED = (
 )  # fmt: skip
 
 
-def _evidence(source: Dataset) -> Dataset:
+def evidence_header(source: Dataset) -> Dataset:
     """The source's header without its pixels, with every copied attribute present (empty
     where the source lacks it: a DICOM type 2 attribute may be empty, never absent)."""
     header = Dataset()
@@ -189,7 +189,7 @@ def build_sr(
     )
     series_uid, sop_uid = sr_uids(source, model)
     return hd.sr.ComprehensiveSR(
-        evidence=[_evidence(source)],
+        evidence=[evidence_header(source)],
         content=report,
         series_instance_uid=series_uid,
         series_number=SERIES_NUMBER,
