@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,16 +29,25 @@ needs_shared = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Keep the tests' decoded-image cache out of the user's ~/.cache."""
-    previous = os.environ.get("PNEUMOSCAN_CACHE")
-    os.environ["PNEUMOSCAN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if previous is None:
+#: The decoded-image cache the user has outside the tests (``~/.cache/pneumoscan``).
+USER_CACHE = Path.home() / ".cache" / "pneumoscan"
+_PRIVATE_CACHE = Path(tempfile.mkdtemp(prefix="pneumoscan-test-cache-"))
+_PREVIOUS_CACHE = os.environ.get("PNEUMOSCAN_CACHE")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep the tests' decoded-image cache out of the user's ~/.cache from the very start:
+    before collection, for every fixture and every subprocess a test starts (a session
+    fixture came too late for code that runs while test modules are imported)."""
+    os.environ["PNEUMOSCAN_CACHE"] = str(_PRIVATE_CACHE)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _PREVIOUS_CACHE is None:
         os.environ.pop("PNEUMOSCAN_CACHE", None)
     else:
-        os.environ["PNEUMOSCAN_CACHE"] = previous
+        os.environ["PNEUMOSCAN_CACHE"] = _PREVIOUS_CACHE
+    shutil.rmtree(_PRIVATE_CACHE, ignore_errors=True)
 
 
 def fixture_images(label: str) -> list[Path]:

@@ -30,7 +30,10 @@ from pneumoscan.errors import ImageReadError
 
 from conftest import FIXTURES, REPO, SITE_SAMPLE, fixture_images
 
-COLUMNS = ["path", "status", "probability", "decision", "reason", "ood_score"]
+COLUMNS = [
+    "path", "status", "probability", "decision", "near_threshold", "op_score", "reason",
+    "ood_score", "threshold", "model_sha256", "pneumoscan_version", "scored_at",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

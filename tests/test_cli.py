@@ -74,7 +74,7 @@ def test_predict_lists_bad_files_and_goes_on(tmp_path: Path) -> None:
     assert "not an image" in results["notes.txt"]["error"]
     assert "truncated" in results["cut.jpeg"]["error"]
     assert "no such file" in results["missing.png"]["error"]
-    assert all("probability" not in r for r in results.values() if r["status"] == "error")
+    assert all(r["probability"] is None for r in results.values() if r["status"] == "error")
 
 
 def test_predict_fails_only_when_nothing_is_usable(tmp_path: Path) -> None:

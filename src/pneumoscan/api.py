@@ -42,16 +42,18 @@ from pneumoscan.constants import (
 )
 from pneumoscan.data.pixels import UINT8_MAX, as_uint8
 from pneumoscan.data.preprocess import DecodedImage, DecodeFailure, try_decode_image
-from pneumoscan.errors import ImageReadError, ModelFileError
+from pneumoscan.errors import ImageReadError, InvalidInputError
 from pneumoscan.inference.explain import gradcam, heatmap_title, overlay_png
-from pneumoscan.jsonio import jsonable
-from pneumoscan.models.modelfile import LoadedModel, load_model, resolve_model_path
+from pneumoscan.inference.predict import check_batching, display_at_original_aspect, list_inputs
+from pneumoscan.inference.prediction import Prediction
+from pneumoscan.inference.predictor import Predictor
+from pneumoscan.jsonio import atomic_write, jsonable
+from pneumoscan.models.modelfile import now_utc
 
 if TYPE_CHECKING:
     import keras
 
-    from pneumoscan.inference.ood import OodDetector
-    from pneumoscan.inference.scorer import AnyModel, Scorer
+    from pneumoscan.inference.scorer import AnyModel
 
 #: A file or folder (any ``os.PathLike`` works too).
 PathLike = str | Path
@@ -61,7 +63,19 @@ ImageLike = Image.Image | np.ndarray
 Inputs = PathLike | ImageLike | Sequence[PathLike] | Sequence[ImageLike]
 
 #: Columns of :meth:`Model.predict`'s table after the first (``path``, or ``index``).
-COLUMNS = ("status", "probability", "decision", "reason", "ood_score")
+COLUMNS = (
+    "status",
+    "probability",
+    "decision",
+    "near_threshold",
+    "op_score",
+    "reason",
+    "ood_score",
+    "threshold",
+    "model_sha256",
+    "pneumoscan_version",
+    "scored_at",
+)
 # Modes Pillow writes to PNG losslessly; other modes (F, CMYK, ...) go through TIFF.
 _PNG_MODES = frozenset({"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"})
 _TIFF_MODES = frozenset({"F", "CMYK", "YCbCr"})
@@ -104,16 +118,16 @@ def _array_bytes(array: np.ndarray, what: str) -> bytes:
         array = array[..., 0]
     if array.ndim == 3 and array.shape[-1] not in (3, 4):
         if array.shape[0] in (1, 3, 4):
-            raise ValueError(
+            raise InvalidInputError(
                 f"{what}: shape {array.shape} looks channels-first (C×H×W); give H×W×C: "
                 "np.moveaxis(a, 0, -1)"
             )
-        raise ValueError(
+        raise InvalidInputError(
             f"{what}: shape {array.shape} is not H×W×C with C in 1, 3 or 4; for a batch of "
             "grey images add a channel axis: a[..., None]"
         )
     if array.ndim not in (2, 3):
-        raise ValueError(f"{what}: shape {array.shape}; give H×W, H×W×3 or N×H×W×3")
+        raise InvalidInputError(f"{what}: shape {array.shape}; give H×W, H×W×3 or N×H×W×3")
     if array.ndim == 2 and np.issubdtype(array.dtype, np.integer) and array.size:
         low, high = int(array.min()), int(array.max())
         if low >= 0 and UINT8_MAX < high <= _U16_MAX:
@@ -134,7 +148,7 @@ def _in_memory(inputs: ImageLike | Sequence[ImageLike]) -> list[bytes]:
         array = np.asarray(item)
         if array.ndim == 4:
             if array.shape[-1] not in (1, 3, 4) and array.shape[1] in (1, 3, 4):
-                raise ValueError(
+                raise InvalidInputError(
                     f"images: shape {array.shape} looks channels-first (N×C×H×W); give "
                     "N×H×W×C: np.moveaxis(a, 1, -1)"
                 )
@@ -146,9 +160,10 @@ def _in_memory(inputs: ImageLike | Sequence[ImageLike]) -> list[bytes]:
 
 def _split_inputs(inputs: Inputs) -> tuple[list[Path] | None, list[bytes]]:
     """``(paths, [])`` for files and folders, or ``(None, image bytes)``."""
-    if isinstance(inputs, str | os.PathLike):
-        # Path, as the CLI gets them: str(Path(p)) is the path a CLI result names.
-        return [Path(inputs)], []
+    if isinstance(inputs, str | bytes | os.PathLike):
+        # Path, as the CLI gets them: str(Path(p)) is the path a CLI result names; bytes
+        # are a file name as the OS keeps it (not necessarily UTF-8).
+        return [Path(os.fsdecode(inputs))], []
     if isinstance(inputs, Image.Image | np.ndarray):
         return None, _in_memory(inputs)
     if not isinstance(inputs, Sequence):
@@ -158,8 +173,10 @@ def _split_inputs(inputs: Inputs) -> tuple[list[Path] | None, list[bytes]]:
         )
     items = list(inputs)
     if not items:
-        raise ValueError("no inputs given: pass a path, a folder, a list of paths or images")
-    paths = [Path(item) for item in items if isinstance(item, str | os.PathLike)]
+        raise InvalidInputError("no inputs given: pass a path, a folder, a list of paths or images")
+    paths = [
+        Path(os.fsdecode(item)) for item in items if isinstance(item, str | bytes | os.PathLike)
+    ]
     if len(paths) == len(items):
         return paths, []
     if not paths:
@@ -209,29 +226,19 @@ class Model:
     """A loaded pneumoscan model: predictions, probabilities, heatmaps.
 
     Make one with :func:`load`. Scoring runs on the backend chosen there (``onnx`` or
-    ``keras``); the Keras network for :meth:`heatmap` is loaded on first use only.
+    ``keras``); the Keras network for :meth:`heatmap` is loaded on first use only, and never
+    scores.
 
     Attributes:
+        predictor: The composition root shared with the CLI and the service.
         backend: ``onnx`` or ``keras``: what scores images.
         path: The file the scores come from (the ``.onnx`` export or the ``.keras`` file).
     """
 
-    def __init__(
-        self,
-        loaded: AnyModel,
-        keras_path: Path | None = None,
-        network: keras.Model | None = None,
-    ) -> None:
-        from pneumoscan.inference.scorer import OnnxModel  # lazy: loads SciPy
-
-        self._loaded = loaded
-        self._keras_path = keras_path
-        self._network = network
-        self._detector: OodDetector | None = None
-        self._detector_loaded = False
-        self._scorers: dict[bool, Scorer] = {}
-        self.backend = "onnx" if isinstance(loaded, OnnxModel) else "keras"
-        self.path = loaded.path
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+        self.backend = predictor.backend
+        self.path = predictor.model.path
 
     def __repr__(self) -> str:
         return (
@@ -242,22 +249,27 @@ class Model:
     @property
     def name(self) -> str:
         """The model file's name."""
-        return self._loaded.name
+        return self.predictor.name
 
     @property
     def threshold(self) -> float:
         """Operating threshold on P(pneumonia): at or above it the decision is PNEUMONIA."""
-        return self._loaded.threshold
+        return self.predictor.threshold
+
+    @property
+    def model_sha256(self) -> str | None:
+        """SHA-256 of the scoring file (every prediction records it)."""
+        return self.predictor.identity.model_sha256
 
     @property
     def classes(self) -> tuple[str, ...]:
         """Class names, in the column order of :meth:`predict_proba`."""
-        return self._loaded.classes
+        return self.predictor.model.classes
 
     @property
     def metadata(self) -> dict[str, Any]:
         """The model's metadata: preprocessing, threshold, calibration, data, metrics..."""
-        return self._loaded.metadata
+        return self.predictor.model.metadata
 
     @property
     def network(self) -> keras.Model:
@@ -268,77 +280,45 @@ class Model:
             ModelFileError: The model was opened from an ``.onnx`` file with no matching
                 ``.keras`` file beside it.
         """
-        if self._network is None:
-            if isinstance(self._loaded, LoadedModel):
-                self._network = self._loaded.network
-            elif self._keras_path is None:
-                raise ModelFileError(
-                    f"{self.path}: heatmaps need the Keras model this ONNX file was exported "
-                    "from; load it with pneumoscan.load('MODEL.keras')"
-                )
-            else:
-                self._network = load_model(self._keras_path).network
-        return self._network
-
-    def _parts(self, ood_check: bool) -> tuple[Scorer, OodDetector | None]:
-        """The scorer and detector, built once per setting (Keras builds a feature model)."""
-        from pneumoscan.inference.predict import load_detector, make_scorer  # lazy: loads SciPy
-
-        if not self._detector_loaded:
-            self._detector = load_detector(self._loaded)
-            self._detector_loaded = True
-        detector = self._detector if ood_check else None
-        if ood_check not in self._scorers:
-            self._scorers[ood_check] = make_scorer(self._loaded, detector, ood_check)
-        return self._scorers[ood_check], detector
+        return self.predictor.network
 
     def _results(
         self, inputs: Inputs, batch_size: int, ood_check: bool
-    ) -> tuple[str, list[dict[str, Any]]]:
-        """``(first column name, one result dict per input)`` through predict's own code."""
-        from pneumoscan.inference.predict import expand_inputs, predict_files  # lazy: loads SciPy
-
-        scorer, detector = self._parts(ood_check)
+    ) -> tuple[str, list[Prediction]]:
+        """``(first column name, one prediction per input, in input order)``."""
+        check_batching(batch_size)
         paths, data = _split_inputs(inputs)
         if paths is not None:
-            files, results = expand_inputs(paths)
-            # Problems first, then files in order: the rows `pneumoscan predict` writes.
-            results.extend(
-                predict_files(
-                    self._loaded, files, batch_size, ood_check=ood_check,
-                    scorer=scorer, detector=detector,
-                )
-            )  # fmt: skip
-            return "path", results
-        return "index", list(self._predict_images(data, batch_size, scorer, detector, ood_check))
+            entries = list_inputs(paths)
+            return "path", list(
+                self.predictor.predict_entries(entries, batch_size, ood_check=ood_check)
+            )
+        return "index", list(self._predict_images(data, batch_size, ood_check))
 
     def _predict_images(
-        self,
-        data: Sequence[bytes],
-        batch_size: int,
-        scorer: Scorer,
-        detector: OodDetector | None,
-        ood_check: bool,
-    ) -> Iterator[dict[str, Any]]:
-        from pneumoscan.inference.predict import error_result, predict_decoded  # lazy: loads SciPy
-
+        self, data: Sequence[bytes], batch_size: int, ood_check: bool
+    ) -> Iterator[Prediction]:
+        model = self.predictor.model
         for start in range(0, len(data), batch_size):
-            items = _decode_all(data[start : start + batch_size], self._loaded, start)
+            items = _decode_all(data[start : start + batch_size], model, start)
             decoded = [item for item in items if isinstance(item, DecodedImage)]
-            scored: Iterator[dict[str, Any]] = iter(())
-            if decoded:
-                scored = iter(predict_decoded(scorer, decoded, detector, ood_check))
+            names = [
+                f"image {start + i}"
+                for i, item in enumerate(items)
+                if isinstance(item, DecodedImage)
+            ]
+            scored = iter(self.predictor.predict_decoded(decoded, names, ood_check=ood_check))
             for offset, item in enumerate(items):
-                index = start + offset
                 if isinstance(item, DecodeFailure):
-                    yield {"index": index} | error_result(f"image {index}", item.message)
+                    failed = Prediction.failed(f"image {start + offset}", item.message)
+                    yield failed.traced(self.predictor.identity, now_utc())
                 else:
-                    yield {"index": index} | next(scored)
+                    yield next(scored)
 
     def predict(
         self, inputs: Inputs, *, batch_size: int = 32, ood_check: bool = True
     ) -> Predictions:
-        """One row per image: the values ``pneumoscan predict`` writes for it.
+        """One row per input, in input order: the values ``pneumoscan predict`` writes.
 
         Args:
             inputs: A file, a folder (every file under it), a list of paths, a PIL image, a
@@ -352,30 +332,34 @@ class Model:
             (``index`` for in-memory images), ``status`` (``ok``, ``rejected``: not a
             chest X-ray, ``error``: unreadable),
             ``probability`` (P(pneumonia), NaN unless ok), ``decision`` (NORMAL or
-            PNEUMONIA at :attr:`threshold`), ``reason`` (why rejected or unreadable) and
-            ``ood_score`` (above 1 is rejected; NaN when not computed).
-            ``DataFrame.attrs`` holds ``model``, ``backend`` and ``threshold``.
+            PNEUMONIA at :attr:`threshold`), ``near_threshold`` (close to the threshold:
+            read with care), ``op_score`` (the score with the threshold at 0.5), ``reason``
+            (why rejected or unreadable), ``ood_score`` (above 1 is rejected; NaN when not
+            computed), and the model's identity: ``threshold``, ``model_sha256``,
+            ``pneumoscan_version``, ``scored_at``.
+            ``DataFrame.attrs`` holds ``model``, ``backend``, ``threshold`` and
+            ``model_sha256``.
 
         Raises:
             TypeError: An input of an unsupported type (the message lists the accepted ones).
-            ValueError: No inputs, or an array whose shape or values are not an image.
+            InvalidInputError: No inputs, a batch size below 1, or an array whose shape or
+                values are not an image (also a ``ValueError``).
         """
         first, results = self._results(inputs, batch_size, ood_check)
-        rows = [
-            {
-                first: result[first],
-                "status": result["status"],
-                "probability": result.get("probability", np.nan),
-                "decision": result.get("decision"),
-                "reason": result.get("reason"),
-                "ood_score": result.get("ood_score", np.nan),
-            }
-            for result in results
-        ]
+        rows = []
+        for index, result in enumerate(results):
+            row = result.as_row()
+            key: Any = index if first == "index" else row["path"]
+            rows.append({first: key} | {column: row[column] for column in COLUMNS})
         table = Predictions(rows, columns=[first, *COLUMNS])
-        table["probability"] = table["probability"].astype(float)
-        table["ood_score"] = table["ood_score"].astype(float)
-        table.attrs.update(model=self.name, backend=self.backend, threshold=self.threshold)
+        for column in ("probability", "op_score", "ood_score", "threshold"):
+            table[column] = table[column].astype(float)
+        table.attrs.update(
+            model=self.name,
+            backend=self.backend,
+            threshold=self.threshold,
+            model_sha256=self.model_sha256,
+        )
         return table
 
     def predict_proba(
@@ -384,8 +368,9 @@ class Model:
         """Class probabilities ``(n, 2)``, columns in :attr:`classes` order (scikit-learn).
 
         Every readable image is scored, X-ray or not (scikit-learn semantics); the values
-        equal :meth:`predict`'s ``probability`` for the images it accepts. Use
-        :meth:`predict` for triage: it also rejects images that are not chest X-rays.
+        equal :meth:`predict`'s ``probability`` for the images it accepts. An image the
+        checks would have rejected (blank, colour, inverted...) raises a ``UserWarning``
+        naming it. Use :meth:`predict` for triage: it rejects such images.
 
         Args:
             images: As :meth:`predict` takes.
@@ -396,14 +381,27 @@ class Model:
             ImageReadError: An input could not be read (the message names it).
         """
         _, results = self._results(images, batch_size, ood_check)
-        failed = [r for r in results if r["status"] == "error"]
+        failed = [r for r in results if r.status == "error"]
         if failed:
-            listed = "; ".join(str(r["reason"]) for r in failed[:3])
+            listed = "; ".join(str(r.reason) for r in failed[:3])
             raise ImageReadError(
                 f"{len(failed)} of {len(results)} inputs could not be read ({listed}); "
                 "Model.predict lists every unreadable file without raising"
             )
-        positive = np.array([r.get("probability", np.nan) for r in results], dtype=np.float64)
+        doubtful = [(i, r) for i, r in enumerate(results) if r.warning]
+        if doubtful:
+            listed = "; ".join(f"{r.path or f'image {i}'}: {r.warning}" for i, r in doubtful[:3])
+            warnings.warn(
+                f"{len(doubtful)} of {len(results)} images do not look like frontal chest "
+                f"X-rays, and their probabilities mean nothing ({listed}); predict() rejects "
+                "them",
+                UserWarning,
+                stacklevel=2,
+            )
+        positive = np.array(
+            [np.nan if r.probability is None else r.probability for r in results],
+            dtype=np.float64,
+        )
         proba = np.empty((len(results), len(self.classes)), dtype=np.float64)
         index = self.classes.index(POSITIVE_CLASS)
         proba[:, index] = positive
@@ -418,12 +416,13 @@ class Model:
     ) -> np.ndarray:
         """Grad-CAM map of where the model found the evidence for a class, for one image.
 
-        Loads the Keras network (and TensorFlow) on first use, whatever the scoring backend.
+        Loads the Keras network (and TensorFlow) on first use, whatever the scoring backend;
+        the decision shown is the scoring backend's.
 
         Args:
             image: A file, a PIL image or one array (as :meth:`predict` takes).
             out: Also draw the titled overlay (as ``pneumoscan predict --heatmaps`` does)
-                to this PNG file.
+                to this file: ``.png``, or ``.jpg`` / ``.jpeg``.
             class_name: The class whose evidence to show (default: the image's own decision,
                 which needs the image to be accepted).
 
@@ -431,81 +430,82 @@ class Model:
             ``(H, W)`` float32 map in [0, 1] at the model's input size.
 
         Raises:
-            ValueError: More than one image, an unknown class, or (with no ``class_name``)
-                an image that is rejected or unreadable.
+            InvalidInputError: More than one image, an unknown class, an ``out`` file of
+                another format, or (with no ``class_name``) an image that is rejected or
+                unreadable (also a ``ValueError``).
             ModelFileError: No Keras network for this model.
         """
-        # lazy: loads SciPy
-        from pneumoscan.inference.predict import (
-            display_at_original_aspect,
-            expand_inputs,
-            predict_batch,
-        )
-
+        target_format = None if out is None else _picture_format(Path(out))
         paths, data = _split_inputs(image)
         if paths is not None:
-            files, problems = expand_inputs(paths)
+            entries = list_inputs(paths)
+            problems = [e for e in entries if not isinstance(e, str)]
             if problems:
-                raise ValueError(f"cannot draw a heatmap: {problems[0]['reason']}")
-            paths = [Path(f) for f in files]
+                raise InvalidInputError(f"cannot draw a heatmap: {problems[0].message}")
+            paths = [Path(str(e)) for e in entries]
         if (paths is not None and len(paths) != 1) or (paths is None and len(data) != 1):
-            raise ValueError("heatmap draws one image at a time; loop over the images")
+            raise InvalidInputError("heatmap draws one image at a time; loop over the images")
         label = Path(paths[0]).name if paths is not None else "image"
+        model = self.predictor.model
         decoded = (
-            try_decode_image(paths[0], self._loaded.preprocess)
+            try_decode_image(paths[0], model.preprocess)
             if paths is not None
-            else _decode_all(data, self._loaded)[0]
+            else _decode_all(data, model)[0]
         )
         if isinstance(decoded, DecodeFailure):
-            raise ValueError(f"cannot draw a heatmap: {decoded.message}")
-        scorer, detector = self._parts(True)
-        result = predict_batch(
-            scorer,
-            decoded.pixels[None],
-            [decoded.original_size],
-            detector,
-            True,
-            decoded.display[None],
-        )[0]
+            raise InvalidInputError(f"cannot draw a heatmap: {decoded.message}")
+        result = self.predictor.predict_decoded([decoded], [label])[0]
         if class_name is None:
-            if result["status"] != "ok":
-                raise ValueError(
-                    f"{label}: {result['status']} ({result.get('reason')}); pass "
+            if result.status != "ok":
+                raise InvalidInputError(
+                    f"{label}: {result.status} ({result.reason}); pass "
                     "class_name='PNEUMONIA' to draw the map anyway"
                 )
-            class_name = str(result["decision"])
+            class_name = str(result.decision)
         if class_name not in self.classes:
-            raise ValueError(f"unknown class {class_name!r}; choose one of {self.classes}")
+            raise InvalidInputError(f"unknown class {class_name!r}; choose one of {self.classes}")
         cam = gradcam(
             self.network, decoded.pixels[None], class_index=self.classes.index(class_name)
         )
         heatmap = np.asarray(cam[0])
-        if out is not None:
-            if result["status"] == "ok":
-                title = heatmap_title(label, result["probability"], result["decision"])
+        if out is not None and target_format is not None:
+            if result.status == "ok":
+                title = heatmap_title(label, result)
             else:
-                title = f"{label}: evidence for {class_name} ({result['status']})"
-            overlay_png(display_at_original_aspect(decoded), heatmap, title, Path(out))
+                title = f"{label}: evidence for {class_name} ({result.status})"
+            png = overlay_png(display_at_original_aspect(decoded), heatmap, title)
+            _save_picture(png, Path(out), target_format)
         return heatmap
 
 
+#: Picture formats :meth:`Model.heatmap` writes, by file extension.
+_PICTURE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+def _picture_format(path: Path) -> str:
+    """The Pillow format for a picture file's extension.
+
+    Raises:
+        InvalidInputError: Another extension.
+    """
+    chosen = _PICTURE_FORMATS.get(path.suffix.lower())
+    if chosen is None:
+        raise InvalidInputError(
+            f"{path}: give a .png, .jpg or .jpeg file for the heatmap (its format)"
+        )
+    return chosen
+
+
+def _save_picture(png: bytes, path: Path, picture_format: str) -> None:
+    """Write PNG bytes to ``path`` in ``picture_format``, atomically."""
+    with atomic_write(path) as partial:
+        if picture_format == "PNG":
+            partial.write_bytes(png)
+        else:
+            Image.open(io.BytesIO(png)).convert("RGB").save(partial, format=picture_format)
+
+
 # --------------------------------------------------------------------------- functions
-
-
-def _keras_source(model: PathLike | None) -> Path | None:
-    """The ``.keras`` file a model's scores come from, when there is one (for heatmaps)."""
-
-    if model is None or Path(model).suffix.lower() != ".onnx":
-        return resolve_model_path(model)
-    # MODEL.onnx and MODEL.int8.onnx are exported beside MODEL.keras.
-    model = Path(model)
-    candidate = model.with_suffix("").with_suffix(".keras")
-    if candidate.is_file():
-        from pneumoscan.inference.export import onnx_matches  # lazy: loads SciPy
-
-        if onnx_matches(model, candidate):
-            return candidate
-    return None
 
 
 def load(model: PathLike | None = None, backend: str = "auto") -> Model:
@@ -519,14 +519,12 @@ def load(model: PathLike | None = None, backend: str = "auto") -> Model:
 
     Raises:
         ModelFileError: The file is missing or unreadable.
-        ValueError: Unknown backend.
+        InvalidInputError: Unknown backend (also a ``ValueError``).
     """
-    from pneumoscan.inference.backends import open_model  # lazy: loads SciPy
-
-    loaded, network, note = open_model(model, backend)
-    if note:
-        warnings.warn(note, stacklevel=2)
-    return Model(loaded, _keras_source(model), network)
+    predictor = Predictor.open(model, backend)
+    if predictor.note:
+        warnings.warn(predictor.note, stacklevel=2)
+    return Model(predictor)
 
 
 def evaluate(
@@ -559,14 +557,14 @@ def evaluate(
     Raises:
         DatasetError: The folder holds no readable labelled image.
     """
-    from pneumoscan.evaluate.scoring import (  # lazy: loads pandas
+    from pneumoscan.evaluate.scoring import (  # lazy: loads scikit-learn
         image_scores,
         score_images,
         summarise,
     )
 
     chosen = model if isinstance(model, Model) else load(model)
-    scored = score_images(data, chosen._loaded, split, batch_size)
+    scored = score_images(data, chosen.predictor.model, split, batch_size)
     metrics = summarise(scored, n_resamples, seed) | {"scores": image_scores(scored)}
     # The CLI's --json leaves out the printed text report; so does this.
     result: dict[str, Any] = jsonable({k: v for k, v in metrics.items() if k != "report"})

@@ -17,6 +17,7 @@ from sklearn.metrics import (
     classification_report,
     confusion_matrix,
     roc_auc_score,
+    roc_curve,
 )
 
 from pneumoscan.constants import CLASSES, DEFAULT_RESAMPLES, DEFAULT_SEED
@@ -54,14 +55,15 @@ def binary_metrics(y_true: np.ndarray, p_pneumonia: np.ndarray, threshold: float
     """
     y_true = np.asarray(y_true).astype(int)
     tn, fp, fn, tp = confusion_counts(y_true, p_pneumonia, threshold)
+    rates = {name: _ratio(k, total) for name, (k, total) in rate_fractions(tn, fp, fn, tp).items()}
     return {
         "n": len(y_true),
         "auc": safe_roc_auc(y_true, p_pneumonia),
-        "accuracy": _ratio(tp + tn, len(y_true)),
-        "sensitivity": _ratio(tp, tp + fn),
-        "specificity": _ratio(tn, tn + fp),
-        "precision": _ratio(tp, tp + fp),
-        "npv": _ratio(tn, tn + fn),
+        "accuracy": rates["accuracy"],
+        "sensitivity": rates["sensitivity"],
+        "specificity": rates["specificity"],
+        "precision": rates["ppv"],
+        "npv": rates["npv"],
         "threshold": float(threshold),
         "confusion_matrix": [[tn, fp], [fn, tp]],
     }
@@ -144,6 +146,27 @@ def confusion_counts(
     )
     tn, fp, fn, tp = (int(v) for v in matrix.ravel())
     return tn, fp, fn, tp
+
+
+def rate_fractions(tn: int, fp: int, fn: int, tp: int) -> dict[str, tuple[int, int]]:
+    """Each rate a clinician reads as ``(successes, total)``: the one place sensitivity,
+    specificity, PPV, NPV and accuracy are defined from the confusion counts."""
+    return {
+        "sensitivity": (tp, tp + fn),
+        "specificity": (tn, tn + fp),
+        "ppv": (tp, tp + fp),
+        "npv": (tn, tn + fn),
+        "accuracy": (tp + tn, tp + tn + fp + fn),
+    }
+
+
+def operating_rates(
+    y_true: np.ndarray, p_pneumonia: np.ndarray, threshold: float
+) -> dict[str, float]:
+    """Sensitivity, specificity, PPV, NPV and accuracy at one threshold (NaN when undefined),
+    from :func:`confusion_counts` and :func:`rate_fractions`."""
+    counts = confusion_counts(y_true, p_pneumonia, threshold)
+    return {name: _ratio(k, total) for name, (k, total) in rate_fractions(*counts).items()}
 
 
 def safe_average_precision(y_true: np.ndarray, p_pneumonia: np.ndarray) -> float:
@@ -328,14 +351,7 @@ def rates_with_intervals(
     Returns:
         Per rate: ``value``, ``ci`` ``[low, high]``, ``successes`` and ``total``.
     """
-    tn, fp, fn, tp = confusion_counts(y_true, p_pneumonia, threshold)
-    fractions = {
-        "sensitivity": (tp, tp + fn),
-        "specificity": (tn, tn + fp),
-        "ppv": (tp, tp + fp),
-        "npv": (tn, tn + fn),
-        "accuracy": (tp + tn, tp + tn + fp + fn),
-    }
+    fractions = rate_fractions(*confusion_counts(y_true, p_pneumonia, threshold))
     return {
         name: {
             "value": _ratio(k, total),
@@ -410,8 +426,6 @@ def specificity_by_source(
 def specificity_at_sensitivity(y_true: np.ndarray, p_pneumonia: np.ndarray, target: float) -> float:
     """The best specificity among thresholds whose sensitivity on these images is >= target
     (the ROC curve read at one sensitivity; an optimistic, threshold-free summary)."""
-    from sklearn.metrics import roc_curve  # lazy: loads scikit-learn
-
     fpr, tpr, _ = roc_curve(np.asarray(y_true).astype(int), p_pneumonia)
     reaching = tpr >= target - 1e-12
     return float(1.0 - fpr[reaching].min()) if reaching.any() else float("nan")
@@ -430,13 +444,14 @@ def threshold_sweep(
     rows = []
     for threshold in sorted(set(float(t) for t in thresholds)):
         tn, fp, fn, tp = confusion_counts(y_true, p_pneumonia, threshold)
+        rates = rate_fractions(tn, fp, fn, tp)
         rows.append(
             {
                 "threshold": threshold,
-                "sensitivity": _ratio(tp, tp + fn),
-                "specificity": _ratio(tn, tn + fp),
-                "ppv": _ratio(tp, tp + fp),
-                "npv": _ratio(tn, tn + fn),
+                **{
+                    name: _ratio(*rates[name])
+                    for name in ("sensitivity", "specificity", "ppv", "npv")
+                },
                 "flagged": _ratio(tp + fp, tn + fp + fn + tp),
                 "missed": fn,
                 "false_alarms": fp,

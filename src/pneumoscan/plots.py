@@ -15,6 +15,7 @@ import pandas as pd
 
 from pneumoscan.constants import CLASSES
 from pneumoscan.formatting import format_threshold
+from pneumoscan.metrics import operating_rates
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
@@ -29,7 +30,7 @@ def plot_confusion_matrix(
     matrix: np.ndarray, path: str | Path, labels: Sequence[str] = CLASSES, title: str = ""
 ) -> Path:
     """The notebook's confusion-matrix heatmap: true class on y, predicted class on x."""
-    import seaborn as sns  # lazy: loads matplotlib
+    import seaborn as sns  # lazy: loads seaborn (the confusion matrix only)
 
     fig, ax = plt.subplots(figsize=(4.8, 4))
     sns.heatmap(
@@ -171,10 +172,8 @@ def plot_roc_pr(
         fig.suptitle(title)
         return _save(fig, path)
 
-    flagged = p_pneumonia >= threshold
-    sensitivity = float(flagged[y_true == 1].mean())
-    specificity = float((~flagged[y_true == 0]).mean())
-    ppv = float(y_true[flagged].mean()) if flagged.any() else float("nan")
+    rates = operating_rates(y_true, p_pneumonia, threshold)
+    sensitivity, specificity, ppv = rates["sensitivity"], rates["specificity"], rates["ppv"]
 
     fpr, tpr, _ = roc_curve(y_true, p_pneumonia)
     auc = float(roc_auc_score(y_true, p_pneumonia))

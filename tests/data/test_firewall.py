@@ -29,12 +29,7 @@ from pneumoscan.data.preprocess import (
     try_decode_image,
 )
 from pneumoscan.errors import ImageReadError, ImageTooLargeError, UnexpectedDecodeError
-from pneumoscan.inference.predict import (
-    ResultWriter,
-    completed_paths,
-    expand_inputs,
-    read_results,
-)
+from pneumoscan.inference.predict import expand_inputs
 
 SMALL = PreprocessConfig(image_size=(32, 32))
 
@@ -292,43 +287,6 @@ def test_every_input_is_accounted_for(tmp_path: Path, monkeypatch: pytest.Monkey
     assert "named pipe" in reasons["pipe"]
     assert "no such file" in reasons["nope.png"]
     assert all(p["status"] == "error" for p in problems)
-
-
-@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
-def test_resume_replaces_retried_error_rows(tmp_path: Path, suffix: str) -> None:
-    out = tmp_path / f"r{suffix}"
-    first = [
-        {"path": "a", "status": "ok", "probability": 0.5},
-        {"path": "b", "status": "error", "error": "b: damaged", "reason": "b: damaged"},
-        {"path": "c", "status": "error", "error": "c: damaged", "reason": "c: damaged"},
-    ]
-    with ResultWriter(out) as writer:
-        for row in first:
-            writer.write(row)
-    assert completed_paths(out) == {"a"}
-    with ResultWriter(out, resume=True) as writer:
-        assert writer.forget(["b", "c"]) == 2
-        writer.write({"path": "b", "status": "ok", "probability": 0.25})
-        writer.write({"path": "c", "status": "error", "error": "c: still", "reason": "c: still"})
-    rows = read_results(out)
-    assert [r["path"] for r in rows] == ["a", "b", "c"]
-    assert rows[2]["error"] == "c: still"
-    # The file itself has one row per path, not only what the reader shows.
-    lines = out.read_text().splitlines()
-    assert len(lines) == 3 + (suffix == ".csv")
-
-
-def test_reader_keeps_the_last_row_of_a_repeated_path(tmp_path: Path) -> None:
-    out = tmp_path / "old.jsonl"
-    out.write_text(
-        '{"path": "x", "status": "error", "error": "first"}\n'
-        '{"path": "y", "status": "ok"}\n'
-        '{"path": "x", "status": "error", "error": "second"}\n'
-    )
-    assert [(r["path"], r.get("error")) for r in read_results(out)] == [
-        ("x", "second"),
-        ("y", None),
-    ]
 
 
 def test_decode_failures_name_the_file_as_the_caller_calls_it() -> None:

@@ -3,6 +3,7 @@ Chromium."""
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import json
 import math
@@ -16,9 +17,17 @@ import pytest
 from typer.testing import CliRunner
 
 from pneumoscan.cli import app
-from pneumoscan.constants import DEFAULT_MODEL_PATH
-from pneumoscan.evaluate.report import build_report, display, number, training_history, worst_errors
+from pneumoscan.constants import DEFAULT_MODEL_PATH, DEFAULT_ONNX_PATH
+from pneumoscan.evaluate.report import (
+    build_report,
+    calibration_reading,
+    display,
+    number,
+    training_history,
+    worst_errors,
+)
 from pneumoscan.formatting import format_threshold
+from pneumoscan.inference.export import file_sha256
 
 from conftest import CHROMIUM, CHROMIUM_ARGS, FIXTURES, SITE_SAMPLE
 
@@ -38,8 +47,9 @@ def site_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[st
     html_path, json_path = folder / "report.html", folder / "metrics.json"
     result = CliRunner().invoke(
         app,
-        ["report", "--data", str(REPORT_DATA), "--out", str(html_path), "--json", str(json_path)],
-    )
+        ["report", "--data", str(REPORT_DATA), "--out", str(html_path), "--json", str(json_path),
+         "--model", str(DEFAULT_ONNX_PATH)],
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     return html_path, json.loads(json_path.read_text()), result.output
 
@@ -120,6 +130,15 @@ def test_report_is_one_self_contained_file(site_report: tuple[Path, dict[str, An
     for heading in ("What it is for", "What it is not for", "Known limits"):
         assert f"<h3>{heading}</h3>" in card
     assert "not a diagnosis" in card and "Calibrate the threshold to each site" in card
+    # Issue 18, defect 4: the report describes the int8 export that scores in predict, the API
+    # and the service, with its hash and the pneumoscan version (defect 5).
+    assert metrics["model"] == str(DEFAULT_ONNX_PATH) and metrics["backend"] == "onnx"
+    assert metrics["model_sha256"] == file_sha256(DEFAULT_ONNX_PATH)
+    assert metrics["model_sha256"] in card and metrics["pneumoscan_version"] in card
+    # Defect 2: no calibration sentence the reliability table on the page contradicts.
+    calibration = page[page.index('<section id="calibration">') : page.index('id="sweep"')]
+    assert "8 of 10" not in calibration
+    assert html.escape(calibration_reading(metrics)) in calibration
 
 
 def test_report_of_a_run_folder_shows_its_training_curves(tmp_path: Path) -> None:
@@ -197,7 +216,8 @@ def test_error_gallery_carries_gradcam_maps(trained_run: Path) -> None:
     from conftest import fixture_images
 
     paths = [str(p) for p in fixture_images("PNEUMONIA")[:2]]
-    images, maps = _thumbnails(load_model(trained_run), paths, np.array([0, 1]))
+    model = load_model(trained_run)
+    images, maps = _thumbnails(model.preprocess, model.network, paths, np.array([0, 1]))
     assert [image.shape for image in images] == [(224, 224)] * 2
     assert all(m is not None and m.shape == (224, 224) and np.isfinite(m).all() for m in maps)
     assert all(float(m.min()) >= 0.0 and float(m.max()) <= 1.0 for m in maps if m is not None)
@@ -211,3 +231,25 @@ def test_report_adds_the_shortcut_audit_and_sources_when_asked(tmp_path: Path) -
     assert "outer 8% of each side set to black" in page
     plain = build_report(tmp_path / "p.html", FIXTURES, n_resamples=100).path.read_text()
     assert '<section id="shortcuts">' not in plain
+
+
+def _bins(rows: list[tuple[int, float, float, float]]) -> dict[str, Any]:
+    """Metrics with calibration bins of ``(n, mean predicted, ci_low, ci_high)``."""
+    return {
+        "calibration_bins": [
+            {"bin_low": i / 10, "bin_high": (i + 1) / 10, "n": n, "mean_predicted": mean,
+             "ci_low": low, "ci_high": high}
+            for i, (n, mean, low, high) in enumerate(rows)
+        ]
+    }  # fmt: skip
+
+
+def test_calibration_reading_follows_the_table_on_the_page() -> None:
+    # Issue 18, defect 2: the report said P 0.8 meant pneumonia in about 8 of 10 such images
+    # while its own table showed otherwise (ECE 0.127 on site_sample).
+    contradicted = _bins([(40, 0.05, 0.0, 0.1), (0, 0.0, 0.0, 0.0), (30, 0.85, 0.2, 0.6)])
+    text = calibration_reading(contradicted)
+    assert "not a frequency" in text and "0.2–0.3" in text and "8 of 10" not in text
+    assert "No image scored in 1 of the 3 bins" in text
+    agreeing = _bins([(40, 0.05, 0.0, 0.1), (30, 0.85, 0.7, 0.95)])
+    assert "can be read as a frequency" in calibration_reading(agreeing)

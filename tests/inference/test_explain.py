@@ -17,6 +17,7 @@ from pneumoscan.inference.explain import (
     last_conv_layer,
     overlay_png,
 )
+from pneumoscan.inference.prediction import Prediction
 from pneumoscan.inference.scorer import p_pneumonia
 from pneumoscan.models.modelfile import LoadedModel, load_model
 
@@ -103,7 +104,8 @@ def test_overlay_png_draws_at_the_image_aspect(
     heatmap = gradcam(model.network, xrays[2:3])[0]
     wide = np.asarray(Image.fromarray(xrays[2]).resize((600, 400)))
     target = tmp_path / "overlay.png"
-    data = overlay_png(wide, heatmap, heatmap_title("x.jpeg", 0.873, "PNEUMONIA"), target)
+    title = heatmap_title("x.jpeg", Prediction.scored(0.873, 0.5))
+    data = overlay_png(wide, heatmap, title, target)
     assert target.read_bytes() == data
     image = Image.open(io.BytesIO(data))
     assert image.format == "PNG" and image.width > image.height

@@ -135,19 +135,19 @@ def test_shipped_model_carries_a_fitted_detector(shipped: LoadedModel) -> None:
 
 def test_shipped_model_refuses_non_xrays(shipped: LoadedModel, nonxrays: dict[Path, str]) -> None:
     results = list(predict_files(shipped, [str(p) for p in nonxrays]))
-    accepted = [r["path"] for r in results if r["status"] != "rejected"]
+    accepted = [r.path for r in results if r.status != "rejected"]
     assert not accepted, f"accepted non-X-rays: {accepted}"
-    assert all(r["reason"] and "probability" not in r for r in results)
+    assert all(r.reason and r.probability is None for r in results)
     inverted = [r for r, kind in zip(results, nonxrays.values(), strict=True) if kind == "inverted"]
-    assert inverted and all(r["reason"] == INVERTED_REASON for r in inverted)
+    assert inverted and all(r.reason == INVERTED_REASON for r in inverted)
 
 
 def test_shipped_model_accepts_real_xrays(shipped: LoadedModel) -> None:
     paths = [str(p) for p in _fixture_paths()]
     results = list(predict_files(shipped, paths))
     # The fixtures are training images; about 0.3% of those are refused (1 of these 48).
-    assert sum(r["status"] == "ok" for r in results) >= len(paths) - 1
-    assert all(r["ood_score"] >= 0.0 for r in results)
+    assert sum(r.status == "ok" for r in results) >= len(paths) - 1
+    assert all(r.ood_score >= 0.0 for r in results)
 
 
 def test_a_phone_photo_of_a_film_is_accepted(shipped: LoadedModel, tmp_path: Path) -> None:
@@ -164,7 +164,7 @@ def test_a_phone_photo_of_a_film_is_accepted(shipped: LoadedModel, tmp_path: Pat
         files.append(str(tmp_path / f"photo{index}.jpg"))
         photo.save(files[-1], exif=exif, quality=85)
     results = list(predict_files(shipped, files))
-    assert [r["status"] for r in results] == ["ok"] * len(files)
+    assert [r.status for r in results] == ["ok"] * len(files)
 
 
 @needs_shared
@@ -173,16 +173,16 @@ def test_shipped_model_accepts_the_other_site_and_the_training_images(
 ) -> None:
     site = [str(p) for p in sorted(SITE_SAMPLE.glob("*/*.jpeg"))]
     results = list(predict_files(shipped, site, batch_size=64))
-    assert [r["path"] for r in results if r["status"] != "ok"] == []
+    assert [r.path for r in results if r.status != "ok"] == []
     train = [str(p) for p in sorted(SHARED_TRAIN.glob("*/*.jpeg"))[::20]]
     results = list(predict_files(shipped, train, batch_size=64))
-    assert sum(r["status"] == "rejected" for r in results) <= 0.015 * len(train)
+    assert sum(r.status == "rejected" for r in results) <= 0.015 * len(train)
 
 
 def test_no_ood_check_scores_anything(shipped: LoadedModel, nonxrays: dict[Path, str]) -> None:
     text = [str(p) for p, kind in nonxrays.items() if kind == "text"][:2]
     results = list(predict_files(shipped, text, ood_check=False))
-    assert all(r["status"] == "ok" and "ood_score" not in r for r in results)
+    assert all(r.status == "ok" and r.ood_score is None for r in results)
 
 
 def test_model_without_detector_runs_cheap_checks_only(
@@ -198,8 +198,8 @@ def test_model_without_detector_runs_cheap_checks_only(
     assert load_detector(model) is None
     blanks = [str(p) for p, kind in nonxrays.items() if kind == "blank"]
     results = list(predict_files(model, [*blanks, str(fixture_images("NORMAL")[0])]))
-    assert [r["status"] for r in results] == ["rejected"] * len(blanks) + ["ok"]
-    assert all("ood_score" not in r for r in results)
+    assert [r.status for r in results] == ["rejected"] * len(blanks) + ["ok"]
+    assert all(r.ood_score is None for r in results)
 
 
 def test_fit_ood_cli_writes_a_model_that_refuses_text(tmp_path: Path) -> None:

@@ -14,17 +14,18 @@ from typer.testing import CliRunner
 
 import nonxray
 from pneumoscan.cli import app
+from pneumoscan.constants import DEFAULT_ONNX_PATH
 from pneumoscan.data.pipeline import iter_decoded
 from pneumoscan.data.preprocess import DecodeFailure, PreprocessConfig, decode_image
+from pneumoscan.inference.export import file_sha256
 from pneumoscan.inference.predict import (
-    ResultWriter,
-    completed_paths,
     load_detector,
     make_scorer,
     predict_batch,
     predict_files,
-    read_results,
 )
+from pneumoscan.inference.prediction import Prediction
+from pneumoscan.inference.writers import completed_paths, open_writer, plan_resume, read_results
 from pneumoscan.models.modelfile import LoadedModel, load_model
 
 from conftest import FIXTURES, fixture_images
@@ -60,13 +61,16 @@ def test_predict_batch_is_a_pure_function_of_decoded_images(model: LoadedModel) 
     first = predict_batch(scorer, batch, detector=detector)
     again = predict_batch(scorer, batch, detector=detector)
     assert first == again
-    assert [r["status"] for r in first] == ["ok", "ok", "ok", "rejected"]
-    assert all("path" not in r for r in first)
-    assert {"probability", "decision", "threshold", "ood_score"} <= set(first[0])
+    assert [r.status for r in first] == ["ok", "ok", "ok", "rejected"]
+    assert all(isinstance(r, Prediction) and r.path == "" for r in first)
+    assert None not in (first[0].probability, first[0].decision, first[0].threshold)
+    assert first[0].ood_score is not None
     alone = predict_batch(scorer, pixels[1:2], detector=detector)[0]
-    assert alone["probability"] == pytest.approx(first[1]["probability"], abs=1e-6)
+    assert alone.probability == pytest.approx(first[1].probability, abs=1e-6)
     unchecked = predict_batch(scorer, batch, ood_check=False)
-    assert [r["status"] for r in unchecked] == ["ok"] * 4
+    assert [r.status for r in unchecked] == ["ok"] * 4
+    # The checks still say what they would have rejected.
+    assert [r.warning is not None for r in unchecked] == [False, False, False, True]
 
 
 def test_decoding_streams_in_order_whatever_the_batching(folder: Path) -> None:
@@ -81,13 +85,13 @@ def test_decoding_streams_in_order_whatever_the_batching(folder: Path) -> None:
 def test_one_bad_file_never_stops_the_batch(model: LoadedModel, folder: Path) -> None:
     files = sorted(str(p) for p in folder.rglob("*") if p.is_file())
     results = list(predict_files(model, files, batch_size=5))
-    assert [r["path"] for r in results] == files
-    by_name = {Path(r["path"]).name: r for r in results}
-    assert by_name["screenshot.png"]["status"] == "rejected"
-    assert by_name["screenshot.png"]["reason"].startswith("does not look like")
+    assert [r.path for r in results] == files
+    by_name = {Path(r.path).name: r for r in results}
+    assert by_name["screenshot.png"].status == "rejected"
+    assert str(by_name["screenshot.png"].reason).startswith("does not look like")
     for name, message in (("empty.jpeg", "empty"), ("cut.jpeg", "truncated"), ("notes.txt", "not")):
-        assert by_name[name]["status"] == "error" and message in by_name[name]["reason"]
-    assert sum(r["status"] == "ok" for r in results) == len(fixture_images("NORMAL"))
+        assert by_name[name].status == "error" and message in str(by_name[name].reason)
+    assert sum(r.status == "ok" for r in results) == len(fixture_images("NORMAL"))
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
@@ -96,26 +100,31 @@ def test_writer_appends_and_resume_skips_done_files(
 ) -> None:
     files = sorted(str(p) for p in folder.rglob("*") if p.is_file())
     out = tmp_path / f"results{suffix}"
-    with ResultWriter(out) as writer:
-        for result in predict_files(model, files[:10], batch_size=4):
-            writer.write(result)
+    writer = open_writer(out)
+    for result in predict_files(model, files[:10], batch_size=4):
+        writer.write(result)
+    writer.close()
     # A killed run can leave half a line behind.
     with out.open("a") as handle:
         handle.write('{"path": "half' if suffix == ".jsonl" else "half,ok,0.")
     with pytest.raises(FileExistsError, match="--resume"):
-        ResultWriter(out)
+        open_writer(out)
     done = completed_paths(out)
     assert len(done) == 10 - sum(Path(f).name in {"cut.jpeg", "empty.jpeg"} for f in files[:10])
-    with ResultWriter(out, resume=True) as writer:
-        for result in predict_files(model, [f for f in files if f not in done], batch_size=4):
-            writer.write(result)
+    plan = plan_resume(out, files)
+    assert plan.done == done
+    writer = open_writer(out, kept=plan.kept, resuming=True)
+    for result in predict_files(model, [f for f in files if f not in done], batch_size=4):
+        writer.write(result)
+    writer.close()
     rows = read_results(out)
     final = [r for r in rows if r["status"] in ("ok", "rejected")]
     assert sorted(r["path"] for r in final) == sorted(set(r["path"] for r in final))
     assert {r["path"] for r in rows} == set(files)
+    assert len(out.read_text().splitlines()) == len(files) + (suffix == ".csv")
     if suffix == ".csv":
         header = out.read_text().splitlines()[0]
-        assert header.startswith("path,status,probability,decision,threshold,ood_score,reason")
+        assert header.startswith("path,status,probability,decision,near_threshold,op_score")
         with out.open() as handle:
             assert next(csv.DictReader(handle))["path"] == files[0]
 
@@ -127,7 +136,8 @@ def test_cli_streams_resumes_and_draws_heatmaps(folder: Path, tmp_path: Path) ->
     assert result.exit_code == 0, result.output
     assert "1 rejected" in result.output and "3 unreadable" in result.output
     rows = read_results(out)
-    assert rows == json.loads(report.read_text())["results"]  # --json keeps its shape
+    document = json.loads(report.read_text())
+    assert rows == document["results"] and document["complete"] is True
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(list(heatmaps.glob("*.png"))) == len(ok) > 0
     overlay = Image.open(ok[0]["heatmap"])
@@ -139,6 +149,8 @@ def test_cli_streams_resumes_and_draws_heatmaps(folder: Path, tmp_path: Path) ->
     assert len(read_results(out)) == len(rows) == len(out.read_text().splitlines())
     refused = runner.invoke(app, args[:4])
     assert refused.exit_code == 2 and "--resume" in refused.output
+    # The heatmaps came from the Keras network, the scores from the int8 export: one answer.
+    assert {r["model_sha256"] for r in rows} == {file_sha256(DEFAULT_ONNX_PATH)}
 
 
 def test_cli_without_ood_check_scores_the_screenshot(folder: Path, tmp_path: Path) -> None:
@@ -157,14 +169,14 @@ def test_every_result_records_the_model_version_and_time(
     from datetime import datetime
 
     from pneumoscan import __version__
-    from pneumoscan.inference.export import file_sha256
-    from pneumoscan.inference.predict import RESULT_FIELDS
+    from pneumoscan.inference.prediction import RESULT_FIELDS
 
     files = sorted(str(p) for p in folder.rglob("*") if p.is_file())[-6:]
     out = tmp_path / "r.csv"
-    with ResultWriter(out) as writer:
-        for result in predict_files(model, files, batch_size=4):
-            writer.write(result)
+    writer = open_writer(out)
+    for result in predict_files(model, files, batch_size=4):
+        writer.write(result)
+    writer.close()
     rows = read_results(out)
     assert len(rows) == len(files) and {r["status"] for r in rows} >= {"ok", "error"}
     sha = file_sha256(model.path)
@@ -186,9 +198,11 @@ def test_resume_reads_and_upgrades_a_file_without_the_new_columns(
         writer.writerow({"path": files[0], "status": "ok", "probability": 0.1,
                          "decision": "NORMAL", "threshold": 0.5})  # fmt: skip
     assert completed_paths(out) == {files[0]}
-    with ResultWriter(out, resume=True) as writer:
-        for result in predict_files(model, files[1:], batch_size=4):
-            writer.write(result)
+    plan = plan_resume(out, files)
+    writer = open_writer(out, kept=plan.kept, resuming=True)
+    for result in predict_files(model, files[1:], batch_size=4):
+        writer.write(result)
+    writer.close()
     rows = read_results(out)
     assert [r["path"] for r in rows] == files
     assert None not in rows[-1] and rows[-1]["model_sha256"]  # cells line up with the header
@@ -200,17 +214,17 @@ def test_table_shows_names_sorted_likely_pneumonia_first(tmp_path: Path) -> None
     from pneumoscan.cli import display_names, sort_results
 
     results = [
-        {"path": "/a/very/long/folder/NORMAL/1.jpeg", "status": "ok", "probability": 0.2},
-        {"path": "/x/bad.png", "status": "error", "error": "x"},
-        {"path": "/a/very/long/folder/PNEUMONIA/1.jpeg", "status": "ok", "probability": 0.9},
-        {"path": "/x/shot.png", "status": "rejected", "reason": "y"},
-        {"path": "/x/c.jpeg", "status": "ok", "probability": 0.5},
+        Prediction("/a/very/long/folder/NORMAL/1.jpeg", "ok", probability=0.2),
+        Prediction("/x/bad.png", "error", error="x"),
+        Prediction("/a/very/long/folder/PNEUMONIA/1.jpeg", "ok", probability=0.9),
+        Prediction("/x/shot.png", "rejected", reason="y"),
+        Prediction("/x/c.jpeg", "ok", probability=0.5),
     ]
-    by_p = [r["path"] for r in sort_results(results, "probability")]
-    assert by_p == [results[i]["path"] for i in (2, 4, 0, 3, 1)]
+    by_p = [r.path for r in sort_results(results, "probability")]
+    assert by_p == [results[i].path for i in (2, 4, 0, 3, 1)]
     assert sort_results(results, "input") == results
-    assert [r["path"] for r in sort_results(results, "path")] == sorted(r["path"] for r in results)
-    names = display_names([r["path"] for r in results])
+    assert [r.path for r in sort_results(results, "path")] == sorted(r.path for r in results)
+    names = display_names([r.path for r in results])
     assert names["/x/c.jpeg"] == "c.jpeg"
     assert names["/a/very/long/folder/NORMAL/1.jpeg"] == "NORMAL/1.jpeg"  # same name twice
 

@@ -293,7 +293,7 @@ def test_a_cancelled_request_does_not_stop_the_worker(engine: Engine) -> None:
     gone = engine.submit(images[:1], heatmap=False)
     assert gone.cancel()  # the client disconnected while its job was queued
     after = engine.submit(images[:2], heatmap=True).result(timeout=60)
-    assert [s.result["status"] for s in after] == ["ok", "ok"]
+    assert [s.result.status for s in after] == ["ok", "ok"]
     assert all(s.heatmap is not None and s.heatmap.shape == (224, 224) for s in after)
     assert len(busy.result(timeout=60)) == len(images) * 6
 
@@ -304,6 +304,11 @@ def test_model_endpoint_gives_card_metadata_and_limits(client: TestClient, engin
     assert body["classes"] == ["NORMAL", "PNEUMONIA"] and body["input_size"] == [224, 224]
     # The default backend is predict's: the shipped int8 ONNX export, Keras for heatmaps only.
     assert body["heatmaps"] is True and body["backend"] == "onnx"
+    # Issue 18, defect 5: the model's own SHA-256 and the pneumoscan version.
+    from pneumoscan.inference.export import file_sha256
+
+    assert body["model_sha256"] == file_sha256(engine.model.path) == engine.identity.model_sha256
+    assert body["pneumoscan_version"] == engine.identity.pneumoscan_version
     assert "not a diagnosis" in body["intended_use"]
     assert body["model_card"]["validation"]["n"] == body["metadata"]["validation_metrics"]["n"]
     assert body["limits"] == {

@@ -23,8 +23,8 @@ from pneumoscan.constants import (
     DEFAULT_SEED,
     SAMPLES_DIR,
 )
+from pneumoscan.errors import InvalidInputError
 from pneumoscan.formatting import format_probability, format_threshold
-from pneumoscan.jsonio import write_json
 from pneumoscan.progress import Reporter
 
 
@@ -33,20 +33,38 @@ def predict(
         list[Path] | None, typer.Argument(help="Image files or folders (recursive).")
     ] = None,
     model: ScoringModelOption = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write results as JSON.")] = None,
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="Also write every result to this .json file at the end."),
+    ] = None,
     samples: Annotated[
         bool, typer.Option(help="Also predict the sample X-rays shipped with pneumoscan.")
     ] = False,
     batch_size: Annotated[int, typer.Option(help="Images scored at a time.")] = 32,
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Stream results to a .csv or .jsonl file as they come."),
+        typer.Option(
+            "--out",
+            "-o",
+            help="Results file: .csv or .jsonl (streamed as results come), .json or .parquet "
+            "(written at the end).",
+        ),
     ] = None,
     resume: Annotated[
-        bool, typer.Option(help="Append to --out, skipping files already ok or rejected there.")
+        bool,
+        typer.Option(
+            help="Continue --out (.csv or .jsonl), skipping files already ok or rejected there."
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace existing --out and --json files.")
     ] = False,
     heatmaps: Annotated[
-        Path | None, typer.Option(help="Folder for a Grad-CAM overlay PNG per accepted image.")
+        Path | None,
+        typer.Option(
+            help="Folder for a Grad-CAM overlay PNG per accepted image (drawn with the Keras "
+            "network; scores stay those of the scoring backend)."
+        ),
     ] = None,
     ood_check: Annotated[
         bool,
@@ -77,110 +95,109 @@ def predict(
     ] = "probability",
 ) -> None:
     """P(pneumonia) and a decision per file; non-X-rays are rejected, bad files listed."""
-    from pneumoscan.inference.backends import open_model  # lazy: loads SciPy
-    from pneumoscan.inference.predict import (  # lazy: loads SciPy
-        ResultWriter,
-        completed_paths,
-        expand_inputs,
-        load_detector,
-        model_provenance,
-        predict_files,
-        stamp,
-        summarise,
-    )
+    from pneumoscan.inference import writers  # lazy: loads SciPy
+    from pneumoscan.inference.predict import Problem, check_batching, list_inputs  # lazy: SciPy
+    from pneumoscan.inference.prediction import printable_path  # lazy: loads SciPy
+    from pneumoscan.inference.predictor import Predictor  # lazy: loads SciPy
 
     if sort not in TABLE_SORTS:
         _fail(f"unknown --sort {sort!r}; choose one of {', '.join(TABLE_SORTS)}")
-
     inputs = [*(paths or []), *(sorted(SAMPLES_DIR.glob("*/*.jpeg")) if samples else [])]
     if not inputs:
         _fail("give image files or folders, or --samples")
     if resume and out is None:
         _fail("--resume needs --out FILE (the results file to continue)")
-    files, results = expand_inputs(inputs)
-    writer = ResultWriter(out, resume=resume) if out is not None else None
-    skipped = 0
-    if resume and out is not None and writer is not None:
-        done = completed_paths(out)
-        skipped = len(done & set(files))
+    check_batching(batch_size, workers)
+    targets = [(out, writers.WRITERS, resume), (json_out, (".json",), False)]
+    for target, allowed, resuming in targets:
+        if target is not None:
+            writers.check_output(target, overwrite=overwrite, resuming=resuming, allowed=allowed)
+    entries = list_inputs(inputs)
+    names = [printable_path(e.path if isinstance(e, Problem) else e) for e in entries]
+    plan = writers.ResumePlan(set(), [])
+    if resume and out is not None:
+        plan = writers.plan_resume(out, names)
+        skipped = sum(name in plan.done for name in names)
         stderr.print(f"resuming {out}: {skipped} files already done", highlight=False)
-        files = [f for f in files if f not in done]
-        # Retried files and re-listed problems replace their earlier rows: one row per path.
-        writer.forget([*files, *(r["path"] for r in results)])
-    loaded, network, note = open_model(model, backend, onnx, keras_network=bool(heatmaps))
-    if note:
-        stderr.print(note, highlight=False)
-    provenance = model_provenance(loaded)
-    results = [stamp(problem, provenance) for problem in results]
-    detector = load_detector(loaded) if ood_check else None
-    if ood_check and detector is None:
+        entries = [e for e, name in zip(entries, names, strict=True) if name not in plan.done]
+    predictor = Predictor.open(model, backend, onnx)
+    if predictor.note:
+        stderr.print(predictor.note, highlight=False)
+    if ood_check and predictor.detector is None:
         stderr.print(
-            f"{loaded.name} has no fitted OOD detector: only the cheap checks run "
+            f"{predictor.name} has no fitted OOD detector: only the cheap checks run "
             "(add one with `pneumoscan fit-ood`)",
             highlight=False,
         )
-    stream = predict_files(
-        loaded, files, batch_size, ood_check=ood_check, heatmaps=heatmaps,
-        heatmap_network=network, workers=workers, detector=detector, provenance=provenance,
-    )  # fmt: skip
+    if heatmaps is not None:
+        predictor.network  # noqa: B018  # load it now: a missing Keras file is one error line
+    about = {"model": str(predictor.model.path), "model_info": predictor.describe()}
+    opened = [
+        writers.open_writer(target, kept=plan.kept, overwrite=overwrite, resuming=resuming,
+                            about=about, allowed=allowed)
+        for target, allowed, resuming in targets
+        if target is not None
+    ]  # fmt: skip
+    stream = predictor.predict_entries(
+        entries, batch_size, ood_check=ood_check, heatmaps=heatmaps, workers=workers
+    )
     started = time.perf_counter()
-    if writer is not None:
-        for problem in results:
-            writer.write(problem)
+    results: list[Any] = []
     failure: Exception | None = None
     try:
-        with Reporter(stderr).task("predicting", total=len(files)) as advance:
+        with Reporter(stderr).task("predicting", total=len(entries)) as advance:
             for result in stream:
                 results.append(result)
-                if writer is not None:
+                for writer in opened:
                     writer.write(result)
                 advance(1)
     except Exception as exc:  # only the model can fail here: keep what was done, say so
         failure = exc
     finally:
-        if writer is not None:
-            writer.close()
+        for writer in opened:
+            writer.close(complete=failure is None)
     if failure is not None:
-        _stop_after_model_failure(failure, results, json_out, out, loaded.path, len(files))
-    _print_predictions(
-        results,
-        f"pneumoscan {loaded.name} (threshold {format_threshold(loaded.threshold)})",
-        loaded.threshold,
-        sort,
-    )
+        _stop_after_model_failure(failure, results, json_out, out, len(entries))
+    title = f"pneumoscan {predictor.name} (threshold {format_threshold(predictor.threshold)})"
+    _print_predictions(results, title, predictor.threshold, sort)
     seconds = time.perf_counter() - started
     counts = summarise(results)
+    done = len(plan.done & set(names))
     stdout.print(
         f"{counts['ok']} ok, {counts['rejected']} rejected (not a frontal chest X-ray), "
-        f"{counts['error']} unreadable; {len(files)} files in {seconds:.1f} s "
-        f"({len(files) / max(seconds, 1e-9):.1f} images/s, {loaded.name}, "
-        f"{'onnx' if loaded.path.suffix == '.onnx' else 'keras'})"
+        f"{counts['error']} unreadable; {len(results)} inputs in {seconds:.1f} s "
+        f"({len(results) / max(seconds, 1e-9):.1f} images/s, {predictor.name}, "
+        f"{predictor.backend})"
+        + (f"; {done} done before" if resume else "")
         + (f"; results in {out}" if out else ""),
         highlight=False,
     )
-    if json_out:
-        write_json(json_out, {"model": str(loaded.path), "results": results})
-    if results and counts["ok"] + counts["rejected"] + skipped == 0:
+    if results and counts["ok"] + counts["rejected"] + done == 0:
         _fail("no input could be read", code=1)
+
+
+def summarise(results: list[Any]) -> dict[str, int]:
+    """Count of predictions per status."""
+    from pneumoscan.inference.prediction import summarise as count  # lazy: loads SciPy
+
+    return count(results)
 
 
 def _stop_after_model_failure(
     failure: Exception,
-    results: list[dict[str, Any]],
+    results: list[Any],
     json_out: Path | None,
     out: Path | None,
-    model_path: Path,
     total: int,
 ) -> None:
     """End a run whose model failed, keeping every result written so far (files never end a
     run: their failures are results)."""
-    if json_out:
-        write_json(json_out, {"model": str(model_path), "results": results, "incomplete": True})
     kept = f"; the {len(results)} results so far are in {out}" if out else ""
+    partial = f" ({json_out} is marked incomplete)" if json_out else ""
     resume = f" (continue with --resume --out {out})" if out else ""
     _fail(
-        f"the model failed after {len(results)} of {total} files: "
-        f"{type(failure).__name__}: {failure}{kept}{resume}",
+        f"the model failed after {len(results)} of {total} inputs: "
+        f"{type(failure).__name__}: {failure}{kept}{partial}{resume}",
         code=1,
     )
 
@@ -191,19 +208,19 @@ MAX_TABLE_ROWS = 200
 TABLE_SORTS = ("probability", "path", "input")
 
 
-def sort_results(results: list[dict[str, Any]], order: str) -> list[dict[str, Any]]:
-    """Results in a table order: ``probability`` (scored files by falling P(pneumonia), then
-    rejected, then unreadable files, each in input order), ``path`` or ``input``."""
+def sort_results(results: list[Any], order: str) -> list[Any]:
+    """Predictions in a table order: ``probability`` (scored files by falling P(pneumonia),
+    then rejected, then unreadable files, each in input order), ``path`` or ``input``."""
     if order == "input":
         return list(results)
     if order == "path":
-        return sorted(results, key=lambda r: str(r["path"]))
+        return sorted(results, key=lambda r: str(r.path))
     if order != "probability":
-        raise ValueError(f"unknown order {order!r}; choose one of {TABLE_SORTS}")
+        raise InvalidInputError(f"unknown order {order!r}; choose one of {TABLE_SORTS}")
     rank = {"ok": 0, "rejected": 1}
     return sorted(
         results,
-        key=lambda r: (rank.get(r["status"], 2), -float(r.get("probability") or 0.0)),
+        key=lambda r: (rank.get(r.status, 2), -float(r.probability or 0.0)),
     )
 
 
@@ -230,27 +247,37 @@ def display_names(paths: list[str]) -> dict[str, str]:
 
 
 def _print_predictions(
-    results: list[dict[str, Any]],
+    results: list[Any],
     title: str,
     threshold: float | None = None,
     order: str = "probability",
 ) -> None:
+    from pneumoscan.inference.prediction import NEAR_THRESHOLD_TEXT, printable_path  # lazy: SciPy
+
     if len(results) > MAX_TABLE_ROWS:
+        stderr.print(
+            f"{len(results)} results: the table is printed for up to {MAX_TABLE_ROWS}; every "
+            "result is in --out FILE (.csv, .jsonl, .json, .parquet) or --json FILE",
+            highlight=False,
+        )
         return
-    names = display_names([str(r["path"]) for r in results])
+    shown = {r.path: printable_path(r.path) for r in results}
+    names = display_names(list(shown.values()))
     table = Table(title=title)
     table.add_column("file", overflow="fold")
     for column in ("status", "P(pneumonia)", "decision / reason"):
         table.add_column(column)
     for result in sort_results(results, order):
-        name = Text(names[str(result["path"])])  # a file name is never Rich markup
-        if result["status"] == "ok":
-            probability = format_probability(result["probability"], threshold)
-            table.add_row(name, "ok", probability, result["decision"])
-        elif result["status"] == "rejected":
-            table.add_row(name, "[yellow]rejected[/yellow]", "", result["reason"])
+        name = Text(names[shown[result.path]])  # a file name is never Rich markup
+        if result.status == "ok":
+            probability = format_probability(result.probability, threshold)
+            near = f" ({NEAR_THRESHOLD_TEXT})" if result.near_threshold else ""
+            decision = f"{result.decision}{near}"
+            table.add_row(name, "ok", probability, Text(decision))
+        elif result.status == "rejected":
+            table.add_row(name, "[yellow]rejected[/yellow]", "", Text(str(result.reason)))
         else:
-            table.add_row(name, "[red]error[/red]", "", result["error"])
+            table.add_row(name, "[red]error[/red]", "", Text(printable_path(str(result.error))))
     stdout.print(table)
 
 
@@ -405,16 +432,20 @@ def serve(
 
 
 def info(model: ScoringModelOption = None) -> None:
-    """Print a model file's metadata (reads no weights)."""
+    """Print a model file's metadata as JSON, with the file's path and SHA-256 under
+    ``model_file`` (reads no weights)."""
+    from pneumoscan.inference.export import file_sha256  # lazy: loads SciPy
+
     # lazy: the CLI loads only what a command runs
     from pneumoscan.models.modelfile import read_metadata, resolve_model_path
 
-    path = resolve_model_path(model)
-    if path.suffix.lower() == ".onnx":
+    if model is not None and model.suffix.lower() == ".onnx":
         from pneumoscan.inference.scorer import read_onnx_metadata  # lazy: loads SciPy
 
+        path = Path(model)
         metadata = read_onnx_metadata(path)
     else:
+        path = resolve_model_path(model)
         metadata = read_metadata(path)
-    stdout.print(f"{path}")
-    stdout.print_json(json.dumps(metadata, default=str))
+    described = {"model_file": {"path": str(path), "sha256": file_sha256(path)}} | metadata
+    stdout.print_json(json.dumps(described, default=str))

@@ -26,16 +26,25 @@ import pandas as pd
 
 from pneumoscan.constants import ASSETS_DIR, CLASSES, DEFAULT_SEED
 from pneumoscan.data.preprocess import decode_to_uint8, load_image
-from pneumoscan.evaluate.scoring import ScoredImages, score_images, summarise
+from pneumoscan.evaluate.scoring import (
+    ScoredImages,
+    flag_calibration_sample,
+    score_images,
+    summarise,
+)
 from pneumoscan.formatting import format_threshold
 from pneumoscan.inference.explain import gradcam
+from pneumoscan.inference.prediction import near_threshold
+from pneumoscan.inference.predictor import Predictor
 from pneumoscan.jsonio import jsonable
-from pneumoscan.metrics import DEFAULT_RESAMPLES
-from pneumoscan.models.modelfile import MetadataView, OperatingPoint, load_model
+from pneumoscan.metrics import DEFAULT_RESAMPLES, reliability_table
+from pneumoscan.models.modelfile import MetadataView, OperatingPoint
 from pneumoscan.progress import Reporter
 
 if TYPE_CHECKING:
-    from pneumoscan.models.modelfile import LoadedModel
+    import keras
+
+    from pneumoscan.data.preprocess import PreprocessConfig
 
 #: Worst false negatives and worst false positives shown in the gallery (each).
 MAX_ERRORS = 8
@@ -322,11 +331,60 @@ def _calibration(metrics: dict[str, Any], figures: dict[str, str | None]) -> str
     ]
     return (
         '<section id="calibration"><h2>Calibration</h2>'
-        f"<p>ECE {number(metrics, 'ece')}, Brier score {number(metrics, 'brier')}. A "
-        "calibrated model's P(pneumonia) of 0.8 means pneumonia in about 8 of 10 such images.</p>"
+        f"<p>ECE {number(metrics, 'ece')}, Brier score {number(metrics, 'brier')}. "
+        f"{html.escape(calibration_reading(metrics))}</p>"
         + _figure(figures.get("reliability"), "Reliability diagram", "fig-reliability")
         + _table(["P(pneumonia) bin", "images", "mean predicted", "observed", "95% CI"], rows)
         + "</section>"
+    )
+
+
+def calibration_reading(metrics: dict[str, Any]) -> str:
+    """What the reliability table on screen allows a reader to take from P(pneumonia).
+
+    A bin contradicts calibration when its mean predicted P lies outside the 95% interval of
+    the share of pneumonia observed in it. Only when no populated bin does is P read as a
+    frequency; otherwise the page says the score is to be read against the threshold.
+    """
+    rows = [row for row in metrics["calibration_bins"] if row["n"]]
+    off = [row for row in rows if not (row["ci_low"] <= row["mean_predicted"] <= row["ci_high"])]
+    empty = [row for row in metrics["calibration_bins"] if not row["n"]]
+    gap = (
+        f" No image scored in {len(empty)} of the {len(metrics['calibration_bins'])} bins, so "
+        "the table says nothing about scores there."
+        if empty
+        else ""
+    )
+    if off:
+        bins = ", ".join(f"{row['bin_low']:.1f}–{row['bin_high']:.1f}" for row in off)
+        return (
+            f"On these images P(pneumonia) is not a frequency: in {len(off)} of the "
+            f"{len(rows)} populated bins ({bins}) the share of pneumonia observed lies outside "
+            "its 95% interval around the mean predicted P. Read a score against the operating "
+            "threshold (above it, close to it, or well below it), not as the chance of "
+            "pneumonia; `pneumoscan calibrate` refits the scale on a site's labelled sample." + gap
+        )
+    return (
+        "In every populated bin the mean predicted P(pneumonia) lies within the 95% interval "
+        "of the share of pneumonia observed, so on these images the score can be read as a "
+        "frequency." + gap
+    )
+
+
+def _near_threshold_note(scored: ScoredImages) -> str:
+    """How many images scored close to the threshold, and how often the decision was wrong
+    there (the band the page and heatmaps mark "read with care")."""
+    p, y_true, threshold = scored.p_pneumonia, scored.y_true, scored.threshold
+    near = np.array([near_threshold(value, threshold) for value in p], dtype=bool)
+    if not near.any():
+        return ""
+    wrong = int(((p[near] >= threshold).astype(int) != y_true[near]).sum())
+    outside = int(((p[~near] >= threshold).astype(int) != y_true[~near]).sum())
+    return (
+        f'<p class="note" id="near-threshold">{int(near.sum())} of {len(p)} images scored close '
+        f'to the threshold (log-odds within 1 of it; the page and heatmaps say "read with '
+        f'care"): {wrong} of them were decided wrongly, against {outside} of the '
+        f"{int((~near).sum())} others.</p>"
     )
 
 
@@ -508,11 +566,49 @@ def intended_use_html(text: str | None = None) -> str:
     return '<div id="intended-use">' + "".join(parts) + "</div>"
 
 
-def _model_card(metadata: dict[str, Any]) -> str:
+def _calibration_sample_note(metrics: dict[str, Any]) -> str:
+    """A warning box when these images are the model's own site-calibration sample."""
+    found = metrics.get("calibration_sample")
+    if not found:
+        return ""
+    return (
+        '<section id="calibration-sample" class="warning"><h2>In-sample figures</h2><p>'
+        + html.escape(found["warning"])
+        + ".</p></section>"
+    )
+
+
+def _site_calibration_fact(metadata: dict[str, Any]) -> str | None:
+    """One line on the site calibration a model carries, with its cross-validated promise."""
+    site = metadata.get("site_calibration")
+    if not site:
+        return None
+    line = (
+        f"fitted on {site.get('n')} images ({site.get('n_pneumonia')} pneumonia) of "
+        f"{site.get('data')} on {site.get('date')}"
+    )
+    head = site.get("head_refit") or {}
+    if head.get("chosen") not in (None, "original"):
+        line += f"; final layer refitted (site weight {head['chosen']})"
+    expected = site.get("cross_validated")
+    if expected:
+        line += (
+            f"; expected on new images (cross-validated): sensitivity "
+            f"{display(expected['sensitivity'])}, specificity {display(expected['specificity'])}"
+        )
+    return line
+
+
+def _model_card(metadata: dict[str, Any], metrics: dict[str, Any] | None = None) -> str:
+    metrics = metrics or {}
     view = MetadataView(metadata)
     split, val, recipe = view.split_record, view.validation_metrics, view.recipe
     point = OperatingPoint.from_metadata(metadata) if "threshold" in metadata else None
     facts = [
+        ("scoring file", metrics.get("model")),
+        ("backend", metrics.get("backend")),
+        ("SHA-256", metrics.get("model_sha256")),
+        ("pneumoscan version", metrics.get("pneumoscan_version")),
         ("architecture", view.arch),
         ("training data", view.training_data_root),
         ("data fingerprint", str(view.data_info.get("fingerprint", ""))[:16]),
@@ -522,6 +618,7 @@ def _model_card(metadata: dict[str, Any]) -> str:
         ("recipe", ", ".join(f"{k} {v}" for k, v in recipe.items())),
         ("threshold", point and point.threshold),
         ("threshold rule", point and point.threshold_rule),
+        ("site calibration", _site_calibration_fact(metadata)),
         ("temperature", view.stored_temperature),
         (
             "validation metrics",
@@ -572,7 +669,9 @@ def render_report(
     title = f"pneumoscan report: {model_name} on {Path(scored.data).name} ({scored.split})"
     body = "".join(
         [
+            _calibration_sample_note(metrics),
             _key_numbers(metrics),
+            _near_threshold_note(scored),
             _dataset(metrics, scored, figures),
             _training(figures),
             _curves(metrics, figures),
@@ -582,7 +681,7 @@ def render_report(
             _sources(metrics),
             _shortcuts(shortcuts),
             _gallery(scored, missed, alarms, figures),
-            _model_card(metadata),
+            _model_card(metadata, metrics),
         ]
     )
     payload = json.dumps(jsonable({k: v for k, v in metrics.items() if k != "report"}))
@@ -600,14 +699,19 @@ def render_report(
 
 
 def _thumbnails(
-    loaded: LoadedModel, paths: Sequence[str], decisions: np.ndarray
+    preprocess: PreprocessConfig,
+    network: keras.Model | None,
+    paths: Sequence[str],
+    decisions: np.ndarray,
 ) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
     """The few gallery images, re-decoded exactly as the model saw them (grey channel), and
     the Grad-CAM map of the evidence for each one's decision (the same maps `predict
-    --heatmaps` and the service draw)."""
+    --heatmaps` and the service draw; none without a Keras network)."""
 
-    pixels = np.stack([decode_to_uint8(path, loaded.preprocess) for path in paths])
-    maps = gradcam(loaded.network, pixels, class_index=decisions)
+    pixels = np.stack([decode_to_uint8(path, preprocess) for path in paths])
+    if network is None:
+        return [image[..., 0] for image in pixels], [None] * len(pixels)
+    maps = gradcam(network, pixels, class_index=decisions)
     return [image[..., 0] for image in pixels], list(maps)
 
 
@@ -623,13 +727,12 @@ def _draw_figures(
     folder: Path,
     scored: ScoredImages,
     metrics: dict[str, Any],
-    loaded: LoadedModel,
+    predictor: Predictor,
     missed: np.ndarray,
     alarms: np.ndarray,
     seed: int,
 ) -> dict[str, str | None]:
     """Draw every figure into ``folder`` and return them as data URIs."""
-    from pneumoscan.metrics import reliability_table  # lazy: loads pandas
     from pneumoscan.plots import (  # lazy: loads matplotlib
         plot_class_balance,
         plot_confusion_matrix,
@@ -649,7 +752,8 @@ def _draw_figures(
     intervals = {
         key: metrics[f"{key}_ci"] for key in ("auc", "pr_auc", "sensitivity", "specificity", "ppv")
     }
-    history = training_history(loaded.path)
+    history = training_history(predictor.model.path)
+    network = predictor.network if predictor.has_network else None
     draw: dict[str, Callable[[Path], Path]] = {
         "class_balance": lambda path: plot_class_balance(
             counts, path, title=f"Images per class, {name} (n={n})"
@@ -680,7 +784,9 @@ def _draw_figures(
     ):
         if len(rows):
             decisions = (p[rows] >= scored.threshold).astype(np.int32)
-            images, heatmaps = _thumbnails(loaded, table["path"].iloc[rows].tolist(), decisions)
+            images, heatmaps = _thumbnails(
+                predictor.model.preprocess, network, table["path"].iloc[rows].tolist(), decisions
+            )
             draw[key] = _gallery_drawer(
                 plot_error_gallery,
                 images,
@@ -720,8 +826,11 @@ def build_report(
     Args:
         out: HTML file to write.
         data: Dataset root or a folder with ``NORMAL/`` and ``PNEUMONIA/``.
-        model: Model file or run folder (training curves need the run folder's history.csv);
-            the shipped model when ``None``.
+        model: Model file, run folder or ``.onnx`` export (training curves need the run
+            folder's history.csv); the shipped model when ``None``. It is opened as
+            ``pneumoscan predict`` opens it, so the report describes the file that scores (the
+            shipped model's int8 export by default); the gallery's Grad-CAM maps come from
+            the ``.keras`` file it was exported from, when there is one.
         split: Split of a dataset root (``val`` re-creates the model's validation split).
         batch_size: Images scored at a time.
         reporter: Progress and warnings sink.
@@ -743,12 +852,14 @@ def build_report(
 
     started = time.perf_counter()
     reporter = reporter or Reporter(quiet=True)
-    loaded = load_model(model)
+    predictor = Predictor.open(model)
+    loaded = predictor.model
     scored = score_images(data, loaded, split, batch_size, reporter)
     metrics = summarise(scored, n_resamples, seed)
+    metrics["calibration_sample"] = flag_calibration_sample(loaded.metadata, scored, reporter)
     missed, alarms = worst_errors(scored.y_true, scored.p_pneumonia, scored.threshold, max_errors)
     with tempfile.TemporaryDirectory(prefix="pneumoscan-report-") as folder:
-        figures = _draw_figures(Path(folder), scored, metrics, loaded, missed, alarms, seed)
+        figures = _draw_figures(Path(folder), scored, metrics, predictor, missed, alarms, seed)
     shortcuts = None
     if shortcut_audit:
         from pneumoscan.evaluate.shortcuts import audit_model  # lazy: only when asked

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from pneumoscan.constants import CLASSES, DEFAULT_SEED
+from pneumoscan.constants import VERSION as __version__
 from pneumoscan.data.dataset import (
     empty_classes,
     scan_dataset,
@@ -23,8 +24,12 @@ from pneumoscan.data.dataset import (
 )
 from pneumoscan.errors import DatasetError
 from pneumoscan.formatting import format_threshold
+from pneumoscan.inference.predict import model_identity
+from pneumoscan.inference.predictor import Predictor
+from pneumoscan.inference.scorer import score_files
 from pneumoscan.metrics import DEFAULT_RESAMPLES, evaluation_metrics, report_text
 from pneumoscan.progress import Reporter
+from pneumoscan.train.site import calibration_sample_overlap
 
 if TYPE_CHECKING:
     from pneumoscan.inference.scorer import AnyModel
@@ -45,6 +50,8 @@ class ScoredImages:
         split: The split scored (``all`` for a bare class-folder root).
         model: Path of the model file.
         threshold: The model's operating threshold.
+        model_sha256: SHA-256 of the model file that scored.
+        backend: ``onnx`` or ``keras``.
     """
 
     table: pd.DataFrame
@@ -54,6 +61,8 @@ class ScoredImages:
     split: str
     model: str
     threshold: float
+    model_sha256: str | None = None
+    backend: str | None = None
 
     @property
     def y_true(self) -> np.ndarray:
@@ -77,8 +86,6 @@ def score_table(
     Returns:
         ``(p_pneumonia, skipped)``: one score per row and the unreadable files with reasons.
     """
-    from pneumoscan.inference.scorer import score_files  # lazy: loads SciPy
-
     reporter = reporter or Reporter(quiet=True)
     paths = table["path"].tolist()
     p_pneumonia = np.full(len(paths), np.nan)
@@ -128,6 +135,7 @@ def score_images(
     missing = empty_classes(table[scored].assign(error=""))
     if missing:
         reporter.warn(f"no {missing} images: AUC and the missing class's rates are undefined (NaN)")
+    identity = model_identity(loaded)
     return ScoredImages(
         table=table.loc[scored, SCORED_COLUMNS].reset_index(drop=True),
         p_pneumonia=p_pneumonia[scored],
@@ -136,6 +144,8 @@ def score_images(
         split=split,
         model=str(loaded.path),
         threshold=loaded.threshold,
+        model_sha256=identity.model_sha256,
+        backend=identity.backend,
     )
 
 
@@ -177,11 +187,25 @@ def summarise(
     )
     return metrics | {
         "model": scored.model,
+        "model_sha256": scored.model_sha256,
+        "backend": scored.backend,
+        "pneumoscan_version": __version__,
         "data": scored.data,
         "split": scored.split,
         "report": report_text(y_true, scored.p_pneumonia, scored.threshold),
         "skipped": scored.skipped,
     }
+
+
+def flag_calibration_sample(
+    metadata: dict[str, Any], scored: ScoredImages, reporter: Reporter | None
+) -> dict[str, Any] | None:
+    """A site-calibrated model scored on its own calibration images gives in-sample figures:
+    :func:`pneumoscan.train.site.calibration_sample_overlap`, warned about once."""
+    found = calibration_sample_overlap(metadata, scored.table["path"].tolist())
+    if found and reporter is not None:
+        reporter.warn(found["warning"])
+    return found
 
 
 def evaluate(
@@ -199,6 +223,9 @@ def evaluate(
     Args:
         data: Dataset root or a folder with ``NORMAL/`` and ``PNEUMONIA/``.
         model: Model file, run folder or ``.onnx`` export; the shipped model when ``None``.
+            It is opened as ``pneumoscan predict`` opens it (:meth:`Predictor.open
+            <pneumoscan.inference.predictor.Predictor.open>`): the figures are those of the
+            file that scores (the shipped model's int8 export by default).
         split: Split to evaluate for a dataset root.
         batch_size: Images decoded and scored at a time (memory does not grow with ``n``).
         plot_path: Where to write the confusion-matrix heatmap (skipped when ``None``).
@@ -207,16 +234,18 @@ def evaluate(
         seed: Bootstrap seed.
 
     Returns:
-        See :func:`summarise`, plus ``scores``: every image's record (:func:`image_scores`).
+        See :func:`summarise`, plus ``scores``: every image's record (:func:`image_scores`),
+        and ``calibration_sample``: for a site-calibrated model scored on images of its own
+        calibration sample, how many and the cross-validated figures to expect instead
+        (:func:`pneumoscan.train.site.calibration_sample_overlap`; else ``None``).
 
     Raises:
         DatasetError: No readable labelled image is left.
     """
-    from pneumoscan.inference.backends import load_any_model  # lazy: loads SciPy
-
-    loaded = load_any_model(model)
+    loaded = Predictor.open(model).model
     scored = score_images(data, loaded, split, batch_size, reporter)
     metrics = summarise(scored, n_resamples, seed) | {"scores": image_scores(scored)}
+    metrics["calibration_sample"] = flag_calibration_sample(loaded.metadata, scored, reporter)
     if plot_path is not None:
         from pneumoscan.plots import plot_confusion_matrix  # lazy: loads matplotlib
 

@@ -22,6 +22,8 @@ from pneumoscan.constants import CLASSES, DEFAULT_SEED
 from pneumoscan.data.dataset import empty_classes, scan_dataset
 from pneumoscan.data.pipeline import decode_all
 from pneumoscan.errors import DatasetError
+from pneumoscan.inference.predictor import Predictor
+from pneumoscan.inference.scorer import p_pneumonia
 from pneumoscan.metrics import (
     DEFAULT_RESAMPLES,
     bootstrap_weight_blocks,
@@ -162,26 +164,26 @@ def audit_model(
 
     Args:
         data: Folder with ``NORMAL/`` and ``PNEUMONIA/`` (or a dataset root: all images).
-        model: Model file, run folder or ``.onnx`` export (default: the shipped model).
+        model: Model file, run folder or ``.onnx`` export (default: the shipped model),
+            opened as ``pneumoscan predict`` opens it (the shipped model's int8 export).
         perturbations: Names from :data:`PERTURBATIONS` (default: all).
         batch_size: Images scored at a time.
         reporter: Progress sink.
 
     Returns:
-        ``model``, ``data``, ``n``, ``threshold`` and ``findings`` (one dict per perturbation).
+        ``model`` (with ``model_sha256``, ``backend``, ``pneumoscan_version``), ``data``,
+        ``n``, ``threshold`` and ``findings`` (one dict per perturbation).
 
     Raises:
         DatasetError: No readable labelled image, or an unknown perturbation name.
     """
-    from pneumoscan.inference.backends import load_any_model  # lazy: loads SciPy
-    from pneumoscan.inference.scorer import p_pneumonia  # lazy: loads SciPy
-
     reporter = reporter or Reporter(quiet=True)
     names = perturbations or list(PERTURBATIONS)
     unknown = sorted(set(names) - set(PERTURBATIONS))
     if unknown:
         raise DatasetError(f"unknown perturbation(s) {unknown}; choose from {list(PERTURBATIONS)}")
-    loaded = load_any_model(model)
+    predictor = Predictor.open(model)
+    loaded = predictor.model
     table = scan_dataset(data)
     table = table[table["error"] == ""].reset_index(drop=True)
     pixels, kept, _ = decode_all(table["path"].tolist(), loaded.preprocess)
@@ -213,6 +215,9 @@ def audit_model(
             advance(1)
     return {
         "model": str(loaded.path),
+        "model_sha256": predictor.identity.model_sha256,
+        "backend": predictor.backend,
+        "pneumoscan_version": predictor.identity.pneumoscan_version,
         "data": str(data),
         "n": len(y_true),
         "n_pneumonia": int(y_true.sum()),

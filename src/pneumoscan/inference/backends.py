@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from pneumoscan.errors import InvalidInputError, ModelFileError
 from pneumoscan.inference.export import export_onnx, onnx_matches
 from pneumoscan.inference.scorer import BACKENDS, AnyModel, OnnxModel, load_onnx_model
-from pneumoscan.models.modelfile import load_model, resolve_model_path
+from pneumoscan.models.modelfile import LoadedModel, load_model, resolve_model_path
 
 if TYPE_CHECKING:
     import keras
@@ -99,3 +99,21 @@ def load_any_model(model: str | Path | None) -> AnyModel:
         ModelFileError: The file is missing or unreadable.
     """
     return open_model(model, "keras")[0]
+
+
+def keras_source(model: str | Path | None, loaded: AnyModel) -> Path | None:
+    """The ``.keras`` file a scoring model came from (Grad-CAM needs its network), if known.
+
+    A Keras model is its own source; an export chosen for a ``.keras`` file or run folder came
+    from it; an ``.onnx`` file given directly came from ``MODEL.keras`` beside it when that
+    file's hash is the one the export recorded (``MODEL.onnx`` and ``MODEL.int8.onnx`` are
+    exported there).
+    """
+    if isinstance(loaded, LoadedModel):
+        return loaded.path
+    if model is None or Path(model).suffix.lower() != ".onnx":
+        return resolve_model_path(model)
+    candidate = Path(model).with_suffix("").with_suffix(".keras")
+    if candidate.is_file() and onnx_matches(Path(model), candidate):
+        return candidate
+    return None

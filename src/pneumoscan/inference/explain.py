@@ -22,6 +22,8 @@ from PIL import Image
 
 from pneumoscan.constants import POSITIVE_INDEX
 from pneumoscan.data.preprocess import to_model_input
+from pneumoscan.formatting import format_probability, format_threshold
+from pneumoscan.inference.prediction import Prediction, reading
 
 if TYPE_CHECKING:
     import keras
@@ -240,6 +242,16 @@ def overlay_png(
     return data
 
 
-def heatmap_title(name: str, probability: float, decision: str) -> str:
-    """The overlay's title: file, P(pneumonia), decision, and whose evidence is shown."""
-    return f"{name}\nP(pneumonia) {probability:.3f} → {decision} (evidence for {decision})"
+def heatmap_title(name: str, prediction: Prediction) -> str:
+    """The overlay's title: file, the score against the threshold in words (close to the
+    threshold: read with care), and whose evidence the colours show.
+
+    An ``ok`` prediction is needed (one with a probability, threshold and decision).
+    """
+    probability = float(prediction.probability or 0.0)
+    threshold = float(prediction.threshold or 0.0)
+    shown = format_probability(probability, threshold)
+    return (
+        f"{name}\nP(pneumonia) {shown}, threshold {format_threshold(threshold)}: "
+        f"{reading(probability, threshold)}\ncolour: evidence for {prediction.decision}"
+    )

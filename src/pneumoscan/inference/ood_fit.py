@@ -99,12 +99,12 @@ def check_folder(
     """How many images of a folder of X-rays (e.g. another site's) the check rejects."""
     files, _ = expand_inputs([folder])
     results = list(predict_files(model, files, batch_size, detector=detector))
-    rejected = [r for r in results if r["status"] == "rejected"]
+    rejected = [r for r in results if r.status == "rejected"]
     return {
-        "n": sum(r["status"] != "error" for r in results),
+        "n": sum(r.status != "error" for r in results),
         "rejected": len(rejected),
-        "unreadable": sum(r["status"] == "error" for r in results),
-        "rejected_files": [{"path": r["path"], "reason": r["reason"]} for r in rejected],
+        "unreadable": sum(r.status == "error" for r in results),
+        "rejected_files": [{"path": r.path, "reason": r.reason} for r in rejected],
     }
 
 

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
@@ -45,10 +45,6 @@ from pneumoscan.serve.results import build_result, decode_upload
 from pneumoscan.serve.schemas import FileResult, Health, ModelInfo, PredictResponse
 from pneumoscan.serve.security import DrainUnreadBody, SecurityHeaders
 from pneumoscan.serve.uploads import UploadError, UploadLimits, read_uploads
-
-if TYPE_CHECKING:
-    pass
-
 
 logger = logging.getLogger("pneumoscan.serve")
 
@@ -217,7 +213,7 @@ async def _predict_uploads(
 
     def assemble() -> list[FileResult]:
         return [
-            build_result(u.filename, d, s, model.threshold, image, engine.provenance)
+            build_result(u.filename, d, s, engine.identity, image)
             for u, (d, s) in zip(uploads, pairs, strict=True)
         ]
 
@@ -256,6 +252,8 @@ def describe_model(engine: Engine, limits: UploadLimits) -> ModelInfo:
     return ModelInfo(
         name=engine.name,
         backend=engine.backend,
+        model_sha256=engine.identity.model_sha256,
+        pneumoscan_version=engine.identity.pneumoscan_version,
         arch=model.arch,
         classes=list(model.classes),
         threshold=engine.model.threshold,

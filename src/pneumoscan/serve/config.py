@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    pass
-
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
-API_KEY_ENV = "PNEUMOSCAN_API_KEY"
 API_KEY_HEADER = "X-API-Key"
 UPLOAD_FIELD = "files"
 #: Images scored in one forward pass; batches are padded to powers of two, so keep it one.

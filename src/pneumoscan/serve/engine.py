@@ -14,14 +14,13 @@ import numpy as np
 
 from pneumoscan.constants import CLASSES
 from pneumoscan.inference.explain import gradcam
-from pneumoscan.models.modelfile import resolve_model_path
+from pneumoscan.inference.predictor import Predictor
 from pneumoscan.serve.config import DEFAULT_MAX_BATCH
 from pneumoscan.serve.schemas import Scored
 
 if TYPE_CHECKING:
     from pneumoscan.data.preprocess import DecodedImage
-    from pneumoscan.inference.ood import OodDetector
-    from pneumoscan.inference.scorer import AnyModel, Scorer
+    from pneumoscan.inference.prediction import Prediction
 
 
 @dataclass
@@ -35,33 +34,25 @@ class Engine:
     """A loaded model served by one worker thread that batches queued images.
 
     Args:
-        model: Keras or ONNX Runtime model.
-        network: The Keras network for Grad-CAM, or ``None`` (no heatmaps).
-        detector: The model's out-of-distribution detector, or ``None`` (cheap checks only).
-        scorer: The model on its backend (with the detector's features).
-        backend: ``keras`` or ``onnx``.
+        predictor: The model, its detector, scorer and identity (the one composition root
+            shared with ``pneumoscan predict`` and the Python API).
         max_batch: Most images per forward pass.
+        heatmaps: Load the Keras network for Grad-CAM when the model has one (it never
+            scores).
     """
 
     def __init__(
-        self,
-        model: AnyModel,
-        network: Any,
-        detector: OodDetector | None,
-        scorer: Scorer,
-        backend: str,
-        max_batch: int = DEFAULT_MAX_BATCH,
+        self, predictor: Predictor, max_batch: int = DEFAULT_MAX_BATCH, heatmaps: bool = True
     ) -> None:
-        self.model = model
-        self.network = network
-        self.detector = detector
-        self.scorer = scorer
-        self.backend = backend
+        self.predictor = predictor
+        self.model = predictor.model
+        self.network: Any = predictor.network if heatmaps and predictor.has_network else None
+        self.detector = predictor.detector
+        self.scorer = predictor.scorer()
+        self.backend = predictor.backend
         self.max_batch = max_batch
-        from pneumoscan.inference.predict import model_provenance  # lazy: loads SciPy
-
         #: What each result records of the model (its file's hash, the pneumoscan version).
-        self.provenance = model_provenance(model)
+        self.identity = predictor.identity
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._serve, name="pneumoscan-model", daemon=True)
         self._thread.start()
@@ -74,28 +65,15 @@ class Engine:
         max_batch: int = DEFAULT_MAX_BATCH,
         warm_up: bool = True,
     ) -> Engine:
-        """Open a model (default: the shipped one) and start its worker.
-
-        ``auto`` scores on the ONNX export saved beside the model when there is one, as
-        ``pneumoscan predict`` does, so the page and the CLI give one answer per image; the
-        Keras network is then loaded for heatmaps only.
+        """Open a model (default: the shipped one) as ``pneumoscan predict`` does
+        (:meth:`Predictor.open <pneumoscan.inference.predictor.Predictor.open>`) and start its
+        worker; the Keras network is loaded for heatmaps only.
 
         Raises:
             ModelFileError: The model cannot be read.
-            ValueError: Unknown backend.
+            InvalidInputError: Unknown backend.
         """
-        from pneumoscan.inference.backends import open_model, saved_export  # lazy: loads SciPy
-        from pneumoscan.inference.predict import load_detector, make_scorer  # lazy: loads SciPy
-
-        is_onnx = model_path is not None and Path(model_path).suffix.lower() == ".onnx"
-        if backend == "auto":
-            # open_model's auto picks Keras whenever a Keras network is asked for; the service
-            # always wants one (heatmaps), so resolve auto here to score like predict does.
-            has_export = not is_onnx and saved_export(resolve_model_path(model_path)) is not None
-            backend = "onnx" if is_onnx or has_export else "keras"
-        model, network, _ = open_model(model_path, backend, keras_network=not is_onnx)
-        detector = load_detector(model)
-        engine = cls(model, network, detector, make_scorer(model, detector), backend, max_batch)
+        engine = cls(Predictor.open(model_path, backend), max_batch)
         if warm_up:
             engine.warm_up()
         return engine
@@ -183,36 +161,24 @@ class Engine:
             start += len(job.images)
 
     def _score(self, images: list[DecodedImage], jobs: list[_Job]) -> list[Scored]:
-        from pneumoscan.inference.predict import predict_batch  # lazy: loads SciPy
-
         wants_map = [job.heatmap for job in jobs for _ in job.images]
-        results: list[dict[str, Any]] = []
+        results: list[Prediction] = []
         for start in range(0, len(images), self.max_batch):
-            chunk = images[start : start + self.max_batch]
-            results.extend(
-                predict_batch(
-                    self.scorer,
-                    np.stack([d.pixels for d in chunk]),
-                    [d.original_size for d in chunk],
-                    self.detector,
-                    True,
-                    np.stack([d.display for d in chunk]),
-                )
-            )
-        chosen = [i for i, r in enumerate(results) if wants_map[i] and r["status"] == "ok"]
+            results.extend(self.predictor.predict_decoded(images[start : start + self.max_batch]))
+        chosen = [i for i, r in enumerate(results) if wants_map[i] and r.status == "ok"]
         maps = self._heatmaps([images[i] for i in chosen], [results[i] for i in chosen])
         scored = [Scored(result) for result in results]
         for i, heatmap in zip(chosen, maps, strict=True):
             scored[i].heatmap = heatmap
         return scored
 
-    def _heatmaps(self, images: list[DecodedImage], results: list[dict[str, Any]]) -> list[Any]:
+    def _heatmaps(self, images: list[DecodedImage], results: list[Prediction]) -> list[Any]:
         """Grad-CAM maps of the evidence for each image's own decision."""
 
         maps: list[Any] = []
         for start in range(0, len(images), self.max_batch):
             chunk = slice(start, start + self.max_batch)
-            classes = [CLASSES.index(r["decision"]) for r in results[chunk]]
+            classes = [CLASSES.index(str(r.decision)) for r in results[chunk]]
             pixels = np.stack([d.pixels for d in images[chunk]])
             maps.extend(gradcam(self.network, pixels, class_index=classes))
         return maps

@@ -6,16 +6,18 @@ import base64
 import io
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from pneumoscan.constants import HEATMAP_MAX_SIDE
-from pneumoscan.constants import VERSION as __version__
 from pneumoscan.data.preprocess import DecodeFailure, decode_image
 from pneumoscan.errors import ImageReadError
 from pneumoscan.inference.explain import heatmap_title, overlay_png
+from pneumoscan.inference.predict import display_at_original_aspect
+from pneumoscan.inference.prediction import ModelIdentity, Prediction
+from pneumoscan.models.modelfile import now_utc
 from pneumoscan.serve.config import _RENDER_LOCK, PREVIEW_MAX_SIDE
 from pneumoscan.serve.schemas import FileResult, Scored
 
@@ -56,12 +58,10 @@ def png_base64(pixels: np.ndarray) -> str:
 
 
 def heatmap_base64(
-    decoded: DecodedImage, heatmap: np.ndarray, filename: str, result: dict[str, Any]
+    decoded: DecodedImage, heatmap: np.ndarray, filename: str, result: Prediction
 ) -> str:
     """Base64 PNG of the Grad-CAM overlay, drawn like ``pneumoscan predict --heatmaps``."""
-    from pneumoscan.inference.predict import display_at_original_aspect  # lazy: loads SciPy
-
-    title = heatmap_title(filename, result["probability"], result["decision"])
+    title = heatmap_title(filename, result)
     picture = display_at_original_aspect(decoded, HEATMAP_MAX_SIDE)
     with _RENDER_LOCK:
         data = overlay_png(picture, heatmap, title, max_side=HEATMAP_MAX_SIDE)
@@ -81,27 +81,18 @@ def build_result(
     filename: str,
     decoded: DecodedImage | DecodeFailure,
     scored: Scored | None,
-    threshold: float,
+    identity: ModelIdentity,
     with_image: bool,
-    provenance: dict[str, Any] | None = None,
 ) -> FileResult:
-    """The API's result for one file from its decoding and scoring.
-
-    ``provenance`` (:func:`pneumoscan.inference.predict.model_provenance`) gives the model's hash;
-    the
-    result also records the pneumoscan version and when it was made.
-    """
-    from pneumoscan.inference.predict import display_at_original_aspect, stamp  # lazy: loads SciPy
-
-    recorded = stamp({}, provenance or {"pneumoscan_version": __version__})
+    """The API's result for one file from its decoding and scoring, with the identity of the
+    model that made it (threshold, the model file's hash, the pneumoscan version, the time)."""
     if isinstance(decoded, DecodeFailure) or scored is None:
         reason = (
             decoded.message if isinstance(decoded, DecodeFailure) else f"{filename}: not scored"
         )
-        return FileResult(
-            filename=filename, status="error", threshold=threshold, reason=reason, **recorded
-        )
-    result = scored.result
+        prediction = Prediction.failed(filename, reason).traced(identity, now_utc())
+        return _file_result(prediction, None, None)
+    result = scored.result.replace(path=filename)
     cam = scored.heatmap
     heatmap = None
     if cam is not None:
@@ -111,16 +102,30 @@ def build_result(
         image = _picture(
             lambda: png_base64(display_at_original_aspect(decoded, PREVIEW_MAX_SIDE)), "image"
         )
+    return _file_result(result, heatmap, image, decoded.source_format)
+
+
+def _file_result(
+    prediction: Prediction,
+    heatmap: str | None,
+    image: str | None,
+    source_format: str | None = None,
+) -> FileResult:
+    """The service's shape of a :class:`Prediction` (the upload's name as ``filename``)."""
     return FileResult(
-        filename=filename,
-        status=result["status"],
-        probability=result.get("probability"),
-        decision=result.get("decision"),
-        threshold=threshold,
-        reason=result.get("reason"),
-        ood_score=result.get("ood_score"),
-        format=decoded.source_format,
+        filename=prediction.path,
+        status=prediction.status,
+        probability=prediction.probability,
+        decision=prediction.decision,  # type: ignore[arg-type]  # NORMAL or PNEUMONIA
+        near_threshold=prediction.near_threshold,
+        op_score=prediction.op_score,
+        threshold=float(prediction.threshold or 0.0),
+        reason=prediction.reason,
+        ood_score=prediction.ood_score,
+        format=source_format,
         heatmap=heatmap,
         image=image,
-        **recorded,
+        model_sha256=prediction.model_sha256,
+        pneumoscan_version=prediction.pneumoscan_version,
+        scored_at=prediction.scored_at,
     )

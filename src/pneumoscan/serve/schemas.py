@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from pneumoscan.constants import VERSION as __version__
 
 if TYPE_CHECKING:
-    pass
+    from pneumoscan.inference.prediction import Prediction
 
 
 class FileResult(BaseModel):
@@ -25,6 +25,16 @@ class FileResult(BaseModel):
     probability: float | None = Field(default=None, description="P(pneumonia), when ok.")
     decision: Literal["NORMAL", "PNEUMONIA"] | None = Field(
         default=None, description="PNEUMONIA when probability >= threshold, when ok."
+    )
+    near_threshold: bool | None = Field(
+        default=None,
+        description="The score is close to the threshold (log-odds within 1 of it): read the "
+        "image with care whatever the decision, when ok.",
+    )
+    op_score: float | None = Field(
+        default=None,
+        description="The score relative to the operating point: the threshold at 0.5 "
+        "(piecewise linear, order kept), when ok.",
     )
     threshold: float = Field(description="The model's operating threshold on P(pneumonia).")
     reason: str | None = Field(default=None, description="Why the file was rejected or not read.")
@@ -76,6 +86,8 @@ class ModelInfo(BaseModel):
 
     name: str
     backend: str
+    model_sha256: str | None = None
+    pneumoscan_version: str = __version__
     arch: str | None
     classes: list[str]
     threshold: float
@@ -92,5 +104,5 @@ class ModelInfo(BaseModel):
 class Scored:
     """One image's prediction result and, when asked and ok, its Grad-CAM map."""
 
-    result: dict[str, Any]
+    result: Prediction
     heatmap: np.ndarray | None = None

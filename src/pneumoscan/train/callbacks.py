@@ -8,6 +8,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import pandas as pd
 from sklearn.metrics import log_loss
 
 from pneumoscan.constants import DEFAULT_THRESHOLD, POSITIVE_INDEX
@@ -111,8 +112,6 @@ class EpochCheckpoint(keras.callbacks.Callback):
         )
 
     def _append_history(self, row: dict[str, Any]) -> None:
-        import pandas as pd  # lazy: loads pandas
-
         path: Path = self.run.history
         history = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=_HISTORY_COLUMNS)
         # A resumed run may repeat an epoch that was interrupted after its history row.

@@ -158,11 +158,14 @@
   // ----------------------------------------------------------------------------- worklist
 
   function rank(result) {
-    // Triage order: suspected pneumonia, then files nobody analysed (a human must look),
-    // then no pneumonia detected.
-    if (result.status === "ok" && result.decision === "PNEUMONIA") return 0;
-    if (result.status !== "ok") return 1;
-    return 2;
+    // Triage order: suspected pneumonia, then scores close to the threshold (read with
+    // care), then files nobody analysed (a human must look), then no pneumonia detected.
+    if (result.status === "ok" && result.decision === "PNEUMONIA" && !result.near_threshold) {
+      return 0;
+    }
+    if (result.status === "ok" && result.near_threshold) return 1;
+    if (result.status !== "ok") return 2;
+    return 3;
   }
 
   function compare(a, b) {
@@ -178,8 +181,14 @@
     render();
   }
 
+  // The words never contradict the number: a score close to the operating threshold is not
+  // called "no pneumonia" (or "pneumonia") with confidence, whichever side it falls on.
   function decisionText(result) {
     if (result.status === "ok") {
+      if (result.near_threshold) {
+        const side = result.decision === "PNEUMONIA" ? "just above" : "just below";
+        return `Close to the threshold: read with care (${side} it)`;
+      }
       return result.decision === "PNEUMONIA"
         ? "Pneumonia suspected — review first"
         : "No pneumonia detected";
@@ -189,10 +198,14 @@
   }
 
   function kind(result) {
-    if (result.status === "ok") return result.decision === "PNEUMONIA" ? "suspected" : "normal";
-    return result.status;
+    if (result.status !== "ok") return result.status;
+    if (result.near_threshold) return "near";
+    return result.decision === "PNEUMONIA" ? "suspected" : "normal";
   }
 
+  // The bar shows the score relative to the operating point (TorchXRayVision's op_norm):
+  // the threshold always sits in the middle, so a bar's length says how far a score is from
+  // the decision, not a frequency the model cannot promise at a new site.
   function renderMeter(item, result) {
     const block = item.querySelector(".meter-block");
     if (result.status !== "ok") {
@@ -200,18 +213,20 @@
       return;
     }
     const p = result.probability;
+    const score = result.op_score;
     const meter = item.querySelector(".meter");
-    meter.setAttribute("aria-valuenow", String(p));
-    meter.setAttribute("aria-label", `P(pneumonia) for ${result.filename}`);
+    meter.setAttribute("aria-valuenow", String(score));
+    meter.setAttribute("aria-label", `Score relative to the threshold for ${result.filename}`);
     meter.setAttribute(
       "aria-valuetext",
-      `${(p * 100).toFixed(1)}% (threshold ${formatThreshold(result.threshold)})`,
+      `${score.toFixed(2)} (threshold at 0.50; P(pneumonia) ${formatProbability(p, result.threshold)})`,
     );
     // Style properties set from script are allowed by the page's CSP (no inline styles).
-    item.querySelector(".fill").style.width = `${(p * 100).toFixed(2)}%`;
-    item.querySelector(".threshold-mark").style.left = `${(result.threshold * 100).toFixed(2)}%`;
+    item.querySelector(".fill").style.width = `${(score * 100).toFixed(2)}%`;
+    item.querySelector(".threshold-mark").style.left = "50%";
     item.querySelector(".meter-text").textContent =
-      `P(pneumonia) ${formatProbability(p, result.threshold)} · ` +
+      `Score ${score.toFixed(2)} (threshold at 0.50) · ` +
+      `P(pneumonia) ${formatProbability(p, result.threshold)}, ` +
       `threshold ${formatThreshold(result.threshold)}`;
   }
 
