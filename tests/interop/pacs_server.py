@@ -9,10 +9,13 @@ import json
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import requests
@@ -94,3 +97,65 @@ def orthanc_server(folder: Path, timeout: float = 30.0) -> Iterator[str]:
             process.kill()
             process.wait()
         log.close()
+
+
+class _Proxy(BaseHTTPRequestHandler):
+    """Forwards every request to the PACS; answers 503 to the first ``lose`` POSTs after
+    forwarding them (the PACS stored them, the answer was lost: the worst case for a retry)."""
+
+    upstream = ""
+    lose: ClassVar[list[int]] = [0]
+    posts: ClassVar[list[int]] = [0]
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while (size := int(self.rfile.readline().strip() or b"0", 16)) > 0:
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            self.rfile.readline()
+            return b"".join(chunks)
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _forward(self) -> None:
+        body = self._body() if self.command in ("POST", "PUT") else None
+        skip = {"host", "content-length", "transfer-encoding", "connection"}
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+        answer = requests.request(
+            self.command, self.upstream + self.path, headers=headers, data=body, timeout=30
+        )
+        if self.command == "POST":
+            self.posts[0] += 1
+            if self.lose[0] > 0:
+                self.lose[0] -= 1
+                answer.status_code, content, kind = 503, b"lost", "text/plain"
+            else:
+                content, kind = answer.content, answer.headers.get("Content-Type", "")
+        else:
+            content, kind = answer.content, answer.headers.get("Content-Type", "")
+        self.send_response(answer.status_code)
+        if kind:
+            self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(content)))
+        self.end_headers()
+        self.wfile.write(content)
+
+    do_GET = do_POST = do_PUT = do_DELETE = _forward
+
+
+@contextmanager
+def lossy_proxy(upstream: str, lose: int) -> Iterator[tuple[str, list[int]]]:
+    """A proxy to ``upstream`` that loses the answers of the first ``lose`` POSTs; yields its
+    base URL and the count of POSTs it forwarded."""
+    handler = type("Proxy", (_Proxy,), {"upstream": upstream, "lose": [lose], "posts": [0]})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler.posts
+    finally:
+        server.shutdown()
+        server.server_close()

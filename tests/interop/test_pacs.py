@@ -24,6 +24,7 @@ from pacs_server import (
     PASSWORD,
     USER,
     free_port,
+    lossy_proxy,
     needs_dicom_tools,
     needs_orthanc,
     orthanc_server,
@@ -260,3 +261,19 @@ def test_heatmaps_are_stored_as_overlays_not_for_diagnosis(
     assert overlay.pixel_array.ndim == 3
     again = run_pacs(pacs, "--once", "--heatmaps")
     assert "0 SRs stored" in again.output
+
+
+def test_a_lost_answer_is_retried_and_nothing_is_stored_twice(
+    pacs: Pacs, first_run: Run, tmp_path: Path
+) -> None:
+    new = [i for i in make_studies(tmp_path / "new") if i.path.name == "dx-chest.dcm"]
+    pacs.client.store_instances([pydicom.dcmread(i.path) for i in new])
+    before = pacs.count()
+    with lossy_proxy(pacs.base, lose=1) as (proxy, posts):
+        url = f"{proxy}/dicom-web"
+        result = runner.invoke(app, ["pacs", "--url", url, "--once", "--retries", "3"], env=ENV)
+    assert result.exit_code == 0, result.output
+    assert "HTTP 503" in result.output and "retrying in 1.0 s" in result.output
+    assert posts == [2]  # the STOW-RS request, sent twice
+    assert "1 SRs stored (1 scored" in result.output
+    assert pacs.count() == before + 1  # stored once

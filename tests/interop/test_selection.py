@@ -31,6 +31,7 @@ def test_frontal_chest_radiographs_pass(values: dict[str, str]) -> None:
         ({"BodyPartExamined": "HAND"}, "BodyPartExamined is HAND"),
         ({"ViewPosition": "LL"}, "ViewPosition is LL"),
         ({"Modality": "CT"}, "Modality is CT"),
+        ({"PresentationIntentType": "FOR PROCESSING"}, "PresentationIntentType is FOR PROC"),
         ({"Modality": ""}, "Modality is empty"),
     ],
 )

@@ -46,6 +46,8 @@ RULES: tuple[Rule, ...] = (
     Rule("Modality", MODALITIES, "projection radiographs", allow_empty=False),
     Rule("BodyPartExamined", CHEST_BODY_PARTS, "chest images"),
     Rule("ViewPosition", FRONTAL_VIEWS, "frontal views"),
+    # A "for processing" image holds raw detector values, not the picture a radiologist reads.
+    Rule("PresentationIntentType", ("FOR PRESENTATION",), "images meant for display"),
 )
 
 
