@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from pneumoscan.cli import app
@@ -253,3 +254,33 @@ def test_calibration_reading_follows_the_table_on_the_page() -> None:
     assert "No image scored in 1 of the 3 bins" in text
     agreeing = _bins([(40, 0.05, 0.0, 0.1), (30, 0.85, 0.7, 0.95)])
     assert "can be read as a frequency" in calibration_reading(agreeing)
+
+
+def test_a_site_calibrated_model_on_its_own_sample_says_so(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    # evaluate and report showed a calibrated model's in-sample figures (0.969 / 0.922) as if
+    # they were what a new image would get, and the card did not mention the calibration.
+    from pneumoscan.evaluate.scoring import evaluate
+    from pneumoscan.train.site import calibrate_to_site
+
+    site = tmp_path / "site.keras"
+    result = calibrate_to_site(
+        trained_run, FIXTURES, site, target_sensitivity=0.9, refit_head=False, export=False
+    )
+    metrics = evaluate(FIXTURES, model=site, n_resamples=100)
+    found = metrics["calibration_sample"]
+    assert found["overlap"] == found["n"] == metrics["n"]
+    assert found["expected"]["sensitivity"] == result["cross_validated"]["sensitivity"]
+    page = build_report(tmp_path / "r.html", FIXTURES, model=site, n_resamples=100)
+    text = page.path.read_text()
+    assert 'id="calibration-sample"' in text and "in-sample" in text
+    assert "site calibration" in text and "expected on new images" in text
+    # The same model on images it was not calibrated on carries no such warning.
+    other = tmp_path / "other"
+    for label in ("NORMAL", "PNEUMONIA"):
+        (other / label).mkdir(parents=True)
+        for path in sorted(FIXTURES.glob(f"{label}/*.jpeg"))[:3]:
+            flipped = Image.open(path).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            flipped.save(other / label / path.name)
+    assert evaluate(other, model=site, n_resamples=100)["calibration_sample"] is None

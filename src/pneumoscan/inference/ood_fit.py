@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from pneumoscan.constants import OOD_MEMBER
+from pneumoscan.constants import CLASSES, OOD_MEMBER, POSITIVE_INDEX
 from pneumoscan.data.dataset import scan_dataset
 from pneumoscan.data.pipeline import iter_decoded
 from pneumoscan.data.preprocess import DecodedImage, DecodeFailure
@@ -32,6 +32,8 @@ from pneumoscan.inference.ood import (
 )
 from pneumoscan.inference.predict import expand_inputs, predict_files
 from pneumoscan.inference.scorer import Scorer
+from pneumoscan.models.efficientnet_lite import TOP_ACTIVATION
+from pneumoscan.models.head_prior import sample_head_prior, write_head_prior
 from pneumoscan.models.modelfile import load_model, now_utc, write_member, write_metadata
 from pneumoscan.progress import Reporter
 
@@ -186,6 +188,13 @@ def fit_ood(
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(loaded.path, out)
     write_member(out, OOD_MEMBER, detector.to_npz())
+    if extracted.features is not None and layers == [TOP_ACTIVATION]:
+        # The detector's features are the final layer's input: a sample of them is what
+        # `calibrate` refits that layer with at a site that has no access to our training data.
+        labels = table["label"].to_numpy()[extracted.kept] == CLASSES[POSITIVE_INDEX]
+        prior = sample_head_prior(extracted.features, labels.astype(int))
+        write_head_prior(out, prior)
+        ood["head_prior"] = {"n_images": len(prior.labels), "features": prior.features.shape[1]}
     ood["checks"] = {}
     for folder in checks:
         found = check_folder(loaded, detector, folder, batch_size)
