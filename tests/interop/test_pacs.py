@@ -34,7 +34,8 @@ from typer.testing import CliRunner
 
 import pneumoscan
 from pneumoscan.cli import app
-from pneumoscan.interop.pacs import PASSWORD_ENV, USER_ENV, pacs_session
+from pneumoscan.inference.backends import open_model
+from pneumoscan.interop.pacs import PASSWORD_ENV, USER_ENV, PacsRunner, pacs_session
 from pneumoscan.interop.sr import PNEUMONIA, read_sr
 
 pytestmark = needs_orthanc
@@ -59,10 +60,11 @@ class Pacs:
         answer = requests.get(f"{self.base}/statistics", auth=(USER, PASSWORD), timeout=10)
         return int(answer.json()["CountInstances"])
 
-    def results(self) -> dict[str, pydicom.Dataset]:
-        """Every SR in the PACS, by the SOP Instance UID of the image it reports on."""
+    def results(self, *studies: str) -> dict[str, pydicom.Dataset]:
+        """Every SR in the PACS (in the uploaded studies, or ``studies``), by the SOP Instance
+        UID of the image it reports on."""
         found: dict[str, pydicom.Dataset] = {}
-        for study in sorted({i.study_uid for i in self.instances}):
+        for study in studies or sorted({i.study_uid for i in self.instances}):
             for item in self.client.search_for_instances(study, search_filters={"Modality": "SR"}):
                 series = item["0020000E"]["Value"][0]
                 sop = item["00080018"]["Value"][0]
@@ -277,3 +279,24 @@ def test_a_lost_answer_is_retried_and_nothing_is_stored_twice(
     assert posts == [2]  # the STOW-RS request, sent twice
     assert "1 SRs stored (1 scored" in result.output
     assert pacs.count() == before + 1  # stored once
+
+
+def test_an_instance_that_does_not_parse_gets_an_sr_from_its_metadata(
+    pacs: Pacs, first_run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    new = next(i for i in make_studies(tmp_path / "new") if i.path.name == "dx-m2.dcm")
+    pacs.client.store_instances([pydicom.dcmread(new.path)])
+    client = DICOMwebClient(url=pacs.url, session=pacs_session(environ=ENV))
+    retrieve = client.retrieve_instance
+
+    def broken(study: str, series: str, sop: str, **options: object) -> pydicom.Dataset:
+        if sop == new.sop_uid:
+            raise ValueError("multipart message ends early")
+        return retrieve(study, series, sop, **options)
+
+    monkeypatch.setattr(client, "retrieve_instance", broken)
+    outcome = PacsRunner(client, open_model(None, "auto")[0]).process_study(new.study_uid)
+    assert outcome.written == 1
+    stored = read_sr(pacs.results(new.study_uid)[new.sop_uid])
+    assert stored.status == "error" and stored.probability is None
+    assert "cannot be parsed (multipart message ends early)" in (stored.reason or "")

@@ -431,7 +431,8 @@ class PacsRunner:
             f"WADO-RS metadata of instance {sop_uid}",
             lambda: self.client.retrieve_instance_metadata(study_uid, series_uid, sop_uid),
         )
-        return Dataset.from_json(found)
+        # Bulk data (the pixels) is left out: the header is all an SR needs.
+        return Dataset.from_json({tag: v for tag, v in found.items() if "BulkDataURI" not in v})
 
     def score(self, datasets: Sequence[Dataset]) -> list[ImageResult]:
         """Results for retrieved instances, in order: refused by the selection rules, or
