@@ -267,13 +267,8 @@ def describe_model(engine: Engine, limits: UploadLimits) -> ModelInfo:
             "max_files": limits.max_files,
         },
         model_card=card,
-        metadata=_jsonable(model.metadata),
+        metadata=jsonable(model.metadata),
     )
-
-
-def _jsonable(value: Any) -> Any:
-
-    return jsonable(value)
 
 
 def _docs_assets() -> Path | None:
