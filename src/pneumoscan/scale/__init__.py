@@ -1,0 +1,1 @@
+"""Scoring past one process: ``pneumoscan predict --engine ray`` (the ``ray`` extra)."""
