@@ -216,6 +216,24 @@ def test_fit_ood_cli_writes_a_model_that_refuses_text(tmp_path: Path) -> None:
     ood = read_metadata(out)["ood"]
     assert ood["fitted_on"]["n_images"] == 48 and ood["retention"] == 0.98
     assert ood["checks"][str(FIXTURES / "NORMAL")]["n"] == 24
+    # The same pass stores the final layer's training inputs for `calibrate`'s head refit: a
+    # hospital refits with them, never with our training data.
+    from pneumoscan.data.pipeline import decode_all
+    from pneumoscan.data.preprocess import to_model_input
+    from pneumoscan.models.head_prior import read_head_prior
+    from pneumoscan.models.modelfile import load_model
+    from pneumoscan.train.adapt import pooled_features
+
+    prior = read_head_prior(out)
+    assert prior is not None and len(prior.labels) == 48 and prior.labels.sum() == 24
+    assert ood["head_prior"] == {"n_images": 48, "features": prior.features.shape[1]}
+    loaded = load_model(out)
+    paths = sorted(str(p) for p in FIXTURES.glob("*/*.jpeg"))
+    pixels, _, _ = decode_all(paths, loaded.preprocess)
+    head_inputs = pooled_features(loaded.network, [to_model_input(pixels)])
+    # Each stored row is the head input of one fixture image (float16 storage).
+    distances = np.abs(prior.features[:, None, :] - head_inputs[None]).max(axis=2)
+    assert np.all(distances.min(axis=1) < 1e-2)
     text = tmp_path / "text.png"
     Image.fromarray(next(nonxray.text_images())[1]).save(text)
     report = tmp_path / "pred.json"
