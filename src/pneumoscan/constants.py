@@ -31,9 +31,9 @@ DEFAULT_TARGET_SENSITIVITY = 0.97
 #: the refit delivered about 0.965 on held-out patients of the site sample (cross-validated;
 #: MODEL_CARD.md), against 0.94 for the old margin-free 0.97 target.
 DEFAULT_SITE_TARGET_SENSITIVITY = 0.95
-#: One-sided confidence with which a site threshold's sensitivity must reach its target on the
-#: site's labelled sample (``pneumoscan calibrate``). Chosen by repeated patient-grouped
-#: cross-validation on the site sample (benchmarks/site_protocol.py; MODEL_CARD.md).
+#: One-sided confidence of a site threshold's sensitivity bound when none is given to the
+#: cross-validation helpers. ``pneumoscan calibrate`` itself chooses it per sample, by the
+#: split check of ``pneumoscan.train.promise`` (MODEL_CARD.md).
 DEFAULT_CONFIDENCE = 0.8
 #: Training images (a seeded sample) beside the site's in the head refit of ``calibrate``.
 DEFAULT_HEAD_TRAIN_IMAGES = 2000
