@@ -34,7 +34,7 @@ from typer.testing import CliRunner
 
 import pneumoscan
 from pneumoscan.cli import app
-from pneumoscan.inference.backends import open_model
+from pneumoscan.inference.predictor import Predictor
 from pneumoscan.interop.pacs import PASSWORD_ENV, USER_ENV, PacsRunner, pacs_session
 from pneumoscan.interop.sr import PNEUMONIA, read_sr
 
@@ -295,7 +295,7 @@ def test_an_instance_that_does_not_parse_gets_an_sr_from_its_metadata(
         return retrieve(study, series, sop, **options)
 
     monkeypatch.setattr(client, "retrieve_instance", broken)
-    outcome = PacsRunner(client, open_model(None, "auto")[0]).process_study(new.study_uid)
+    outcome = PacsRunner(client, Predictor.open()).process_study(new.study_uid)
     assert outcome.written == 1
     stored = read_sr(pacs.results(new.study_uid)[new.sop_uid])
     assert stored.status == "error" and stored.probability is None

@@ -1,4 +1,5 @@
-"""SR and FHIR writers fed with predict's own rows for DICOM files."""
+"""SR and FHIR writers fed with the Predictor's predictions (and predict's rows) for DICOM
+files: two more results writers."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 from studies import Instance, make_studies, xray
 
-import pneumoscan
-from pneumoscan.inference.backends import open_model
+from pneumoscan.inference.prediction import Prediction
+from pneumoscan.inference.predictor import Predictor
+from pneumoscan.inference.writers import ResultWriter
 from pneumoscan.interop.records import ReportedModel
 from pneumoscan.interop.sr import read_sr
 from pneumoscan.interop.writers import FhirWriter, SrWriter
@@ -20,41 +22,54 @@ from pneumoscan.interop.writers import FhirWriter, SrWriter
 @pytest.fixture(scope="module")
 def scored(
     tmp_path_factory: pytest.TempPathFactory,
-) -> tuple[list[Instance], list[dict], ReportedModel]:
+) -> tuple[list[Instance], list[Prediction], ReportedModel]:
     made = make_studies(tmp_path_factory.mktemp("studies"))
-    model = pneumoscan.load()
+    predictor = Predictor.open()
     inputs = [str(i.path) for i in made] + [str(xray("NORMAL", 0))]  # a JPEG: no study
-    rows = model.predict(inputs).to_dict("records")
-    return made, rows, ReportedModel.of(open_model(None, "auto")[0])
+    predictions = list(predictor.predict_files(inputs))
+    return made, predictions, ReportedModel.of(predictor)
 
 
 def test_sr_writer_writes_one_sr_per_dicom_input(
-    scored: tuple[list[Instance], list[dict], ReportedModel], tmp_path: Path
+    scored: tuple[list[Instance], list[Prediction], ReportedModel], tmp_path: Path
 ) -> None:
     made, rows, model = scored
-    writer = SrWriter(tmp_path / "sr", model)
+    writer: ResultWriter = SrWriter(tmp_path / "sr", model)
     for row in rows:
         writer.write(row)
     writer.close()
-    assert len(writer.written) == len(made) and writer.skipped == [rows[-1]["path"]]
+    assert isinstance(writer, SrWriter)
+    assert len(writer.written) == len(made) and writer.skipped == [rows[-1].path]
     for instance, row, path in zip(made, rows, writer.written, strict=False):
         result = read_sr(pydicom.dcmread(path))
-        if row["status"] == "ok":
-            assert result.probability == pytest.approx(row["probability"], abs=1e-6)
+        # predict applies no DICOM header rules (pacs does): the hand image is scored here.
+        assert result.status == row.status
+        if row.status == "ok":
+            assert result.probability == row.probability
         else:
             assert result.probability is None and result.reason
         assert pydicom.dcmread(path).StudyInstanceUID == instance.study_uid
 
 
 def test_fhir_writer_writes_one_bundle_per_study(
-    scored: tuple[list[Instance], list[dict], ReportedModel], tmp_path: Path
+    scored: tuple[list[Instance], list[Prediction], ReportedModel], tmp_path: Path
 ) -> None:
     made, rows, model = scored
-    writer = FhirWriter(tmp_path / "fhir.ndjson", model)
+    writer: ResultWriter = FhirWriter(tmp_path / "fhir.ndjson", model)
     for row in rows:
         writer.write(row)
     writer.close()
+    assert isinstance(writer, FhirWriter) and writer.skipped == [rows[-1].path]
     lines = writer.path.read_text(encoding="utf-8").splitlines()
     assert len(lines) == len({i.study_uid for i in made})
     for line in lines:
         Bundle.model_validate(json.loads(line))
+
+
+def test_writers_take_predict_rows_too(
+    scored: tuple[list[Instance], list[Prediction], ReportedModel], tmp_path: Path
+) -> None:
+    _, rows, model = scored
+    writer = SrWriter(tmp_path / "sr", model)
+    writer.write(rows[0].as_row())
+    assert read_sr(pydicom.dcmread(writer.written[0])).probability == rows[0].probability

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from datetime import date, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -19,19 +19,6 @@ def _since(value: str | None) -> date | None:
         return datetime.strptime(value, "%Y-%m-%d").date()
     except ValueError:
         _fail(f"--since {value!r}: give a date as YYYY-MM-DD")
-
-
-def _keras_network(model: Path | None) -> Any:
-    """The Keras network for Grad-CAM: of ``model`` (a ``.keras`` file or run folder) or of the
-    shipped model; it never scores."""
-    from pneumoscan.models.modelfile import load_model, resolve_model_path  # lazy: CLI start-up
-
-    if model is not None and model.suffix.lower() == ".onnx":
-        _fail(
-            "--heatmaps needs the Keras model: give --model MODEL.keras (it scores on its ONNX "
-            "export when one is saved beside it)"
-        )
-    return load_model(resolve_model_path(model)).network
 
 
 def pacs(
@@ -89,7 +76,7 @@ def pacs(
         )
     except ImportError as exc:
         _fail(f"{exc}; install the PACS support with `pip install 'pneumoscan[pacs]'`")
-    from pneumoscan.inference.backends import open_model  # lazy: loads SciPy
+    from pneumoscan.inference.predictor import Predictor  # lazy: loads SciPy
 
     if once and poll is not None:
         _fail("give --once or --poll SECONDS, not both")
@@ -99,17 +86,21 @@ def pacs(
         _fail("--retries needs at least 1")
     start_date = _since(since)
     client = connect(url, credentials)
-    loaded, _, note = open_model(model, backend)
-    if note:
-        stderr.print(note, highlight=False)
-    overlays = GradcamOverlays(_keras_network(model)) if heatmaps else None
+    predictor = Predictor.open(model, backend)
+    if predictor.note:
+        stderr.print(predictor.note, highlight=False)
+    if heatmaps and not predictor.has_network:
+        _fail(
+            f"--heatmaps needs the Keras model {predictor.name} was exported from: put "
+            "MODEL.keras beside it, or give --model MODEL.keras"
+        )
     runner = PacsRunner(
         client,
-        loaded,
+        predictor,
         retry=RetryPolicy(attempts=retries),
         report=lambda line: stderr.print(line, highlight=False, soft_wrap=True),
         fhir_out=fhir,
-        overlays=overlays,
+        overlays=GradcamOverlays(predictor) if heatmaps else None,
     )
     while True:
         started = time.perf_counter()
@@ -127,7 +118,7 @@ def pacs(
                 f"{len(summary.studies)} studies with radiographs; {summary.written} SRs "
                 f"stored ({summary.count('ok')} scored, {summary.count('rejected')} refused, "
                 f"{summary.count('error')} unreadable) in {seconds:.1f} s "
-                f"({loaded.name})",
+                f"({predictor.name}, {predictor.backend})",
                 highlight=False,
                 soft_wrap=True,
             )

@@ -25,12 +25,13 @@ import io
 import json
 import os
 import stat
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import pydicom
@@ -40,18 +41,11 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from requests.adapters import HTTPAdapter
 
-from pneumoscan.constants import CLASSES
 from pneumoscan.data.preprocess import DecodedImage, try_decode_image
 from pneumoscan.errors import InvalidInputError, PneumoscanError
-from pneumoscan.inference.explain import gradcam, overlay_png
-from pneumoscan.inference.ood import OodDetector
-from pneumoscan.inference.predict import (
-    display_at_original_aspect,
-    load_detector,
-    make_scorer,
-    predict_decoded,
-)
-from pneumoscan.inference.scorer import AnyModel, Scorer
+from pneumoscan.inference.predict import write_heatmaps
+from pneumoscan.inference.prediction import Prediction
+from pneumoscan.inference.predictor import Predictor
 from pneumoscan.interop.fhir import study_bundle
 from pneumoscan.interop.overlay import build_overlay_sc
 from pneumoscan.interop.records import ImageResult, ReportedModel
@@ -70,45 +64,37 @@ TIMEOUT = (10.0, 120.0)
 #: Retrieve instances as stored (no transcoding by the PACS).
 ANY_TRANSFER_SYNTAX = (("application/dicom", "*"),)
 
-if TYPE_CHECKING:
-    import keras
-
 T = TypeVar("T")
 
 
-#: Makes one picture (``(H, W, 3)`` uint8, or ``None``) per decoded image from its result.
-OverlayMaker = Callable[[Sequence[DecodedImage], Sequence[ImageResult]], list[np.ndarray | None]]
+#: Makes one picture (``(H, W, 3)`` uint8, or ``None``) per decoded image from its prediction.
+OverlayMaker = Callable[[Sequence[DecodedImage], Sequence[Prediction]], list[np.ndarray | None]]
 
 
 class GradcamOverlays:
-    """Grad-CAM overlays of scored images, on the Keras network of the scoring model's
-    ``.keras`` file (it never scores: the probabilities stay those of the scoring backend).
-
-    Each map shows the evidence for the image's own decision, as ``predict --heatmaps`` does.
+    """Grad-CAM overlays of scored images, drawn exactly as ``predict --heatmaps`` draws them
+    (:func:`pneumoscan.inference.predict.write_heatmaps`: the evidence for each image's own
+    decision, the score read against the operating point in the title), on the predictor's
+    Keras network, loaded on first use; it never scores.
     """
 
-    def __init__(self, network: keras.Model) -> None:
-        self.network = network
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
 
     def __call__(
-        self, decoded: Sequence[DecodedImage], results: Sequence[ImageResult]
+        self, decoded: Sequence[DecodedImage], predictions: Sequence[Prediction]
     ) -> list[np.ndarray | None]:
-        pictures: list[np.ndarray | None] = [None] * len(decoded)
-        chosen = [i for i, result in enumerate(results) if result.scored]
-        if not chosen:
-            return pictures
-        classes = [CLASSES.index(results[i].decision or CLASSES[0]) for i in chosen]
-        pixels = np.stack([decoded[i].pixels for i in chosen])
-        maps = gradcam(self.network, pixels, class_index=classes)
-        for heatmap, i in zip(maps, chosen, strict=True):
-            result = results[i]
-            title = (
-                f"P(pneumonia) {result.probability:.3f}, threshold {result.threshold:.3f}: "
-                f"{result.decision}\ncolour: evidence for {result.decision}"
-            )
-            png = overlay_png(display_at_original_aspect(decoded[i]), heatmap, title)
-            pictures[i] = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-        return pictures
+        if not any(p.status == "ok" for p in predictions):
+            return [None] * len(decoded)
+        with tempfile.TemporaryDirectory(prefix="pneumoscan-overlays-") as folder:
+            drawn = write_heatmaps(
+                self.predictor.network, decoded, predictions,
+                [p.path for p in predictions], Path(folder),
+            )  # fmt: skip
+            return [
+                np.asarray(Image.open(p.heatmap).convert("RGB")) if p.heatmap else None
+                for p in drawn
+            ]
 
 
 class PacsError(PneumoscanError):
@@ -293,7 +279,7 @@ class PacsRunner:
     Args:
         client: The DICOMweb client (its own retrying is turned off: :class:`RetryPolicy`
             retries here, and says so).
-        model: The model, opened once (:func:`pneumoscan.inference.backends.open_model`).
+        predictor: The model, opened once (:meth:`Predictor.open`), as ``predict`` opens it.
         retry: Backoff for a PACS that is down or answers 5xx.
         report: Where progress and retry messages go (one line each).
         fhir_out: A JSON lines file to which each study's FHIR bundle is appended.
@@ -305,7 +291,7 @@ class PacsRunner:
     def __init__(
         self,
         client: DICOMwebClient,
-        model: AnyModel,
+        predictor: Predictor,
         *,
         retry: RetryPolicy | None = None,
         report: Callable[[str], None] = lambda message: None,
@@ -315,15 +301,13 @@ class PacsRunner:
     ) -> None:
         self.client = client
         client.set_http_retry_params(retry=False)
-        self.model = model
-        self.identity = ReportedModel.of(model)
+        self.predictor = predictor
+        self.identity = ReportedModel.of(predictor)
         self.retry = retry or RetryPolicy()
         self.report = report
         self.fhir_out = fhir_out
         self.ood_check = ood_check
         self.overlays = overlays
-        self.detector: OodDetector | None = load_detector(model) if ood_check else None
-        self.scorer: Scorer = make_scorer(model, self.detector, ood_check)
 
     def _call(self, what: str, call: Callable[[], T]) -> T:
         return with_retry(call, what, self.retry, self.report)
@@ -441,8 +425,9 @@ class PacsRunner:
 
     def _score(
         self, datasets: Sequence[Dataset]
-    ) -> tuple[list[ImageResult], dict[int, DecodedImage]]:
-        """:meth:`score`, and the decoded image of each scored position (for overlays)."""
+    ) -> tuple[list[ImageResult], dict[int, tuple[DecodedImage, Prediction]]]:
+        """:meth:`score`, and the decoded image and prediction of each position that went
+        through the model (for overlays)."""
         results: list[ImageResult | None] = [None] * len(datasets)
         decoded: dict[int, DecodedImage] = {}
         for index, ds in enumerate(datasets):
@@ -451,19 +436,23 @@ class PacsRunner:
                 results[index] = ImageResult.refused(reason)
                 continue
             name = f"instance {ds.SOPInstanceUID}"
-            item = try_decode_image(_file_bytes(ds), self.model.preprocess, name=name)
+            preprocess = self.predictor.model.preprocess
+            item = try_decode_image(_file_bytes(ds), preprocess, name=name)
             if isinstance(item, DecodedImage):
                 decoded[index] = item
             else:
                 results[index] = ImageResult.refused(item.message, "error")
+        scored: dict[int, tuple[DecodedImage, Prediction]] = {}
         if decoded:
-            rows = predict_decoded(
-                self.scorer, list(decoded.values()), self.detector, self.ood_check
+            names = [f"instance {datasets[i].SOPInstanceUID}" for i in decoded]
+            predictions = self.predictor.predict_decoded(
+                list(decoded.values()), names, ood_check=self.ood_check
             )
-            for index, row in zip(decoded, rows, strict=True):
-                results[index] = ImageResult.from_prediction(row)
+            for index, prediction in zip(decoded, predictions, strict=True):
+                results[index] = ImageResult.from_prediction(prediction)
+                scored[index] = (decoded[index], prediction)
         final = [r if r is not None else ImageResult.refused("not scored") for r in results]
-        return final, decoded
+        return final, scored
 
     def process_study(self, study_uid: str) -> StudyOutcome:
         """Score the study's instances that have no SR yet and store their SRs (one STOW-RS
@@ -494,7 +483,8 @@ class PacsRunner:
         ]
         if self.overlays is not None and decoded:
             positions = [readable[j] for j in decoded]
-            pictures = self.overlays(list(decoded.values()), [results[i] for i in positions])
+            pairs = list(decoded.values())
+            pictures = self.overlays([d for d, _ in pairs], [p for _, p in pairs])
             for i, picture in zip(positions, pictures, strict=True):
                 if picture is not None:
                     number = done + len(reports) + 1

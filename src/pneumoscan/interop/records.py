@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pneumoscan.constants import VERSION
-from pneumoscan.inference.predict import model_sha256
-from pneumoscan.inference.scorer import AnyModel
+from pneumoscan.inference.prediction import Prediction
+from pneumoscan.inference.predictor import Predictor
 
 #: Organisation root under which pneumoscan derives its DICOM UIDs (pydicom's own root:
 #: UIDs made from a hash of what they name, so the same result always gets the same UID).
@@ -38,15 +38,17 @@ class ReportedModel:
     arch: str | None = None
 
     @classmethod
-    def of(cls, model: AnyModel) -> ReportedModel:
-        """The identity of an opened model: file name, SHA-256, operating point."""
-        point = model.operating_point
+    def of(cls, predictor: Predictor) -> ReportedModel:
+        """The identity of an opened model (:attr:`Predictor.identity`), with its threshold's
+        rule and architecture."""
+        identity = predictor.identity
         return cls(
-            name=model.name,
-            sha256=model_sha256(model) or "unknown",
-            threshold=point.threshold,
-            threshold_rule=point.threshold_rule,
-            arch=model.arch,
+            name=identity.name,
+            sha256=identity.model_sha256 or "unknown",
+            threshold=identity.threshold,
+            threshold_rule=predictor.model.operating_point.threshold_rule,
+            version=identity.pneumoscan_version,
+            arch=predictor.model.arch,
         )
 
 
@@ -93,14 +95,12 @@ class ImageResult:
         )
 
     @classmethod
-    def from_prediction(cls, prediction: object) -> ImageResult:
-        """The result in what the scoring path returns: a typed prediction record (with
-        ``as_row()``) or a results row (a mapping)."""
-        as_row = getattr(prediction, "as_row", None)
-        row = as_row() if callable(as_row) else prediction
-        if not isinstance(row, Mapping):
-            raise TypeError(f"not a prediction: {type(prediction).__name__}")
-        return cls.from_row(row)
+    def from_prediction(cls, prediction: Prediction | Mapping[str, Any]) -> ImageResult:
+        """The result in a :class:`~pneumoscan.inference.prediction.Prediction`, or in a
+        results row (a mapping)."""
+        return cls.from_row(
+            prediction.as_row() if isinstance(prediction, Prediction) else prediction
+        )
 
     @classmethod
     def refused(cls, reason: str, status: str = "rejected") -> ImageResult:

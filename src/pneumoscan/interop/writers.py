@@ -1,11 +1,12 @@
 """Results writers for DICOM inputs: a DICOM SR file per image, a FHIR bundle per study.
 
-Both have the shape of the scoring path's results writers (``path``, ``write(prediction)``,
-``close(complete=True)``), so ``predict`` can hand them its predictions as it hands them to the
-CSV or JSON lines writer. A prediction may be the typed record (with ``as_row()``) or a results
-row (a mapping); its ``path`` must name the DICOM file it came from, whose header supplies the
-patient, study and instance. Inputs that are not DICOM files have no study to report to: they
-are listed in ``skipped``, not written.
+Both are :class:`pneumoscan.inference.writers.ResultWriter` s (``path``,
+``write(prediction)``, ``close(complete=True)``), so ``predict`` can hand them its predictions
+as it hands them to the CSV or JSON lines writer. A prediction may be the typed
+:class:`~pneumoscan.inference.prediction.Prediction` or a results row (a mapping); its ``path``
+must name the DICOM file it came from, whose header supplies the patient, study and instance.
+Inputs that are not DICOM files have no study to report to: they are listed in ``skipped``,
+not written.
 """
 
 from __future__ import annotations
@@ -13,24 +14,24 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from pneumoscan.inference.prediction import Prediction
 from pneumoscan.interop.fhir import study_bundle
 from pneumoscan.interop.records import ImageResult, ReportedModel
 from pneumoscan.interop.sr import build_sr
 from pneumoscan.jsonio import atomic_write
 
+if TYPE_CHECKING:
+    from pneumoscan.inference.writers import ResultWriter
 
-def _row(prediction: object) -> Mapping[str, Any]:
-    as_row = getattr(prediction, "as_row", None)
-    row = as_row() if callable(as_row) else prediction
-    if not isinstance(row, Mapping):
-        raise TypeError(f"not a prediction: {type(prediction).__name__}")
-    return row
+
+def _row(prediction: Prediction | Mapping[str, Any]) -> Mapping[str, Any]:
+    return prediction.as_row() if isinstance(prediction, Prediction) else prediction
 
 
 def dicom_header(path: str | Path) -> Dataset | None:
@@ -60,7 +61,7 @@ class SrWriter:
         self.written: list[Path] = []
         self.skipped: list[str] = []
 
-    def write(self, prediction: object) -> None:
+    def write(self, prediction: Prediction | Mapping[str, Any]) -> None:
         """Write the SR of one prediction (skipped when its input is not DICOM)."""
         row = _row(prediction)
         source = dicom_header(str(row.get("path", "")))
@@ -92,7 +93,7 @@ class FhirWriter:
         self.studies: dict[str, list[tuple[ImageResult, Dataset]]] = {}
         self.skipped: list[str] = []
 
-    def write(self, prediction: object) -> None:
+    def write(self, prediction: Prediction | Mapping[str, Any]) -> None:
         """Keep one prediction for its study's bundle (skipped when its input is not DICOM)."""
         row = _row(prediction)
         source = dicom_header(str(row.get("path", "")))
@@ -108,3 +109,10 @@ class FhirWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(self.path) as partial:
             partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+if TYPE_CHECKING:
+
+    def _results_writers(sr: SrWriter, fhir: FhirWriter) -> tuple[ResultWriter, ResultWriter]:
+        """Checked by mypy: both writers are results writers."""
+        return sr, fhir
