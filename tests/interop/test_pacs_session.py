@@ -26,6 +26,10 @@ def test_bearer_token_from_the_environment_wins() -> None:
     assert session.headers["Authorization"] == "Bearer abc" and session.auth is None
 
 
+def test_no_compression_is_asked_for() -> None:
+    assert pacs_session(environ={}).headers["Accept-Encoding"] == "identity"
+
+
 def test_basic_credentials_from_the_environment() -> None:
     assert pacs_session(environ={USER_ENV: "u", PASSWORD_ENV: "p"}).auth == ("u", "p")
     assert pacs_session(environ={}).auth is None

@@ -221,6 +221,10 @@ def pacs_session(
     user = values.get("username") or env.get(USER_ENV)
     password = values.get("password") or env.get(PASSWORD_ENV)
     session = requests.Session()
+    # Pixel data gains little from gzip, and a PACS that compresses it on the fly spends more
+    # than the transfer saves: 8 full-size studies from Orthanc took 12.0 s with it, 3.3 s
+    # without (on a busy 2-core machine).
+    session.headers["Accept-Encoding"] = "identity"
     adapter = _TimeoutAdapter()
     session.mount("http://", adapter)
     session.mount("https://", adapter)
