@@ -6,6 +6,7 @@ the tests that need it skip with the reason when Ray is not installed (the ``ray
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
+from pneumoscan.cli import app
 from pneumoscan.data.dicom import write_dicom
 from pneumoscan.errors import InvalidInputError
 from pneumoscan.inference import writers
@@ -71,6 +74,8 @@ def _local_rows(inputs: list[str]) -> list[dict[str, Any]]:
 
 
 def _assert_same_rows(ray_rows: list[dict[str, Any]], local_rows: list[dict[str, Any]]) -> None:
+    # Typed as predictions: a CSV file's empty cell and a Parquet null both mean none.
+    ray_rows = [Prediction.from_row(r).as_row() for r in ray_rows]
     assert [r["path"] for r in ray_rows] == [r["path"] for r in local_rows]
     assert len({r["path"] for r in ray_rows}) == len(ray_rows)  # exactly one row per input
     for ours, theirs in zip(ray_rows, local_rows, strict=True):
@@ -123,6 +128,28 @@ def test_resume_skips_what_is_done_and_keeps_one_row_each(
     assert len(after) == len({r["path"] for r in after}) == len(before) + len(extra)
     kept = {r["path"]: r["probability"] for r in before if r["status"] == "ok"}
     assert {r["path"]: r["probability"] for r in after if r["path"] in kept} == kept
+
+
+@needs_shared
+def test_cli_engine_ray(cluster: Any, tmp_path: Path) -> None:
+    folder = tmp_path / "xrays"
+    shutil.copytree(SITE_SAMPLE / "NORMAL", folder)
+    out = tmp_path / "results.csv"
+    result = CliRunner().invoke(
+        app, ["predict", str(folder), "--engine", "ray", "--actors", "1", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    rows = writers.read_results(out)
+    assert len(rows) == len(list(folder.iterdir())) and "on ray" in result.output
+    _assert_same_rows(rows, _local_rows([str(folder)]))
+
+
+def test_cli_engine_ray_refuses_what_it_cannot_do(tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["predict", str(tmp_path), "--engine", "ray"])
+    assert result.exit_code == 2 and "--engine ray needs --out" in result.output
+    result = runner.invoke(app, ["predict", str(tmp_path), "--engine", "spark"])
+    assert result.exit_code == 2 and "unknown --engine" in result.output
 
 
 def test_manifest_is_read_in_order_with_its_problems(tmp_path: Path) -> None:

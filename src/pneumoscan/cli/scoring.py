@@ -18,6 +18,7 @@ from pneumoscan.cli.common import (
     stderr,
     stdout,
 )
+from pneumoscan.cli.scaling import check_engine, predict_on_ray
 from pneumoscan.constants import (
     DEFAULT_CALIBRATION_IMAGES,
     DEFAULT_SEED,
@@ -93,6 +94,24 @@ def predict(
             "keep input order."
         ),
     ] = "probability",
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="local (this process), or ray: Ray Data on a Ray cluster (the ray extra; "
+            "needs --out; a .parquet or .csv source with a 'path' column is a manifest)."
+        ),
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="--engine ray: the cluster to join (auto, HOST:6379, ray://HOST:10001; "
+            "default: RAY_ADDRESS, else a new local one)."
+        ),
+    ] = None,
+    actors: Annotated[
+        int | None,
+        typer.Option(help="--engine ray: scoring actors (default: one per cluster CPU)."),
+    ] = None,
 ) -> None:
     """P(pneumonia) and a decision per file; non-X-rays are rejected, bad files listed."""
     from pneumoscan.inference import writers  # lazy: loads SciPy
@@ -108,6 +127,14 @@ def predict(
     if resume and out is None:
         _fail("--resume needs --out FILE (the results file to continue)")
     check_batching(batch_size, workers)
+    check_engine(engine, out, json_out, heatmaps)
+    if engine == "ray" and out is not None:
+        predict_on_ray(
+            inputs, out, model=model, backend=backend, onnx=onnx, address=address,
+            actors=actors, batch_size=batch_size, ood_check=ood_check, workers=workers,
+            resume=resume, overwrite=overwrite,
+        )  # fmt: skip
+        return
     targets = [(out, writers.WRITERS, resume), (json_out, (".json",), False)]
     for target, allowed, resuming in targets:
         if target is not None:

@@ -302,7 +302,8 @@ def stream_predictions(
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # rows come back in input order
         context.enable_progress_bars = False  # the driver shows its own, per image
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # Ray Data's execution log and its note that its bars are off, not the user's business.
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
         size = actors if actors is not None else cluster_cpus()
         dataset = ray.data.read_binary_files(
             [os.path.abspath(f) for f in files],
@@ -456,8 +457,10 @@ def predict_archive(
     predictor = choice.open()  # on the driver too: a bad model is one error before any job
     about = {"model": str(predictor.model.path), "model_info": predictor.describe()}
     started = time.perf_counter()
-    connected = connect(address)
-    used = actors if actors is not None else cluster_cpus()
+    # With nothing left to read (all done, or only problems) no cluster is needed.
+    to_read = any(isinstance(entry, str) for entry in entries)
+    connected = connect(address) if to_read else False
+    used = (actors if actors is not None else cluster_cpus()) if to_read else 0
     if on_start is not None:
         on_start(len(entries), predictor)
     writer = writers.open_writer(
