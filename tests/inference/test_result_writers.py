@@ -150,6 +150,8 @@ def test_json_after_resume_holds_every_row(tmp_path: Path) -> None:
     document = json.loads(report.read_text())
     assert [r["path"] for r in document["results"]] == samples
     assert document["complete"] is True
+    # The rows kept from the CSV are typed like the new ones (numbers, not their text).
+    assert all(isinstance(r["probability"], float) for r in document["results"])
     assert [r["path"] for r in read_results(out)] == samples
 
 
@@ -188,3 +190,14 @@ def test_odd_names_become_rows_in_every_writer(tmp_path: Path) -> None:
         app, ["predict", str(folder), "--out", str(tmp_path / "odd.csv"), "--resume"]
     )
     assert again.exit_code == 0 and "1 files already done" in _text(again.output)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_rows_read_back_as_the_predictions_written(tmp_path: Path, suffix: str) -> None:
+    out = tmp_path / f"r{suffix}"
+    written = _predictions()[:3]
+    writer = open_writer(out)
+    for prediction in written:
+        writer.write(prediction)
+    writer.close()
+    assert [Prediction.from_row(row) for row in read_results(out)] == written

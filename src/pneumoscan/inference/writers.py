@@ -51,9 +51,11 @@ Row = dict[str, Any]
 
 
 def _row(prediction: Prediction | Mapping[str, Any]) -> Row:
+    """A prediction's row, or an earlier run's row with typed cells (a CSV's text read back:
+    numbers as numbers, empty cells as none), so every writer holds one type per column."""
     if isinstance(prediction, Prediction):
         return prediction.as_row()
-    return {key: prediction.get(key) for key in RESULT_FIELDS}
+    return {key: _typed_cell(key, prediction.get(key)) for key in RESULT_FIELDS}
 
 
 class _LineWriter:
@@ -145,7 +147,7 @@ class ParquetWriter(_WholeFileWriter):
             {"pneumoscan": json.dumps(jsonable(self.about | {"complete": complete}))}
         )
         columns = {
-            name: [_parquet_value(name, row.get(name)) for row in self.rows]
+            name: [_typed_cell(name, row.get(name)) for row in self.rows]
             for name in RESULT_FIELDS
         }
         table = pa.table(columns, schema=schema)
@@ -165,7 +167,7 @@ def parquet_schema() -> Any:
     return pa.schema([(name, kind(name)) for name in RESULT_FIELDS])
 
 
-def _parquet_value(name: str, value: Any) -> Any:
+def _typed_cell(name: str, value: Any) -> Any:
     if value is None or value == "":
         return None
     if name in _FLOAT_COLUMNS:
