@@ -48,6 +48,7 @@ def test_sr_copies_patient_and_study_and_records_the_model(source: pydicom.Datas
     assert f"model SHA-256 {MODEL.sha256}" in texts
     assert f"threshold rule: {MODEL.threshold_rule}" in texts
     assert "pneumoscan model.int8.onnx" in texts
+    assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99PNEUMOSCAN"
 
 
 def _texts(ds: pydicom.Dataset) -> list[str]:

@@ -188,7 +188,7 @@ def build_sr(
         imaging_measurements=[_measurement_group(result, source, model)],
     )
     series_uid, sop_uid = sr_uids(source, model)
-    return hd.sr.ComprehensiveSR(
+    document = hd.sr.ComprehensiveSR(
         evidence=[evidence_header(source)],
         content=report,
         series_instance_uid=series_uid,
@@ -203,6 +203,13 @@ def build_sr(
         is_final=False,
         is_verified=False,
     )
+    # The local coding scheme is declared, so a reader knows whose codes these are.
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator = CODING_SCHEME
+    scheme.CodingSchemeName = "pneumoscan result concepts"
+    scheme.CodingSchemeResponsibleOrganization = "pneumoscan developers"
+    document.CodingSchemeIdentificationSequence = [scheme]
+    return document
 
 
 def read_sr(ds: Dataset) -> ImageResult:
