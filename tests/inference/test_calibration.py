@@ -11,8 +11,8 @@ from pneumoscan.inference.calibration import (
     fit_temperature_and_bias,
     probability_to_logit,
     sensitivity_lower_bound,
-    threshold_for_sensitivity,
     threshold_between_scores,
+    threshold_for_sensitivity,
     threshold_with_confidence,
 )
 from pneumoscan.metrics import binary_metrics, expected_calibration_error

@@ -113,12 +113,13 @@ def threshold_for_sensitivity(y_true: np.ndarray, p_pneumonia: np.ndarray, targe
     return threshold_between_scores(p_pneumonia, positives[may_miss])
 
 
-def sensitivity_lower_bound(caught: int, positives: int, confidence: float) -> float:
+def sensitivity_lower_bound(caught: float, positives: int, confidence: float) -> float:
     """One-sided lower confidence bound of a sensitivity ``caught / positives`` (Wilson score
     interval, closed form: the same figure as SciPy's ``binomtest(...).proportion_ci`` with
     ``method="wilson"``, without its cost inside the many-split checks).
 
-    ``confidence`` 0.5 gives the observed proportion itself.
+    ``confidence`` 0.5 gives the observed proportion itself. ``caught`` may be fractional (an
+    expected count, as when sizing a sample).
     """
     rate = caught / positives
     if confidence <= 0.5:
