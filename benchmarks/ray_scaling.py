@@ -16,10 +16,12 @@ actor count. For each it prints:
   opening the model, the pipeline filling),
 - the steady rate (over the second half of the rows), and that rate per actor,
 - the per-image overhead against local predict: ``1/steady - 1/local`` in milliseconds,
-- the cost of 1 million images at the steady per-actor rate, in actor-hours.
-
-Local predict and the actors share the same cores; on a machine running other work the
-figures move with its load (the 1-minute load average is printed beside each).
+- the cost of 1 million images at the steady per-actor rate, in actor-hours,
+- CPU seconds per image: this process and every process it started (the local Ray cluster:
+  its actors, read tasks, raylet and GCS), read from ``/proc``. On a machine shared with other
+  work this is the figure to compare: wall-clock rates there depend on how many runnable
+  threads each side has against the others' (the 1-minute load average is printed beside
+  each).
 """
 
 from __future__ import annotations
@@ -37,24 +39,58 @@ from pneumoscan.inference.predictor import Predictor
 from pneumoscan.scale.ray_engine import predict_archive
 
 MILLION = 1_000_000
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def local_rate(files: list[str]) -> float:
-    """Images/s of local predict over ``files`` (model opened outside the timing)."""
+def cpu_seconds() -> dict[int, float]:
+    """User and system CPU seconds of this process and each of its descendants now alive."""
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # gone meanwhile
+        fields = text[text.rindex(")") + 2 :].split()  # after the command name
+        pid = int(stat.parent.name)
+        parents[pid] = int(fields[1])
+        used[pid] = (int(fields[11]) + int(fields[12])) / _TICKS
+    mine = {os.getpid()}
+    grew = True
+    while grew:
+        found = {pid for pid, parent in parents.items() if parent in mine} - mine
+        mine |= found
+        grew = bool(found)
+    return {pid: used[pid] for pid in mine if pid in used}
+
+
+def cpu_spent(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent between two :func:`cpu_seconds` readings by the processes alive at
+    the second (a process that ended in between is not counted: Ray keeps its workers)."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+
+
+def local_rate(files: list[str]) -> tuple[float, float]:
+    """Images/s and CPU seconds per image of local predict over ``files`` (model opened
+    outside the timing)."""
     predictor = Predictor.open()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     count = sum(1 for _ in predictor.predict_files(files))
-    return count / (time.perf_counter() - started)
+    return count / (time.perf_counter() - started), cpu_spent(cpu, cpu_seconds()) / count
 
 
 def ray_run(files: list[str], actors: int, out: Path) -> dict[str, float]:
     """End-to-end, start-up and steady figures of one Ray run over ``files``."""
     arrivals: list[float] = []
+    cpu = [cpu_seconds()]
+
+    def arrived(_: object) -> None:
+        arrivals.append(time.perf_counter())
+        if len(arrivals) == len(files):  # the actors are still alive: count their CPU
+            cpu.append(cpu_seconds())
+
     started = time.perf_counter()
-    predict_archive(
-        files, out, actors=actors, overwrite=True,
-        on_result=lambda _: arrivals.append(time.perf_counter()),
-    )  # fmt: skip
+    predict_archive(files, out, actors=actors, overwrite=True, on_result=arrived)
     ended = time.perf_counter()
     # Rows come back in input order while actors work ahead of it, so the first rows arrive
     # in a burst: the steady rate is that of the second half of the rows.
@@ -65,6 +101,7 @@ def ray_run(files: list[str], actors: int, out: Path) -> dict[str, float]:
         "startup": (ended - started) - len(arrivals) / steady,
         "steady": steady,
         "per_actor": steady / actors,
+        "cpu_per_image": cpu_spent(cpu[0], cpu[-1]) / len(arrivals),
     }
 
 
@@ -86,8 +123,11 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="pneumoscan-ray-")) / "results.parquet"
     for round_ in range(1, args.rounds + 1):
         load = os.getloadavg()[0]
-        local = local_rate(files)
-        print(f"round {round_} local predict: {local:6.1f} images/s (load {load:.1f})")
+        local, local_cpu = local_rate(files)
+        print(
+            f"round {round_} local predict: {local:6.1f} images/s, "
+            f"{1000 * local_cpu:.2f} CPU ms/image (load {load:.1f})"
+        )
         for actors in args.actors:
             load = os.getloadavg()[0]
             figures = ray_run(files, actors, out)
@@ -98,7 +138,10 @@ def main() -> None:
                 f"{figures['end_to_end']:6.1f} images/s end to end, "
                 f"start-up {figures['startup']:.1f} s, steady {figures['steady']:6.1f} images/s "
                 f"({figures['per_actor']:.1f} per actor); overhead {overhead_ms:+.2f} ms/image "
-                f"against local; 1M images = {actor_hours:.1f} actor-hours (load {load:.1f})"
+                f"against local; 1M images = {actor_hours:.1f} actor-hours; "
+                f"{1000 * figures['cpu_per_image']:.2f} CPU ms/image "
+                f"({1000 * (figures['cpu_per_image'] - local_cpu):+.2f} against local) "
+                f"(load {load:.1f})"
             )
     ray.shutdown()
 
