@@ -6,6 +6,7 @@ the tests that need it skip with the reason when Ray is not installed (the ``ray
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import sys
 from pathlib import Path
@@ -36,12 +37,18 @@ TRAINING_IMAGES = 90
 
 @pytest.fixture(scope="module")
 def cluster() -> Any:
-    """A local two-CPU Ray cluster for the module."""
+    """A local two-CPU Ray cluster for the module, with token authentication on and its
+    token in the environment (a new local cluster would otherwise save one in ~/.ray)."""
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'pneumoscan[ray]')")
     pytest.importorskip("ray.data", reason="Ray Data is not installed (the ray extra)")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("RAY_AUTH_MODE", raising=False)  # a new local cluster: token mode
+        env.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+        env.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+        env.delenv("RAY_ADDRESS", raising=False)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        yield ray
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -114,16 +121,16 @@ def test_resume_skips_what_is_done_and_keeps_one_row_each(
     cluster: Any, archive: dict[str, Any], tmp_path: Path
 ) -> None:
     out = tmp_path / "results.parquet"
-    first = archive["sources"][1:]  # the manifest and the bad files
-    predict_archive(first, out)
+    first = [str(archive["root"] / "bad"), *map(str, sorted(SITE_SAMPLE.glob("*/*.jpeg"))[:8])]
+    predict_archive(first, out, actors=1)
     before = writers.read_results(out)
     with pytest.raises(FileExistsError):
         predict_archive(first, out)  # neither --resume nor --overwrite
-    extra = sorted(SITE_SAMPLE.glob("NORMAL/*.jpeg"))[:5]
-    run = predict_archive([*first, *map(str, extra)], out, resume=True)
+    extra = sorted(SITE_SAMPLE.glob("NORMAL/*.jpeg"))[-3:]
+    run = predict_archive([*first, *map(str, extra)], out, actors=1, resume=True)
     after = writers.read_results(out)
     errors = sum(r["status"] == "error" for r in before)
-    assert run.done_before == len(before) - errors
+    assert errors == 3 and run.done_before == len(before) - errors
     assert run.scored == errors + len(extra)  # errors are retried, new files scored
     assert len(after) == len({r["path"] for r in after}) == len(before) + len(extra)
     kept = {r["path"]: r["probability"] for r in before if r["status"] == "ok"}
