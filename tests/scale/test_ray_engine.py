@@ -10,6 +10,7 @@ import secrets
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -157,6 +158,20 @@ def test_cli_engine_ray_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--engine ray needs --out" in result.output
     result = runner.invoke(app, ["predict", str(tmp_path), "--engine", "spark"])
     assert result.exit_code == 2 and "unknown --engine" in result.output
+
+
+def test_cli_says_when_the_ray_job_fails(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def broken(*args: Any, on_start: Any, on_result: Any, **options: Any) -> None:
+        on_start(3, SimpleNamespace(note=None))
+        on_result(None)
+        raise RuntimeError("actor died\n(traceback lines)")
+
+    monkeypatch.setattr(ray_engine, "predict_archive", broken)
+    out = tmp_path / "r.parquet"
+    result = CliRunner().invoke(app, ["predict", str(tmp_path), "--engine", "ray", "-o", str(out)])
+    assert result.exit_code == 1
+    assert "the Ray job failed after 1 inputs: RuntimeError: actor died;" in result.output
+    assert "--resume" in result.output and "traceback lines" not in result.output
 
 
 def test_manifest_is_read_in_order_with_its_problems(tmp_path: Path) -> None:

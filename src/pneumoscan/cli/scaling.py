@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumoscan.cli.common import _fail, stderr, stdout
+from pneumoscan.errors import PneumoscanError
 from pneumoscan.progress import Reporter
 
 #: Engines ``predict --engine`` takes.
@@ -49,19 +50,33 @@ def predict_on_ray(
     from pneumoscan.scale.ray_engine import predict_archive  # lazy: SciPy, and Ray on use
 
     advance: list[Callable[[int], None]] = []
+    written = [0]
+
+    def start(total: int, predictor: Any) -> None:
+        if predictor.note:
+            stderr.print(predictor.note, highlight=False)
+        advance.append(bars.enter_context(Reporter(stderr).task("predicting on ray", total)))
+
+    def wrote(_: Any) -> None:
+        written[0] += 1
+        advance[0](1)
+
     with ExitStack() as bars:
-
-        def start(total: int, predictor: Any) -> None:
-            if predictor.note:
-                stderr.print(predictor.note, highlight=False)
-            advance.append(bars.enter_context(Reporter(stderr).task("predicting on ray", total)))
-
-        run = predict_archive(
-            inputs, out, model=model, backend=backend, onnx=onnx, address=address,
-            actors=actors, batch_size=batch_size, ood_check=ood_check, workers=workers,
-            resume=resume, overwrite=overwrite, on_start=start,
-            on_result=lambda _: advance[0](1),
-        )  # fmt: skip
+        try:
+            run = predict_archive(
+                inputs, out, model=model, backend=backend, onnx=onnx, address=address,
+                actors=actors, batch_size=batch_size, ood_check=ood_check, workers=workers,
+                resume=resume, overwrite=overwrite, on_start=start, on_result=wrote,
+            )  # fmt: skip
+        except PneumoscanError:
+            raise  # one error line, as for every command
+        except Exception as exc:  # the cluster or an actor failed: say so, keep the rows
+            first = (str(exc).strip().splitlines() or [""])[0]
+            _fail(
+                f"the Ray job failed after {written[0]} inputs: {type(exc).__name__}: {first}; "
+                f"the rows so far are in {out} (continue with --resume --out {out})",
+                code=1,
+            )
     counts = run.counts
     stdout.print(
         f"{counts['ok']} ok, {counts['rejected']} rejected (not a frontal chest X-ray), "
