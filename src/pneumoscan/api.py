@@ -557,15 +557,13 @@ def evaluate(
     Raises:
         DatasetError: The folder holds no readable labelled image.
     """
-    from pneumoscan.evaluate.scoring import (  # lazy: loads scikit-learn
-        image_scores,
-        score_images,
-        summarise,
-    )
+    # lazy: loads scikit-learn
+    from pneumoscan.evaluate.scoring import evaluate as run_evaluation
 
     chosen = model if isinstance(model, Model) else load(model)
-    scored = score_images(data, chosen.predictor.model, split, batch_size)
-    metrics = summarise(scored, n_resamples, seed) | {"scores": image_scores(scored)}
+    metrics = run_evaluation(
+        data, chosen.predictor, split, batch_size, n_resamples=n_resamples, seed=seed
+    )
     # The CLI's --json leaves out the printed text report; so does this.
     result: dict[str, Any] = jsonable({k: v for k, v in metrics.items() if k != "report"})
     return result

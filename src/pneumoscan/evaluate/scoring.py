@@ -210,7 +210,7 @@ def flag_calibration_sample(
 
 def evaluate(
     data: str | Path,
-    model: str | Path | None = None,
+    model: str | Path | Predictor | None = None,
     split: str = "test",
     batch_size: int = 32,
     plot_path: str | Path | None = None,
@@ -225,7 +225,8 @@ def evaluate(
         model: Model file, run folder or ``.onnx`` export; the shipped model when ``None``.
             It is opened as ``pneumoscan predict`` opens it (:meth:`Predictor.open
             <pneumoscan.inference.predictor.Predictor.open>`): the figures are those of the
-            file that scores (the shipped model's int8 export by default).
+            file that scores (the shipped model's int8 export by default). An open
+            :class:`~pneumoscan.inference.predictor.Predictor` is used as it is (the API).
         split: Split to evaluate for a dataset root.
         batch_size: Images decoded and scored at a time (memory does not grow with ``n``).
         plot_path: Where to write the confusion-matrix heatmap (skipped when ``None``).
@@ -242,7 +243,7 @@ def evaluate(
     Raises:
         DatasetError: No readable labelled image is left.
     """
-    loaded = Predictor.open(model).model
+    loaded = (model if isinstance(model, Predictor) else Predictor.open(model)).model
     scored = score_images(data, loaded, split, batch_size, reporter)
     metrics = summarise(scored, n_resamples, seed) | {"scores": image_scores(scored)}
     metrics["calibration_sample"] = flag_calibration_sample(loaded.metadata, scored, reporter)
