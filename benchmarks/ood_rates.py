@@ -75,10 +75,10 @@ def main() -> None:
     for name, folder in (("training X-rays", args.train), ("site_sample X-rays", args.site)):
         files, _ = expand_inputs([folder])
         results, seconds = run(args.model, files)
-        rejected = [r for r in results if r["status"] == "rejected"]
+        rejected = [r for r in results if r.status == "rejected"]
         rate = len(rejected) / max(len(results), 1)
         print(f"{name}: {len(rejected)} of {len(results)} rejected ({rate:.2%}), {seconds:.0f} s")
-        reasons = Counter(str(r["reason"]).split(" (")[0] for r in rejected)
+        reasons = Counter(str(r.reason).split(" (")[0] for r in rejected)
         for reason, count in reasons.most_common():
             print(f"    {count:4d}  {reason}")
         figures[name] = {"n": len(results), "rejected": len(rejected), "rate": rate}
@@ -90,7 +90,7 @@ def main() -> None:
         results, seconds = run(args.model, sorted(kinds))
     by_kind: dict[str, Counter[str]] = {}
     for result in results:
-        by_kind.setdefault(kinds[str(result["path"])], Counter())[str(result["status"])] += 1
+        by_kind.setdefault(kinds[str(result.path)], Counter())[str(result.status)] += 1
     total = sum(sum(c.values()) for c in by_kind.values())
     caught = sum(c["rejected"] for c in by_kind.values())
     print(f"non-X-rays: {caught} of {total} rejected ({caught / total:.2%}), {seconds:.0f} s")
@@ -98,10 +98,10 @@ def main() -> None:
         n = sum(counts.values())
         print(f"    {kind:12s} {counts['rejected']:4d} of {n:4d} rejected   {dict(counts)}")
     # Reasons without their numbers, e.g. "aspect ratio N (width/height)...".
-    reasons = Counter(re.sub(r"[\d.]+", "N", str(r.get("reason", ""))[:40]) for r in results)
+    reasons = Counter(re.sub(r"[\d.]+", "N", str(r.reason or "")[:40]) for r in results)
     for reason, count in reasons.most_common():
         print(f"    {count:4d}  {reason}")
-    missed = [r["path"] for r in results if r["status"] != "rejected"]
+    missed = [r.path for r in results if r.status != "rejected"]
     if missed:
         print("accepted non-X-rays:", ", ".join(Path(str(p)).name for p in missed))
     figures["non-X-rays"] = {
