@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -64,34 +65,48 @@ def cpu_seconds() -> dict[int, float]:
     return {pid: used[pid] for pid in mine if pid in used}
 
 
-def cpu_spent(before: dict[int, float], after: dict[int, float]) -> float:
-    """CPU seconds spent between two :func:`cpu_seconds` readings by the processes alive at
-    the second (a process that ended in between is not counted: Ray keeps its workers)."""
-    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+class CpuTracker:
+    """CPU seconds spent by this process and its descendants while it runs: ``/proc`` is read
+    every half second on a thread, so a Ray worker that ends before the run does (an actor
+    shut down with its operator, an idle worker reaped) still counts up to its last reading."""
+
+    def __init__(self) -> None:
+        self.first = cpu_seconds()
+        self.last = dict(self.first)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.5):
+            self.last.update(cpu_seconds())
+
+    def spent(self) -> float:
+        """Stop watching; the CPU seconds spent since the tracker started."""
+        self._done.set()
+        self._thread.join()
+        self.last.update(cpu_seconds())
+        return sum(seconds - self.first.get(pid, 0.0) for pid, seconds in self.last.items())
 
 
 def local_rate(files: list[str]) -> tuple[float, float]:
     """Images/s and CPU seconds per image of local predict over ``files`` (model opened
     outside the timing)."""
     predictor = Predictor.open()
-    started, cpu = time.perf_counter(), cpu_seconds()
+    started, cpu = time.perf_counter(), CpuTracker()
     count = sum(1 for _ in predictor.predict_files(files))
-    return count / (time.perf_counter() - started), cpu_spent(cpu, cpu_seconds()) / count
+    return count / (time.perf_counter() - started), cpu.spent() / count
 
 
 def ray_run(files: list[str], actors: int, out: Path) -> dict[str, float]:
     """End-to-end, start-up and steady figures of one Ray run over ``files``."""
     arrivals: list[float] = []
-    cpu = [cpu_seconds()]
-
-    def arrived(_: object) -> None:
-        arrivals.append(time.perf_counter())
-        if len(arrivals) == len(files):  # the actors are still alive: count their CPU
-            cpu.append(cpu_seconds())
-
-    started = time.perf_counter()
-    predict_archive(files, out, actors=actors, overwrite=True, on_result=arrived)
-    ended = time.perf_counter()
+    started, cpu = time.perf_counter(), CpuTracker()
+    predict_archive(
+        files, out, actors=actors, overwrite=True,
+        on_result=lambda _: arrivals.append(time.perf_counter()),
+    )  # fmt: skip
+    ended, spent = time.perf_counter(), cpu.spent()
     # Rows come back in input order while actors work ahead of it, so the first rows arrive
     # in a burst: the steady rate is that of the second half of the rows.
     half = len(arrivals) // 2
@@ -101,7 +116,7 @@ def ray_run(files: list[str], actors: int, out: Path) -> dict[str, float]:
         "startup": (ended - started) - len(arrivals) / steady,
         "steady": steady,
         "per_actor": steady / actors,
-        "cpu_per_image": cpu_spent(cpu[0], cpu[-1]) / len(arrivals),
+        "cpu_per_image": spent / len(arrivals),
     }
 
 
