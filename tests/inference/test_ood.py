@@ -257,3 +257,25 @@ def test_fast_grey_paths_give_the_reference_values() -> None:
     # Colour images keep their value whatever else is in the batch.
     for k in (2, 4):
         assert spread[k] == pytest.approx(colour_spread(batch[k : k + 1])[0]) and spread[k] > 10
+
+
+def test_the_detector_scores_on_one_blas_thread_and_gets_the_same_scores() -> None:
+    from threadpoolctl import threadpool_info
+
+    from pneumoscan.inference.ood import PPCA, one_blas_thread
+
+    rng = np.random.default_rng(0)
+    ppca = PPCA(
+        mean=rng.normal(size=1280), scale=rng.uniform(0.5, 2, 1280),
+        components=np.linalg.qr(rng.normal(size=(1280, 32)))[0].T,
+        variances=rng.uniform(1, 5, 32), noise_variance=0.1,
+    )  # fmt: skip
+    features = rng.normal(size=(32, 1280))
+    with one_blas_thread():
+        assert {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"} <= {1}
+    z = (features - ppca.mean) / ppca.scale
+    projected = np.einsum("ij,kj->ik", z, ppca.components)  # no BLAS at all
+    inside = (projected**2 / ppca.variances).sum(axis=1)
+    outside = (z**2).sum(axis=1) - (projected**2).sum(axis=1)
+    expected = (inside + outside / ppca.noise_variance) / z.shape[1]
+    np.testing.assert_allclose(ppca.score(features), expected, rtol=1e-10)

@@ -23,12 +23,14 @@ Two layers, both working on decoded pixels (so one batch function serves every b
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from pneumoscan.constants import OOD_MEMBER
 from pneumoscan.data.preprocess import MAX_TINT_SPREAD, colour_spread
@@ -177,6 +179,19 @@ def appearance_features(pixels: np.ndarray) -> np.ndarray:
     return np.concatenate([layout, np.log(texture + 1e-3)], axis=1).astype(np.float64)
 
 
+@functools.cache
+def _blas() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def one_blas_thread() -> Any:
+    """A context in which NumPy's BLAS uses one thread. The detector's products are small (a
+    batch of 32 by 1,280 features times 1,280 by 32 components): one OpenBLAS thread does one
+    in 0.06 ms, two took up to 78 ms while decoding threads and ONNX Runtime held the cores,
+    1.4 ms per image of predict's 8.5 (docs/scaling.md)."""
+    return _blas().limit(limits=1, user_api="blas")
+
+
 @dataclass
 class PPCA:
     """A probabilistic PCA model of standardised features; :meth:`score` is its Mahalanobis
@@ -191,7 +206,8 @@ class PPCA:
     def score(self, features: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance per row, divided by the dimension."""
         z = (np.asarray(features, np.float64) - self.mean) / self.scale
-        projected = z @ self.components.T
+        with one_blas_thread():
+            projected = z @ self.components.T
         inside = (projected**2 / self.variances).sum(axis=1)
         outside = np.maximum((z**2).sum(axis=1) - (projected**2).sum(axis=1), 0.0)
         return (inside + outside / self.noise_variance) / z.shape[1]
