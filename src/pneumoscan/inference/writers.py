@@ -229,9 +229,10 @@ def check_output(
             "whole at the end of a run"
         )
     if path.exists() and not (overwrite or resuming):
+        resume = "--resume to continue it, " if suffix in STREAMED else ""
         raise OutputExistsError(
-            f"{path} already exists: pass --resume to continue it, --overwrite to replace it, "
-            "or choose another file"
+            f"{path} already exists: pass {resume}--overwrite to replace it, or choose another "
+            "file"
         )
     return suffix
 
