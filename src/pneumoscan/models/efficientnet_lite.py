@@ -407,7 +407,9 @@ LITE0_RECIPE = Recipe(
     learning_rate=2e-4,
     loss="binary_crossentropy",
     batch_size=32,
-    epochs=4,
+    # 8, not 4: with frozen batch norm, fitting the source longer no longer hurts the new site;
+    # the held-back images scored 0.969 after 4 epochs, 0.973 after 8 (plateau from epoch 5).
+    epochs=8,
     class_weight="balanced",
     restore_best=True,
     # Black bands along the edges on both classes: the shortcut audit showed the frozen-BN
