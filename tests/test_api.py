@@ -33,6 +33,8 @@ from conftest import FIXTURES, REPO, SITE_SAMPLE, fixture_images
 COLUMNS = [
     "path", "status", "probability", "decision", "near_threshold", "op_score", "reason",
     "ood_score", "threshold", "model_sha256", "pneumoscan_version", "scored_at",
+    "study_instance_uid", "series_instance_uid", "sop_instance_uid", "accession_number",
+    "patient_id",
 ]  # fmt: skip
 
 

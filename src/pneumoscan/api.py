@@ -45,7 +45,7 @@ from pneumoscan.data.preprocess import DecodedImage, DecodeFailure, try_decode_i
 from pneumoscan.errors import ImageReadError, InvalidInputError
 from pneumoscan.inference.explain import gradcam, heatmap_title, overlay_png
 from pneumoscan.inference.predict import check_batching, display_at_original_aspect, list_inputs
-from pneumoscan.inference.prediction import Prediction
+from pneumoscan.inference.prediction import IDENTIFIER_FIELDS, Prediction
 from pneumoscan.inference.predictor import Predictor
 from pneumoscan.jsonio import atomic_write, jsonable
 from pneumoscan.models.modelfile import now_utc
@@ -75,6 +75,7 @@ COLUMNS = (
     "model_sha256",
     "pneumoscan_version",
     "scored_at",
+    *IDENTIFIER_FIELDS,
 )
 # Modes Pillow writes to PNG losslessly; other modes (F, CMYK, ...) go through TIFF.
 _PNG_MODES = frozenset({"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"})
@@ -316,7 +317,14 @@ class Model:
                     yield next(scored)
 
     def predict(
-        self, inputs: Inputs, *, batch_size: int = 32, ood_check: bool = True
+        self,
+        inputs: Inputs,
+        *,
+        batch_size: int = 32,
+        ood_check: bool = True,
+        anonymise: bool = False,
+        fhir: PathLike | None = None,
+        overwrite: bool = False,
     ) -> Predictions:
         """One row per input, in input order: the values ``pneumoscan predict`` writes.
 
@@ -326,6 +334,11 @@ class Model:
                 list of PIL images or arrays. Any size: images are resized like files.
             batch_size: Images decoded and scored at a time.
             ood_check: Reject images that do not look like frontal chest X-rays.
+            anonymise: Leave the DICOM identifiers out (their columns stay, empty).
+            fhir: Also write a FHIR R4 Bundle per study of the DICOM inputs to this
+                ``.ndjson`` file (as ``pneumoscan predict --fhir``; needs the ``pacs``
+                extra). Not with ``anonymise``: a FHIR report names its patient and study.
+            overwrite: Replace an existing ``fhir`` file.
 
         Returns:
             A :class:`pandas.DataFrame` (:class:`Predictions`) with columns ``path``
@@ -335,17 +348,39 @@ class Model:
             PNEUMONIA at :attr:`threshold`), ``near_threshold`` (close to the threshold:
             read with care), ``op_score`` (the score with the threshold at 0.5), ``reason``
             (why rejected or unreadable), ``ood_score`` (above 1 is rejected; NaN when not
-            computed), and the model's identity: ``threshold``, ``model_sha256``,
-            ``pneumoscan_version``, ``scored_at``.
+            computed), the model's identity: ``threshold``, ``model_sha256``,
+            ``pneumoscan_version``, ``scored_at``, and for a DICOM file its
+            ``study_instance_uid``, ``series_instance_uid``, ``sop_instance_uid``,
+            ``accession_number`` and ``patient_id`` (empty for other inputs and with
+            ``anonymise``). A DICOM file whose header is not a frontal chest radiograph's
+            (a hand, a lateral, a "for processing" image) is ``rejected`` with the reason.
             ``DataFrame.attrs`` holds ``model``, ``backend``, ``threshold`` and
             ``model_sha256``.
 
         Raises:
             TypeError: An input of an unsupported type (the message lists the accepted ones).
-            InvalidInputError: No inputs, a batch size below 1, or an array whose shape or
-                values are not an image (also a ``ValueError``).
+            InvalidInputError: No inputs, a batch size below 1, an array whose shape or
+                values are not an image (also a ``ValueError``), a ``fhir`` file not ending
+                in ``.ndjson``, or ``fhir`` with ``anonymise``.
+            OutputExistsError: The ``fhir`` file exists and not ``overwrite``.
         """
+        writer = None
+        if fhir is not None:
+            if anonymise:
+                raise InvalidInputError(
+                    "fhir and anonymise together: a FHIR report names its patient and study"
+                )
+            from pneumoscan.interop.records import ReportedModel  # lazy: the pacs extra
+            from pneumoscan.interop.writers import open_fhir_writer  # lazy: the pacs extra
+
+            writer = open_fhir_writer(fhir, ReportedModel.of(self.predictor), overwrite=overwrite)
         first, results = self._results(inputs, batch_size, ood_check)
+        if writer is not None:
+            for result in results:
+                writer.write(result)
+            writer.close()
+        if anonymise:
+            results = [result.anonymised() for result in results]
         rows = []
         for index, result in enumerate(results):
             row = result.as_row()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pydicom
 import pytest
 
-from pneumoscan.interop.selection import refusal
+from pneumoscan.data.selection import refusal
 
 
 def _header(**values: str) -> pydicom.Dataset:

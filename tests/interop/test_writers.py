@@ -42,7 +42,7 @@ def test_sr_writer_writes_one_sr_per_dicom_input(
     assert len(writer.written) == len(made) and writer.skipped == [rows[-1].path]
     for instance, row, path in zip(made, rows, writer.written, strict=False):
         result = read_sr(pydicom.dcmread(path))
-        # predict applies no DICOM header rules (pacs does): the hand image is scored here.
+        # predict applies the series rules of pacs: the hand image is rejected with a reason.
         assert result.status == row.status
         if row.status == "ok":
             assert result.probability == row.probability

@@ -58,7 +58,24 @@ def predict(
         ),
     ] = False,
     overwrite: Annotated[
-        bool, typer.Option(help="Replace existing --out and --json files.")
+        bool, typer.Option(help="Replace existing --out, --json and --fhir files.")
+    ] = False,
+    fhir: Annotated[
+        Path | None,
+        typer.Option(
+            "--fhir",
+            help="Also write a FHIR R4 Bundle per study of the DICOM inputs (DiagnosticReport, "
+            "Observations, the model's Device, the ImagingStudy) to this .ndjson file at the "
+            "end (the pacs extra).",
+        ),
+    ] = None,
+    anonymise: Annotated[
+        bool,
+        typer.Option(
+            "--anonymise",
+            help="Leave DICOM identifiers (study, series and SOP instance UIDs, accession "
+            "number, patient id) out of the results.",
+        ),
     ] = False,
     heatmaps: Annotated[
         Path | None,
@@ -128,6 +145,14 @@ def predict(
         _fail("--resume needs --out FILE (the results file to continue)")
     check_batching(batch_size, workers)
     check_engine(engine, out, json_out, heatmaps)
+    if engine != "local" and (fhir is not None or anonymise):
+        _fail("--fhir and --anonymise work with --engine local")
+    if fhir is not None:
+        if anonymise:
+            _fail("--fhir with --anonymise: a FHIR report names its patient and study")
+        from pneumoscan.interop.writers import check_fhir_output  # lazy: the pacs extra
+
+        check_fhir_output(fhir, overwrite=overwrite)
     if engine == "ray" and out is not None:
         predict_on_ray(
             inputs, out, model=model, backend=backend, onnx=onnx, address=address,
@@ -165,6 +190,11 @@ def predict(
         for target, allowed, resuming in targets
         if target is not None
     ]  # fmt: skip
+    if fhir is not None:
+        from pneumoscan.interop.records import ReportedModel  # lazy: the pacs extra
+        from pneumoscan.interop.writers import open_fhir_writer  # lazy: the pacs extra
+
+        opened.append(open_fhir_writer(fhir, ReportedModel.of(predictor), overwrite=overwrite))
     stream = predictor.predict_entries(
         entries, batch_size, ood_check=ood_check, heatmaps=heatmaps, workers=workers
     )
@@ -174,6 +204,8 @@ def predict(
     try:
         with Reporter(stderr).task("predicting", total=len(entries)) as advance:
             for result in stream:
+                if anonymise:
+                    result = result.anonymised()
                 results.append(result)
                 for writer in opened:
                     writer.write(result)
@@ -183,6 +215,12 @@ def predict(
     finally:
         for writer in opened:
             writer.close(complete=failure is None)
+    not_dicom = [name for writer in opened for name in getattr(writer, "skipped", [])]
+    if fhir is not None and not_dicom:
+        stderr.print(
+            f"{len(not_dicom)} inputs are not DICOM files with a study: not in {fhir}",
+            highlight=False,
+        )
     if failure is not None:
         _stop_after_model_failure(failure, results, json_out, out, len(entries))
     title = f"pneumoscan {predictor.name} (threshold {format_threshold(predictor.threshold)})"

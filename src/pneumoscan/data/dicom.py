@@ -16,6 +16,7 @@ import warnings
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ from pneumoscan.data.limits import (
     check_pixel_budget,
     max_file_bytes,
 )
+from pneumoscan.data.selection import refusal
 from pneumoscan.errors import ImageReadError, ImageTooLargeError
 
 if TYPE_CHECKING:
@@ -531,6 +533,57 @@ def _sop_class(ds: Dataset) -> str:
 def read_dicom(data: bytes, name: str = "<DICOM>") -> np.ndarray:
     """Decode DICOM file bytes to display-ready uint8 pixels (see :func:`dataset_to_uint8`)."""
     return dataset_to_uint8(read_dataset(data, name), name)
+
+
+#: The identifiers a result keeps of its DICOM source: (Prediction field, DICOM keyword).
+IDENTIFIERS = (
+    ("study_instance_uid", "StudyInstanceUID"),
+    ("series_instance_uid", "SeriesInstanceUID"),
+    ("sop_instance_uid", "SOPInstanceUID"),
+    ("accession_number", "AccessionNumber"),
+    ("patient_id", "PatientID"),
+)
+
+
+@dataclass(frozen=True)
+class DicomHeader:
+    """What a result needs of a DICOM file's header besides its pixels: the study, series and
+    instance UIDs, accession number and patient id (``None`` when absent or empty), and why
+    the series rules (:mod:`pneumoscan.data.selection`) refuse the image, if they do.
+    """
+
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
+    accession_number: str | None = None
+    patient_id: str | None = None
+    refusal: str | None = None
+
+    @classmethod
+    def of(cls, ds: Dataset, name: str = "<DICOM>") -> DicomHeader:
+        """The header of a data set; an identifier that cannot be read is left out."""
+        values: dict[str, str | None] = {}
+        for field, keyword in IDENTIFIERS:
+            try:
+                text = str(ds.get(keyword, "") or "").strip()
+            except _damage_types():
+                text = ""
+            values[field] = text or None
+        try:
+            refused = refusal(ds)
+        except _damage_types() as exc:
+            refused = f"not a frontal chest radiograph: header unreadable ({explain(exc)})"
+        return cls(**values, refusal=refused)
+
+    def identifiers(self) -> dict[str, str | None]:
+        """The identifiers by :class:`~pneumoscan.inference.prediction.Prediction` field."""
+        return {field: getattr(self, field) for field, _ in IDENTIFIERS}
+
+
+def read_dicom_with_header(data: bytes, name: str = "<DICOM>") -> tuple[np.ndarray, DicomHeader]:
+    """:func:`read_dicom` and the file's :class:`DicomHeader`, from one parse."""
+    ds = read_dataset(data, name)
+    return dataset_to_uint8(ds, name), DicomHeader.of(ds, name)
 
 
 def write_dicom(

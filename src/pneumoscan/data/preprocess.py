@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pneumoscan.constants import DEFAULT_IMAGE_SIZE
-from pneumoscan.data.dicom import explain
+from pneumoscan.data.dicom import DicomHeader, explain, read_dicom_with_header
 from pneumoscan.data.formats import SNIFF_BYTES, jpeg_scans, sniff_format
 from pneumoscan.data.limits import (
     MAX_JPEG_SCANS,
@@ -293,19 +293,27 @@ def _open_with_format(source: ImageSource, name: str) -> tuple[Image.Image, str]
     everything else (JPEG, PNG, TIFF, BMP, WebP...) by Pillow, which also sniffs content.
     Either way the declared size is checked before decoding (:mod:`pneumoscan.data.limits`).
     """
+    image, fmt, _ = _open_with_header(source, name)
+    return image, fmt
+
+
+def _open_with_header(
+    source: ImageSource, name: str
+) -> tuple[Image.Image, str, DicomHeader | None]:
+    """:func:`_open_with_format` and, for a DICOM file, its header (identifiers and the
+    series rules' verdict) from the same parse."""
     data = _read_bytes(source, name)
     fmt = sniff_format(data[:SNIFF_BYTES], name)
+    header = None
     if fmt == "DICOM":
-        # Deferred import: pydicom is only needed when a DICOM file arrives.
-        from pneumoscan.data.dicom import read_dicom
-
-        image = Image.fromarray(read_dicom(data, name))
+        pixels, header = read_dicom_with_header(data, name)
+        image = Image.fromarray(pixels)
     else:
         image = _open_pillow(data, name, fmt)
     # After decoding, so that a damaged small file gets the specific reason; decoding an
     # image this small costs nothing.
     check_min_side(name, image.width, image.height)
-    return image, fmt
+    return image, fmt, header
 
 
 def _high_bit_depth_to_8bit(image: Image.Image) -> Image.Image:
@@ -439,12 +447,15 @@ class DecodedImage:
             same array as ``pixels`` when the model uses none.
         original_size: ``(width, height)`` of the upright image before resizing.
         source_format: ``JPEG``, ``PNG``, ``TIFF``, ``DICOM``... as found from the content.
+        dicom: A DICOM file's identifiers and the series rules' verdict (``None`` for other
+            formats).
     """
 
     pixels: np.ndarray
     display: np.ndarray
     original_size: tuple[int, int]
     source_format: str
+    dicom: DicomHeader | None = None
 
 
 def decode_image(
@@ -472,7 +483,7 @@ def _decode_image(
     name = _describe(source, name)
     config = config or PreprocessConfig()
     height, width = config.image_size
-    image, source_format = _open_with_format(source, name)
+    image, source_format, header = _open_with_header(source, name)
     image = _upright_rgb(image, name)
     original_size = image.size
     if image.size != (width, height):
@@ -482,7 +493,7 @@ def _decode_image(
     if config.intensity == "equalize":
         # After resizing, so a full-resolution original and its 224x224 copy equalise alike.
         pixels = np.asarray(ImageOps.equalize(image.convert("L")).convert("RGB"), np.uint8)
-    return DecodedImage(pixels, display, original_size, source_format)
+    return DecodedImage(pixels, display, original_size, source_format, header)
 
 
 @dataclass(frozen=True)

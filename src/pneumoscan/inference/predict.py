@@ -15,7 +15,7 @@ import errno
 import hashlib
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -269,17 +269,54 @@ def predict_decoded(
     detector: OodDetector | None,
     ood_check: bool = True,
 ) -> list[Prediction]:
-    """:func:`predict_batch` on decoded images (their pixels, original sizes and displays)."""
+    """:func:`predict_batch` on decoded images (their pixels, original sizes and displays),
+    with the DICOM header's part (:func:`with_dicom_headers`)."""
+
+    def score(fit: Sequence[DecodedImage]) -> list[Prediction]:
+        return predict_batch(
+            scorer,
+            np.stack([d.pixels for d in fit]),
+            [d.original_size for d in fit],
+            detector,
+            ood_check,
+            np.stack([d.display for d in fit]),
+        )
+
+    return with_dicom_headers(decoded, score, scorer.model.threshold)
+
+
+def with_dicom_headers(
+    decoded: Sequence[DecodedImage],
+    score: Callable[[Sequence[DecodedImage]], list[Prediction]],
+    threshold: float,
+) -> list[Prediction]:
+    """Predictions for decoded images, in order, where DICOM headers have their say.
+
+    A DICOM image the series rules refuse (:mod:`pneumoscan.data.selection`: not DX or CR, a
+    body part other than the chest, a lateral view, a "for processing" image) is ``rejected``
+    with the rule's reason and never scored, whatever ``ood_check`` says (as ``pneumoscan
+    pacs`` refuses it); the others go to ``score`` in one batch. Every prediction of a DICOM
+    image carries its identifiers (study, series and SOP instance UIDs, accession number,
+    patient id).
+    """
     if not decoded:
         return []
-    return predict_batch(
-        scorer,
-        np.stack([d.pixels for d in decoded]),
-        [d.original_size for d in decoded],
-        detector,
-        ood_check,
-        np.stack([d.display for d in decoded]),
-    )
+    refused = [d.dicom is not None and d.dicom.refusal is not None for d in decoded]
+    fit = [d for d, no in zip(decoded, refused, strict=True) if not no]
+    scored = iter(score(fit) if fit else [])
+    results: list[Prediction] = []
+    for image, no in zip(decoded, refused, strict=True):
+        header = image.dicom
+        if header is not None and no:
+            result = Prediction(
+                path="", status="rejected", reason=header.refusal, threshold=threshold
+            )
+        else:
+            result = next(scored)
+        if header is not None:
+            result = result.replace(**header.identifiers())
+        results.append(result)
+    return results
 
 
 def heatmap_file(directory: Path, path: str) -> Path:

@@ -108,8 +108,9 @@ class Prediction:
     """The outcome for one input, in the order every results file has its columns.
 
     New fields must have a default (``None``): old results files then still read, and every
-    writer gains the column by itself. DICOM identifiers (study, series and SOP instance UIDs,
-    accession number, patient id) are meant to be added that way.
+    writer gains the column by itself. The DICOM identifiers (study, series and SOP instance
+    UIDs, accession number, patient id) were added that way; they are filled from the header
+    of a DICOM input on the one decode path and left empty for every other format.
 
     Attributes:
         path: The input: a file path, an upload's file name, or ``image N`` for an in-memory
@@ -129,6 +130,12 @@ class Prediction:
         model_sha256: SHA-256 of the model file that scored it.
         pneumoscan_version: The pneumoscan version that produced it.
         scored_at: When it was made (UTC, ISO 8601).
+        study_instance_uid: The DICOM input's Study Instance UID (DICOM inputs only, as
+            the other identifiers; none with ``anonymise``).
+        series_instance_uid: Its Series Instance UID.
+        sop_instance_uid: Its SOP Instance UID.
+        accession_number: Its Accession Number.
+        patient_id: Its Patient ID.
     """
 
     path: str
@@ -146,6 +153,11 @@ class Prediction:
     model_sha256: str | None = None
     pneumoscan_version: str = __version__
     scored_at: str | None = None
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
+    accession_number: str | None = None
+    patient_id: str | None = None
 
     @classmethod
     def scored(
@@ -183,6 +195,10 @@ class Prediction:
             scored_at=scored_at,
         )
 
+    def anonymised(self) -> Prediction:
+        """This prediction without its DICOM identifiers (:data:`IDENTIFIER_FIELDS`)."""
+        return self.replace(**dict.fromkeys(IDENTIFIER_FIELDS))
+
     def as_row(self) -> dict[str, Any]:
         """The fields as a plain dict in column order, the path made printable
         (:func:`printable_path`)."""
@@ -206,6 +222,16 @@ class Prediction:
         values.setdefault("status", "error")
         return cls(**values)
 
+
+#: The fields that identify a DICOM input's study, series, instance and patient; what
+#: ``anonymise`` drops.
+IDENTIFIER_FIELDS = (
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_instance_uid",
+    "accession_number",
+    "patient_id",
+)
 
 _FLOATS = frozenset({"probability", "op_score", "threshold", "ood_score"})
 

@@ -31,6 +31,7 @@ from pneumoscan.inference.predict import (
     model_identity,
     predict_batch,
     predict_files,
+    with_dicom_headers,
 )
 from pneumoscan.inference.prediction import ModelIdentity, Prediction
 from pneumoscan.inference.scorer import AnyModel, Scorer
@@ -172,16 +173,30 @@ class Predictor:
         *,
         ood_check: bool = True,
     ) -> list[Prediction]:
-        """:meth:`predict_batch` on decoded images (pixels, original sizes, displays)."""
+        """:meth:`predict_batch` on decoded images (pixels, original sizes, displays); a
+        DICOM image the series rules refuse is rejected unscored, and a DICOM image's
+        prediction carries its identifiers
+        (:func:`pneumoscan.inference.predict.with_dicom_headers`)."""
         if not decoded:
             return []
-        return self.predict_batch(
-            np.stack([d.pixels for d in decoded]),
-            [d.original_size for d in decoded],
-            np.stack([d.display for d in decoded]),
-            ood_check=ood_check,
-            names=names,
-        )
+
+        def score(fit: Sequence[DecodedImage]) -> list[Prediction]:
+            return predict_batch(
+                self.scorer(ood_check),
+                np.stack([d.pixels for d in fit]),
+                [d.original_size for d in fit],
+                self.detector if ood_check else None,
+                ood_check,
+                np.stack([d.display for d in fit]),
+            )
+
+        now = now_utc()
+        labels = list(names) if names is not None else [""] * len(decoded)
+        results = with_dicom_headers(decoded, score, self.threshold)
+        return [
+            result.replace(path=label).traced(self.identity, now)
+            for result, label in zip(results, labels, strict=True)
+        ]
 
     def predict_files(
         self,

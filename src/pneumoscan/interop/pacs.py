@@ -42,6 +42,7 @@ from pydicom.dataset import Dataset
 from requests.adapters import HTTPAdapter
 
 from pneumoscan.data.preprocess import DecodedImage, try_decode_image
+from pneumoscan.data.selection import MODALITIES, refusal
 from pneumoscan.errors import InvalidInputError, PneumoscanError
 from pneumoscan.inference.predict import write_heatmaps
 from pneumoscan.inference.prediction import Prediction
@@ -49,7 +50,6 @@ from pneumoscan.inference.predictor import Predictor
 from pneumoscan.interop.fhir import study_bundle
 from pneumoscan.interop.overlay import build_overlay_sc
 from pneumoscan.interop.records import ImageResult, ReportedModel
-from pneumoscan.interop.selection import MODALITIES, refusal
 from pneumoscan.interop.sr import build_sr, results_series_uid, sr_instance_uid
 
 #: Environment variables holding PACS credentials: a bearer token, or a user and password,

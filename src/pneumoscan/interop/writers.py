@@ -20,6 +20,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from pneumoscan.errors import InvalidInputError, OutputExistsError
 from pneumoscan.inference.prediction import Prediction
 from pneumoscan.interop.fhir import study_bundle
 from pneumoscan.interop.records import ImageResult, ReportedModel
@@ -109,6 +110,35 @@ class FhirWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(self.path) as partial:
             partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def open_fhir_writer(
+    path: str | Path, model: ReportedModel, *, overwrite: bool = False
+) -> FhirWriter:
+    """The :class:`FhirWriter` of ``predict --fhir`` (and the API's ``fhir=``), its file
+    checked (:func:`check_fhir_output`) before any work starts, as every results file is."""
+    check_fhir_output(path, overwrite=overwrite)
+    return FhirWriter(path, model)
+
+
+def check_fhir_output(path: str | Path, *, overwrite: bool = False) -> None:
+    """Check that a FHIR NDJSON file may be written.
+
+    Raises:
+        InvalidInputError: The file does not end in ``.ndjson``, or is a folder.
+        OutputExistsError: The file exists and not ``overwrite``.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".ndjson":
+        raise InvalidInputError(
+            f"{path}: a FHIR file must end in .ndjson (one R4 Bundle per study, one per line)"
+        )
+    if path.is_dir():
+        raise InvalidInputError(f"{path}: a folder; give a file name for the FHIR bundles")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(
+            f"{path} already exists: pass --overwrite to replace it, or choose another file"
+        )
 
 
 if TYPE_CHECKING:

@@ -162,6 +162,12 @@ def _api_router() -> APIRouter:
         request: Request,
         heatmap: bool = Query(False, description="Add a Grad-CAM overlay to each ok result."),
         image: bool = Query(False, description="Add the decoded image (as PNG) to each result."),
+        identifiers: bool = Query(
+            False,
+            description="Give back each DICOM upload's study, series and SOP instance UIDs, "
+            "accession number and patient id from its header (none by default; never for "
+            "other formats).",
+        ),
     ) -> PredictResponse:
         """Score uploaded X-rays: one result per file, in upload order.
 
@@ -177,7 +183,7 @@ def _api_router() -> APIRouter:
             )
         except UploadError as exc:
             raise HTTPException(exc.status_code, detail=exc.message) from exc
-        return await _predict_uploads(engine, uploads, heatmap, image, started)
+        return await _predict_uploads(engine, uploads, heatmap, image, started, identifiers)
 
     @router.get("/model", response_model=ModelInfo)
     async def model_info(request: Request) -> ModelInfo:
@@ -194,6 +200,7 @@ async def _predict_uploads(
     heatmap: bool,
     image: bool,
     started: float,
+    identifiers: bool = False,
 ) -> PredictResponse:
     model = engine.model
     decoded = await anyio.to_thread.run_sync(
@@ -213,7 +220,7 @@ async def _predict_uploads(
 
     def assemble() -> list[FileResult]:
         return [
-            build_result(u.filename, d, s, engine.identity, image)
+            build_result(u.filename, d, s, engine.identity, image, identifiers)
             for u, (d, s) in zip(uploads, pairs, strict=True)
         ]
 

@@ -83,9 +83,16 @@ def build_result(
     scored: Scored | None,
     identity: ModelIdentity,
     with_image: bool,
+    identifiers: bool = False,
 ) -> FileResult:
     """The API's result for one file from its decoding and scoring, with the identity of the
-    model that made it (threshold, the model file's hash, the pneumoscan version, the time)."""
+    model that made it (threshold, the model file's hash, the pneumoscan version, the time).
+
+    The DICOM identifiers (study, series and SOP instance UIDs, accession number, patient
+    id) are in it only when ``identifiers`` is asked for and the upload was a DICOM file
+    whose header held them: the service never echoes an identifier it was not sent, and by
+    default sends none back.
+    """
     if isinstance(decoded, DecodeFailure) or scored is None:
         reason = (
             decoded.message if isinstance(decoded, DecodeFailure) else f"{filename}: not scored"
@@ -93,6 +100,8 @@ def build_result(
         prediction = Prediction.failed(filename, reason).traced(identity, now_utc())
         return _file_result(prediction, None, None)
     result = scored.result.replace(path=filename)
+    if not (identifiers and decoded.source_format == "DICOM"):
+        result = result.anonymised()
     cam = scored.heatmap
     heatmap = None
     if cam is not None:
@@ -128,4 +137,9 @@ def _file_result(
         model_sha256=prediction.model_sha256,
         pneumoscan_version=prediction.pneumoscan_version,
         scored_at=prediction.scored_at,
+        study_instance_uid=prediction.study_instance_uid,
+        series_instance_uid=prediction.series_instance_uid,
+        sop_instance_uid=prediction.sop_instance_uid,
+        accession_number=prediction.accession_number,
+        patient_id=prediction.patient_id,
     )

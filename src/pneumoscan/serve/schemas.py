@@ -62,6 +62,24 @@ class FileResult(BaseModel):
     scored_at: str | None = Field(
         default=None, description="When the result was made (UTC, ISO 8601)."
     )
+    study_instance_uid: str | None = Field(
+        default=None,
+        description="The DICOM file's Study Instance UID: only for a DICOM upload and with "
+        "?identifiers=true (the service never echoes identifiers it was not sent or not "
+        "asked for), as the four fields below.",
+    )
+    series_instance_uid: str | None = Field(
+        default=None, description="The DICOM file's Series Instance UID (see above)."
+    )
+    sop_instance_uid: str | None = Field(
+        default=None, description="The DICOM file's SOP Instance UID (see above)."
+    )
+    accession_number: str | None = Field(
+        default=None, description="The DICOM file's Accession Number (see above)."
+    )
+    patient_id: str | None = Field(
+        default=None, description="The DICOM file's Patient ID (see above)."
+    )
 
 
 class PredictResponse(BaseModel):
