@@ -21,7 +21,14 @@ class DatasetError(PneumoscanError):
 
 
 class ImageReadError(PneumoscanError):
-    """A file could not be decoded as an image."""
+    """A file could not be decoded as an image.
+
+    Attributes:
+        source_header: A DICOM file's header (``pneumoscan.data.dicom.DicomHeader``) when it
+            was read before the pixels failed, so the failure keeps the file's identifiers.
+    """
+
+    source_header: object | None = None
 
 
 class ImageTooLargeError(ImageReadError):

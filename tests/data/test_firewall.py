@@ -235,7 +235,7 @@ def test_the_firewall_turns_any_decoder_failure_into_a_reason(
     def broken(*_: object) -> None:
         raise KeyError("codec bug")
 
-    monkeypatch.setattr("pneumoscan.data.preprocess._open_with_format", broken)
+    monkeypatch.setattr("pneumoscan.data.preprocess._open_with_header", broken)
     with pytest.raises(UnexpectedDecodeError, match=r"x.png: the decoder failed.*KeyError"):
         decode_image(path, SMALL)
     failure = _decode(str(path), SMALL)

@@ -61,9 +61,8 @@ def test_predict_keeps_the_dicom_identifiers_of_every_decoded_file(
     made: list[Instance], rows: list[Prediction]
 ) -> None:
     for instance, row in zip(made, rows, strict=False):
-        if instance.expect == "error":  # pixel data cut short: no decoded image
-            assert row.status == "error"
-            continue
+        # Pixel data cut short: an error row, which still names the instance it is about.
+        assert (row.status == "error") == (instance.expect == "error"), row
         assert identifiers(row) == expected(instance.path), row
         assert row.sop_instance_uid == instance.sop_uid
         assert row.study_instance_uid == instance.study_uid
@@ -200,3 +199,9 @@ def test_the_service_gives_identifiers_back_only_when_asked_for_a_dicom_upload(
     (refused,) = client.post("/v1/predict", files=files).json()["results"]
     assert refused["status"] == "rejected" and refused["probability"] is None
     assert "BodyPartExamined is HAND" in refused["reason"]
+    corrupt = next(m for m in made if m.expect == "error")
+    files = [("files", ("c.dcm", corrupt.path.read_bytes(), "application/dicom"))]
+    (quiet,) = client.post("/v1/predict", files=files).json()["results"]
+    (named,) = client.post("/v1/predict?identifiers=true", files=files).json()["results"]
+    assert quiet["status"] == named["status"] == "error"
+    assert quiet["sop_instance_uid"] is None and named["sop_instance_uid"] == corrupt.sop_uid

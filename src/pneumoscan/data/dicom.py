@@ -580,12 +580,6 @@ class DicomHeader:
         return {field: getattr(self, field) for field, _ in IDENTIFIERS}
 
 
-def read_dicom_with_header(data: bytes, name: str = "<DICOM>") -> tuple[np.ndarray, DicomHeader]:
-    """:func:`read_dicom` and the file's :class:`DicomHeader`, from one parse."""
-    ds = read_dataset(data, name)
-    return dataset_to_uint8(ds, name), DicomHeader.of(ds, name)
-
-
 def write_dicom(
     pixels: np.ndarray,
     path: str | Path,

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pneumoscan.constants import DEFAULT_IMAGE_SIZE
-from pneumoscan.data.dicom import DicomHeader, explain, read_dicom_with_header
+from pneumoscan.data.dicom import DicomHeader, dataset_to_uint8, explain, read_dataset
 from pneumoscan.data.formats import SNIFF_BYTES, jpeg_scans, sniff_format
 from pneumoscan.data.limits import (
     MAX_JPEG_SCANS,
@@ -304,15 +304,20 @@ def _open_with_header(
     series rules' verdict) from the same parse."""
     data = _read_bytes(source, name)
     fmt = sniff_format(data[:SNIFF_BYTES], name)
-    header = None
-    if fmt == "DICOM":
-        pixels, header = read_dicom_with_header(data, name)
-        image = Image.fromarray(pixels)
-    else:
+    if fmt != "DICOM":
         image = _open_pillow(data, name, fmt)
-    # After decoding, so that a damaged small file gets the specific reason; decoding an
-    # image this small costs nothing.
-    check_min_side(name, image.width, image.height)
+        # After decoding, so that a damaged small file gets the specific reason; decoding an
+        # image this small costs nothing.
+        check_min_side(name, image.width, image.height)
+        return image, fmt, None
+    ds = read_dataset(data, name)
+    header = DicomHeader.of(ds, name)
+    try:
+        image = Image.fromarray(dataset_to_uint8(ds, name))
+        check_min_side(name, image.width, image.height)
+    except ImageReadError as exc:
+        exc.source_header = header  # the failure keeps the file's identifiers
+        raise
     return image, fmt, header
 
 
@@ -504,11 +509,14 @@ class DecodeFailure:
         path: What the file is called (its path, an upload's file name, ``image 3``).
         message: The reason, naming the file, exactly as results and warnings show it.
         error_type: The exception's class name (``ImageReadError``, ``ImageTooLargeError``...).
+        dicom: A DICOM file's header when it was read before the pixels failed (its
+            identifiers go into the error row).
     """
 
     path: str
     message: str
     error_type: str
+    dicom: DicomHeader | None = None
 
     @classmethod
     def from_exception(cls, path: str, exc: BaseException) -> DecodeFailure:
@@ -518,7 +526,9 @@ class DecodeFailure:
         (which the firewall should have turned into one) gets :func:`failure_message`.
         """
         message = str(exc) if isinstance(exc, ImageReadError) else failure_message(path, exc)
-        return cls(path, message, type(exc).__name__)
+        header = getattr(exc, "source_header", None)
+        dicom = header if isinstance(header, DicomHeader) else None
+        return cls(path, message, type(exc).__name__, dicom)
 
 
 def try_decode_image(

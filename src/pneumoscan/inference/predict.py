@@ -285,6 +285,13 @@ def predict_decoded(
     return with_dicom_headers(decoded, score, scorer.model.threshold)
 
 
+def decode_failed(path: str, failure: DecodeFailure) -> Prediction:
+    """The error prediction of a file that could not be decoded; a DICOM file whose header
+    was read keeps its identifiers."""
+    failed = Prediction.failed(path, failure.message)
+    return failed if failure.dicom is None else failed.replace(**failure.dicom.identifiers())
+
+
 def with_dicom_headers(
     decoded: Sequence[DecodedImage],
     score: Callable[[Sequence[DecodedImage]], list[Prediction]],
@@ -419,7 +426,7 @@ def predict_files(
         for offset, item in enumerate(items):
             position = start + offset
             if isinstance(item, DecodeFailure):
-                prediction = Prediction.failed(files[position], item.message)
+                prediction = decode_failed(files[position], item)
             else:
                 prediction = scored[position].replace(path=files[position])
             yield prediction.traced(identity, now)

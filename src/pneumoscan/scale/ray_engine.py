@@ -48,7 +48,13 @@ from pneumoscan.data.preprocess import (
 )
 from pneumoscan.errors import ImageReadError, InvalidInputError
 from pneumoscan.inference import writers
-from pneumoscan.inference.predict import Entry, Problem, check_batching, list_inputs
+from pneumoscan.inference.predict import (
+    Entry,
+    Problem,
+    check_batching,
+    decode_failed,
+    list_inputs,
+)
 from pneumoscan.inference.prediction import ModelIdentity, Prediction, printable_path
 from pneumoscan.inference.predictor import Predictor
 from pneumoscan.models.modelfile import now_utc
@@ -185,7 +191,7 @@ def score_blobs(
     now = now_utc()
     for i, item in enumerate(decoded):
         if isinstance(item, DecodeFailure):
-            results[i] = Prediction.failed(names[i], item.message).traced(predictor.identity, now)
+            results[i] = decode_failed(names[i], item).traced(predictor.identity, now)
     return [results[i] for i in range(len(decoded))]
 
 

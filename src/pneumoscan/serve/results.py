@@ -15,7 +15,7 @@ from pneumoscan.constants import HEATMAP_MAX_SIDE
 from pneumoscan.data.preprocess import DecodeFailure, decode_image
 from pneumoscan.errors import ImageReadError
 from pneumoscan.inference.explain import heatmap_title, overlay_png
-from pneumoscan.inference.predict import display_at_original_aspect
+from pneumoscan.inference.predict import decode_failed, display_at_original_aspect
 from pneumoscan.inference.prediction import ModelIdentity, Prediction
 from pneumoscan.models.modelfile import now_utc
 from pneumoscan.serve.config import _RENDER_LOCK, PREVIEW_MAX_SIDE
@@ -94,11 +94,13 @@ def build_result(
     default sends none back.
     """
     if isinstance(decoded, DecodeFailure) or scored is None:
-        reason = (
-            decoded.message if isinstance(decoded, DecodeFailure) else f"{filename}: not scored"
-        )
-        prediction = Prediction.failed(filename, reason).traced(identity, now_utc())
-        return _file_result(prediction, None, None)
+        if isinstance(decoded, DecodeFailure):
+            prediction = decode_failed(filename, decoded)
+            if not (identifiers and decoded.dicom is not None):
+                prediction = prediction.anonymised()
+        else:
+            prediction = Prediction.failed(filename, f"{filename}: not scored")
+        return _file_result(prediction.traced(identity, now_utc()), None, None)
     result = scored.result.replace(path=filename)
     if not (identifiers and decoded.source_format == "DICOM"):
         result = result.anonymised()
