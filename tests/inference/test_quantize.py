@@ -198,3 +198,29 @@ def test_int8_export_keeps_a_site_operating_point(trained_run: Path, tmp_path: P
     exported = read_onnx_metadata(site_fitted)
     assert exported["threshold"] == 0.4932
     assert exported["export"]["quantization"]["operating_point"].startswith("the site")
+
+
+def test_onnx_metadata_is_read_without_the_onnx_package(tmp_path: Path) -> None:
+    # `import onnx` cost predict half a second of start-up; the wire-format reader must give
+    # exactly what onnx.load gives.
+    import subprocess
+    import sys
+
+    from pneumoscan.errors import ModelFileError
+    from pneumoscan.inference.scorer import onnx_metadata_props
+
+    proto = onnx.load(str(DEFAULT_ONNX_PATH), load_external_data=False)
+    expected = {p.key: p.value for p in proto.metadata_props}
+    assert onnx_metadata_props(DEFAULT_ONNX_PATH) == expected
+    assert read_onnx_metadata(DEFAULT_ONNX_PATH) == json.loads(expected["pneumoscan.json"])
+    for damaged in (b"not an onnx file at all", DEFAULT_ONNX_PATH.read_bytes()[:5000]):
+        (tmp_path / "bad.onnx").write_bytes(damaged)
+        with pytest.raises(ModelFileError):
+            read_onnx_metadata(tmp_path / "bad.onnx")
+    probe = (
+        "import sys; from pneumoscan.inference.backends import saved_export;"
+        "from pneumoscan.constants import DEFAULT_MODEL_PATH as m;"
+        "assert saved_export(m) is not None; print('onnx' in sys.modules)"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert loaded.stdout.strip() == "False", loaded.stderr

@@ -128,23 +128,79 @@ def load_onnx_model(path: str | Path, threads: int | None = None) -> OnnxModel:
     return OnnxModel(OnnxNetwork(session), metadata, path, ood_npz)
 
 
+#: ``ModelProto.metadata_props`` (repeated ``StringStringEntryProto``: key = 1, value = 2).
+_METADATA_PROPS_FIELD = 14
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    """A protobuf base-128 varint at ``at``: ``(value, next offset)``."""
+    value = shift = 0
+    while True:
+        if at >= len(data) or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if not byte & 0x80:
+            return value, at
+
+
+def _fields(data: bytes) -> Iterator[tuple[int, int, bytes | int]]:
+    """``(field number, wire type, value)`` of one protobuf message's top-level fields."""
+    at = 0
+    while at < len(data):
+        key, at = _varint(data, at)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, at = _varint(data, at)
+            yield number, wire, value
+        elif wire == 2:
+            size, at = _varint(data, at)
+            if at + size > len(data):
+                raise ValueError("truncated field")
+            yield number, wire, data[at : at + size]
+            at += size
+        elif wire in (1, 5):
+            at += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+
+
+def onnx_metadata_props(path: str | Path) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file, read from its protobuf wire format.
+
+    Not ``onnx.load``: importing the ``onnx`` package costs ``pneumoscan predict`` about half a
+    second of start-up (it loads ml_dtypes), and only these few strings are needed to match an
+    export to its model file.
+
+    Raises:
+        ValueError: The bytes are not a protobuf message.
+    """
+    properties: dict[str, str] = {}
+    for number, wire, value in _fields(Path(path).read_bytes()):
+        if number == _METADATA_PROPS_FIELD and wire == 2 and isinstance(value, bytes):
+            entry = {n: v for n, w, v in _fields(value) if w == 2 and isinstance(v, bytes)}
+            properties[entry.get(1, b"").decode()] = entry.get(2, b"").decode()
+    return properties
+
+
 def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     """The pneumoscan metadata of an exported ONNX file, without starting ONNX Runtime.
 
     Raises:
         ModelFileError: Missing, not ONNX, or no pneumoscan metadata inside.
     """
-    import onnx  # lazy: loads onnx
-
     path = Path(path)
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # onnx raises protobuf and OS errors alike
+        properties = onnx_metadata_props(path)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise ModelFileError(f"{path}: not a readable ONNX file ({exc})") from exc
-    properties = {p.key: p.value for p in proto.metadata_props}
     if METADATA_MEMBER not in properties:
         raise ModelFileError(f"{path}: no pneumoscan metadata inside")
-    metadata: dict[str, Any] = json.loads(properties[METADATA_MEMBER])
+    try:
+        metadata: dict[str, Any] = json.loads(properties[METADATA_MEMBER])
+    except ValueError as exc:
+        raise ModelFileError(f"{path}: damaged pneumoscan metadata ({exc})") from exc
     return metadata
 
 
