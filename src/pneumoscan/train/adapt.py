@@ -16,6 +16,7 @@ from typing import Any
 
 import keras
 import numpy as np
+from scipy.special import expit
 
 
 def batch_norm_layers(network: keras.Model) -> list[keras.layers.BatchNormalization]:
@@ -117,10 +118,6 @@ def _fit_logistic(
     return fit.coef_[0].astype(np.float64), float(fit.intercept_[0])
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-z))
-
-
 def refit_head(
     train_features: np.ndarray,
     train_labels: np.ndarray,
@@ -163,7 +160,7 @@ def refit_head(
             labels = np.concatenate([train_labels, site_labels[fit]])
             weights = np.r_[np.ones(len(train_labels)), np.full(len(fit), weight)]
             coef, intercept = _fit_logistic(features, labels, weights, c)
-            scores[held] = _sigmoid(site_features[held] @ coef + intercept)
+            scores[held] = expit(site_features[held] @ coef + intercept)
         key = f"{weight:g}"
         candidates[key], oof[key] = float(roc_auc_score(site_labels, scores)), scores
     chosen = max(candidates, key=lambda k: (candidates[k], k == "original"))

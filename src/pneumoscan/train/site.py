@@ -37,10 +37,14 @@ from pneumoscan.data.dataset import (
 from pneumoscan.data.pipeline import decode_all, iter_decoded_batches
 from pneumoscan.data.preprocess import to_model_input
 from pneumoscan.errors import DatasetError, OutputExistsError
+from pneumoscan.inference.backends import open_model
 from pneumoscan.inference.calibration import (
     apply_temperature,
     fit_scaling_and_threshold,
 )
+from pneumoscan.inference.export import export_onnx
+from pneumoscan.inference.predict import expand_inputs
+from pneumoscan.inference.scorer import score_files
 from pneumoscan.metrics import binary_metrics, expected_calibration_error, wilson_interval
 from pneumoscan.models.head_prior import read_head_prior
 from pneumoscan.models.modelfile import (
@@ -384,8 +388,6 @@ def calibrate_to_site(
             reporter.warn(message)
     _save_calibrated(loaded, out, result, table)
     if export:
-        from pneumoscan.inference.export import export_onnx  # lazy: loads SciPy
-
         with reporter.task("writing the ONNX export beside it", total=1) as advance:
             result["onnx"] = str(export_onnx(out, out.with_suffix(".onnx")).path)
             advance(1)
@@ -414,8 +416,6 @@ def _on_scoring_path(
 ) -> dict[str, Any]:
     """The sample's figures as ``predict --model OUT`` scores it (its ONNX export when there is
     one), so that what calibrate prints is what the scoring path gives."""
-    from pneumoscan.inference.backends import open_model  # lazy: loads SciPy
-    from pneumoscan.inference.scorer import score_files  # lazy: loads SciPy
 
     scoring, _, _ = open_model(out, "auto")
     with reporter.task("scoring the sample as predict will", total=len(table)) as advance:
@@ -516,7 +516,6 @@ def _raw_scores(
     loaded: LoadedModel, paths: list[str], batch_size: int, reporter: Reporter
 ) -> np.ndarray:
     """Uncalibrated P(pneumonia) per path; NaN where a file cannot be read."""
-    from pneumoscan.inference.scorer import score_files  # lazy: loads SciPy
 
     p_raw = np.full(len(paths), np.nan)
     with reporter.task("scoring the labelled sample", total=len(paths)) as advance:
@@ -533,7 +532,6 @@ def _adapt(
     loaded: LoadedModel, folder: Path, batch_size: int, reporter: Reporter
 ) -> dict[str, Any]:
     """Re-estimate batch-norm statistics on every readable image under ``folder``."""
-    from pneumoscan.inference.predict import expand_inputs  # lazy: loads SciPy
     from pneumoscan.train.adapt import adapt_batch_norm  # lazy: loads TensorFlow
 
     files, problems = expand_inputs([folder])
