@@ -46,6 +46,19 @@ def dicom_header(path: str | Path) -> Dataset | None:
     return ds if all(keyword in ds for keyword in needed) else None
 
 
+def _with_header(
+    prediction: Prediction | Mapping[str, Any], skipped: list[str]
+) -> tuple[Mapping[str, Any], Dataset] | None:
+    """The prediction's row and its input's DICOM header; ``None`` (the path noted in
+    ``skipped``) when the input is not DICOM."""
+    row = _row(prediction)
+    source = dicom_header(str(row.get("path", "")))
+    if source is None:
+        skipped.append(str(row.get("path")))
+        return None
+    return row, source
+
+
 class SrWriter:
     """One DICOM Comprehensive SR file per DICOM input, in a folder, named by the SR's SOP
     Instance UID (the same input and model always give the same file).
@@ -64,11 +77,10 @@ class SrWriter:
 
     def write(self, prediction: Prediction | Mapping[str, Any]) -> None:
         """Write the SR of one prediction (skipped when its input is not DICOM)."""
-        row = _row(prediction)
-        source = dicom_header(str(row.get("path", "")))
-        if source is None:
-            self.skipped.append(str(row.get("path")))
+        found = _with_header(prediction, self.skipped)
+        if found is None:
             return
+        row, source = found
         report = build_sr(ImageResult.from_row(row), source, self.model)
         target = self.path / f"{report.SOPInstanceUID}.dcm"
         with atomic_write(target) as partial:
@@ -96,11 +108,10 @@ class FhirWriter:
 
     def write(self, prediction: Prediction | Mapping[str, Any]) -> None:
         """Keep one prediction for its study's bundle (skipped when its input is not DICOM)."""
-        row = _row(prediction)
-        source = dicom_header(str(row.get("path", "")))
-        if source is None:
-            self.skipped.append(str(row.get("path")))
+        found = _with_header(prediction, self.skipped)
+        if found is None:
             return
+        row, source = found
         study = str(source.StudyInstanceUID)
         self.studies.setdefault(study, []).append((ImageResult.from_row(row), source))
 
