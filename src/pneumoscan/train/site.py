@@ -416,14 +416,9 @@ def _on_scoring_path(
 ) -> dict[str, Any]:
     """The sample's figures as ``predict --model OUT`` scores it (its ONNX export when there is
     one), so that what calibrate prints is what the scoring path gives."""
-
     scoring, _, _ = open_model(out, "auto")
-    with reporter.task("scoring the sample as predict will", total=len(table)) as advance:
-        scores = []
-        for score in score_files(scoring, table["path"].tolist(), batch_size):
-            scores.append(np.nan if score.probability is None else score.probability)
-            advance(1)
-    p_scoring = np.asarray(scores)
+    paths = table["path"].tolist()
+    p_scoring = _scores(scoring, paths, batch_size, reporter, "scoring the sample as predict will")
     figures = operating_figures(y_true, p_scoring, fitted["threshold"])
     figures["backend"] = type(scoring).__name__
     if figures["confusion_matrix"] != fitted["confusion_matrix"]:
@@ -512,20 +507,32 @@ def _training_features(
     return train_x, train_y, str(root)
 
 
+def _scores(
+    model: Any,
+    paths: list[str],
+    batch_size: int,
+    reporter: Reporter,
+    task: str = "scoring the labelled sample",
+    calibrated: bool = True,
+) -> np.ndarray:
+    """P(pneumonia) per path on ``model`` (raw with ``calibrated=False``); NaN, with a
+    warning, where a file cannot be read."""
+    p = np.full(len(paths), np.nan)
+    with reporter.task(task, total=len(paths)) as advance:
+        for score in score_files(model, paths, batch_size=batch_size, calibrated=calibrated):
+            if score.probability is None:
+                reporter.warn(f"skipped {score.error}")
+            else:
+                p[score.position] = score.probability
+            advance(1)
+    return p
+
+
 def _raw_scores(
     loaded: LoadedModel, paths: list[str], batch_size: int, reporter: Reporter
 ) -> np.ndarray:
     """Uncalibrated P(pneumonia) per path; NaN where a file cannot be read."""
-
-    p_raw = np.full(len(paths), np.nan)
-    with reporter.task("scoring the labelled sample", total=len(paths)) as advance:
-        for score in score_files(loaded, paths, batch_size=batch_size, calibrated=False):
-            if score.probability is None:
-                reporter.warn(f"skipped {score.error}")
-            else:
-                p_raw[score.position] = score.probability
-            advance(1)
-    return p_raw
+    return _scores(loaded, paths, batch_size, reporter, calibrated=False)
 
 
 def _adapt(
