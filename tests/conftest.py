@@ -83,3 +83,26 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         )
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def subtype_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``.keras`` model with a bacterial-or-viral head: the shipped model when it carries
+    one, else a copy of it given a small seeded head (for tests of where the estimate goes,
+    not of how good it is)."""
+    import numpy as np
+
+    from pneumoscan.constants import DEFAULT_MODEL_PATH
+    from pneumoscan.models.modelfile import OperatingPoint, read_metadata, write_metadata
+    from pneumoscan.models.subtype import SubtypeHead
+
+    metadata = read_metadata(DEFAULT_MODEL_PATH)
+    if "subtype" in metadata:
+        return Path(DEFAULT_MODEL_PATH)
+    out = tmp_path_factory.mktemp("subtype") / "with-subtype.keras"
+    shutil.copyfile(DEFAULT_MODEL_PATH, out)
+    weights = np.random.default_rng(0).normal(0.0, 0.05, size=1280)
+    point = OperatingPoint(threshold=0.5, fitted_on="validation split")
+    head = SubtypeHead(weights, 0.0, point, {}, {})
+    write_metadata(out, metadata | {"subtype": head.to_metadata()})
+    return out

@@ -76,6 +76,10 @@ def train(
         int | None,
         typer.Option(help="Keep the stem and this many first blocks pretrained (default: recipe)."),
     ] = None,
+    subtype_weight: Annotated[
+        float | None,
+        typer.Option(help="Loss weight of the bacterial-or-viral head; 0: none (default: recipe)."),
+    ] = None,
     teacher: Annotated[
         str | None,
         typer.Option(help="Distil from these model files (comma-separated; their mean)."),
@@ -116,7 +120,7 @@ def train(
         learning_rate=learning_rate, seed=seed, val_fraction=val_fraction,
         max_images=max_images, augment=augment, label_smoothing=label_smoothing,
         precision=precision, intensity=intensity, batchnorm=batchnorm, select_on=select_on,
-        frozen_blocks=frozen_blocks, teacher=teacher, distill_weight=distill_weight,
+        frozen_blocks=frozen_blocks, subtype_weight=subtype_weight, teacher=teacher, distill_weight=distill_weight,
         keep_checkpoints=keep_checkpoints,
         target_sensitivity=target_sensitivity, resume=resume,
     )  # fmt: skip

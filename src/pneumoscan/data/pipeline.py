@@ -10,7 +10,7 @@ import functools
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -155,6 +155,16 @@ def decode_all(
     return pixels[: len(kept)], np.asarray(kept, dtype=int), errors
 
 
+@dataclass(frozen=True)
+class SecondTask:
+    """Per-image targets and loss weights of a second network output, and the per-image
+    weights of the first (which then replace Keras's ``class_weight``, single-output only)."""
+
+    targets: np.ndarray
+    weights: np.ndarray
+    first_weights: np.ndarray
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The shuffled order of epoch ``epoch``: a function of (seed, epoch) only, so a resumed
     run sees exactly the batches an uninterrupted run would have seen."""
@@ -170,10 +180,13 @@ def training_batches(
     epochs: int,
     num_classes: int = 2,
     targets: np.ndarray | None = None,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    second: SecondTask | None = None,
+) -> Iterator[tuple[Any, ...]]:
     """Yield ``(x float32 [0,1], y one-hot)`` batches for epochs ``start_epoch..epochs-1``.
 
     ``targets`` ``(n, num_classes)`` replaces the one-hot labels (soft targets, distillation).
+    With ``second``, batches are ``(x, (y, second target), (weight, second weight))`` for a
+    two-output network; the first output's weights are ``second.first_weights``.
     """
     eye = np.eye(num_classes, dtype=np.float32)
     y = eye[labels] if targets is None else np.asarray(targets, dtype=np.float32)
@@ -183,7 +196,14 @@ def training_batches(
             # Sorted gathers read a memory-mapped cache sequentially; order within a batch is
             # irrelevant to the gradient.
             chosen = np.sort(order[start : start + batch_size])
-            yield to_model_input(pixels[chosen]), y[chosen]
+            if second is None:
+                yield to_model_input(pixels[chosen]), y[chosen]
+            else:
+                yield (
+                    to_model_input(pixels[chosen]),
+                    (y[chosen], second.targets[chosen, None]),
+                    (second.first_weights[chosen], second.weights[chosen]),
+                )
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -199,6 +219,7 @@ def make_tf_dataset(
     start_epoch: int,
     epochs: int,
     targets: np.ndarray | None = None,
+    second: SecondTask | None = None,
 ) -> object:
     """Wrap :func:`training_batches` in a prefetching ``tf.data.Dataset``.
 
@@ -207,13 +228,15 @@ def make_tf_dataset(
     import tensorflow as tf  # lazy: loads TensorFlow
 
     height, width = pixels.shape[1:3]
-    signature = (
-        tf.TensorSpec((None, height, width, 3), tf.float32),
-        tf.TensorSpec((None, 2), tf.float32),
-    )
+    images = tf.TensorSpec((None, height, width, 3), tf.float32)
+    onehot = tf.TensorSpec((None, 2), tf.float32)
+    signature: tuple[Any, ...] = (images, onehot)
+    if second is not None:
+        weight = tf.TensorSpec((None,), tf.float32)
+        signature = (images, (onehot, tf.TensorSpec((None, 1), tf.float32)), (weight, weight))
     dataset = tf.data.Dataset.from_generator(
         lambda: training_batches(
-            pixels, labels, batch_size, seed, start_epoch, epochs, targets=targets
+            pixels, labels, batch_size, seed, start_epoch, epochs, targets=targets, second=second
         ),
         output_signature=signature,
     )

@@ -259,6 +259,9 @@ def predict_batch(
             results[i] = results[i].replace(reason=reason, ood_score=score)
             continue
         scored = Prediction.scored(float(probabilities[j]), threshold, score)
+        if forward.p_viral is not None and scorer.subtype is not None:
+            p_viral = float(forward.p_viral[j])
+            scored = scored.with_subtype(p_viral, scorer.subtype.call(p_viral))
         results[i] = scored if ood_check else scored.replace(warning=cheap[i])
     return results
 

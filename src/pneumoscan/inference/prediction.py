@@ -121,6 +121,11 @@ class Prediction:
         decision: ``NORMAL`` or ``PNEUMONIA`` at the threshold (when ok).
         near_threshold: The score is close to the threshold: read with care (when ok).
         op_score: The score relative to the operating point, threshold at 0.5 (when ok).
+        p_viral: For a PNEUMONIA decision of a model with a subtype head: the calibrated
+            probability that the pneumonia is viral rather than bacterial, an estimate from
+            the X-ray, not a microbiological diagnosis (empty for NORMAL).
+        subtype_estimate: ``bacterial`` or ``viral`` at the subtype head's own threshold
+            (empty for NORMAL); see :data:`pneumoscan.models.subtype.SUBTYPE_LABEL`.
         threshold: The operating threshold the decision used.
         ood_score: Out-of-distribution score (above 1 is rejected), when computed.
         reason: Why the input was rejected or could not be read.
@@ -144,6 +149,8 @@ class Prediction:
     decision: str | None = None
     near_threshold: bool | None = None
     op_score: float | None = None
+    p_viral: float | None = None
+    subtype_estimate: str | None = None
     threshold: float | None = None
     ood_score: float | None = None
     reason: str | None = None
@@ -174,6 +181,13 @@ class Prediction:
             threshold=float(threshold),
             ood_score=ood_score,
         )
+
+    def with_subtype(self, p_viral: float, call: str) -> Prediction:
+        """This prediction with the subtype estimate, if it was decided PNEUMONIA (a NORMAL
+        decision carries none)."""
+        if self.decision != CLASSES[1]:
+            return self
+        return self.replace(p_viral=float(p_viral), subtype_estimate=call)
 
     @classmethod
     def failed(cls, path: str, message: str) -> Prediction:
@@ -233,7 +247,7 @@ IDENTIFIER_FIELDS = (
     "patient_id",
 )
 
-_FLOATS = frozenset({"probability", "op_score", "threshold", "ood_score"})
+_FLOATS = frozenset({"probability", "op_score", "p_viral", "threshold", "ood_score"})
 
 
 def _typed(name: str, value: Any) -> Any:

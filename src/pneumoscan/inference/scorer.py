@@ -24,7 +24,9 @@ from pneumoscan.data.pixels import as_uint8
 from pneumoscan.data.preprocess import to_model_input
 from pneumoscan.errors import InvalidInputError, ModelFileError
 from pneumoscan.inference.calibration import apply_temperature
+from pneumoscan.models.efficientnet_lite import TOP_ACTIVATION
 from pneumoscan.models.modelfile import LoadedModel, ModelMetadataView
+from pneumoscan.models.subtype import SubtypeHead
 
 if TYPE_CHECKING:
     import keras
@@ -282,10 +284,32 @@ class ForwardPass:
     Attributes:
         p_raw: Uncalibrated P(pneumonia), ``(n,)`` float64.
         features: Pooled network features ``(n, d)`` for the OOD check, or ``None``.
+        p_viral: Calibrated P(viral) from the subtype head ``(n,)``, or ``None`` (the model
+            has no subtype head).
     """
 
     p_raw: np.ndarray
     features: np.ndarray | None
+    p_viral: np.ndarray | None = None
+
+
+def subtype_head(model: AnyModel) -> SubtypeHead | None:
+    """The model's bacterial-or-viral head (:mod:`pneumoscan.models.subtype`), if it has one.
+
+    Raises:
+        ModelFileError: The model's subtype entry is damaged.
+    """
+    entry = model.metadata.get("subtype")
+    return None if entry is None else SubtypeHead.from_metadata(entry, str(model.path))
+
+
+def p_viral_from_features(head: SubtypeHead, features: np.ndarray) -> np.ndarray:
+    """Calibrated P(viral) from pooled features: the head, then its Platt scaling (fitted on
+    P(bacterial), where its threshold lives)."""
+    point = head.point
+    return 1.0 - apply_temperature(
+        head.raw_bacterial(features), point.temperature, point.logit_bias
+    )
 
 
 class Scorer:
@@ -294,13 +318,18 @@ class Scorer:
     Args:
         model: Keras ``LoadedModel`` or ``OnnxModel``.
         feature_layers: Layers whose pooled outputs the OOD detector uses (Keras); an ONNX
-            graph exported with features outputs them itself. Empty: probabilities only.
+            graph exported with features outputs them itself. Empty: probabilities only, or
+            the subtype head's features when the model has one.
     """
 
     def __init__(self, model: AnyModel, feature_layers: Sequence[str] = ()) -> None:
         self.model = model
         self.backend = "onnx" if isinstance(model, OnnxModel) else "keras"
         self._keras: Any = None
+        self.subtype = subtype_head(model)
+        if self.subtype is not None and not feature_layers:
+            # The head reads the pooled last feature map, which the forward pass then returns.
+            feature_layers = [TOP_ACTIVATION]
         self.with_features = bool(feature_layers)
         if isinstance(model, LoadedModel) and feature_layers:
             self._keras = feature_network(model.network, feature_layers)
@@ -325,7 +354,13 @@ class Scorer:
         probabilities = np.asarray(probabilities)[: len(pixels)]
         features = None if features is None else np.asarray(features)[: len(pixels)]
         p_raw = probabilities[:, POSITIVE_INDEX].astype(np.float64)
-        return ForwardPass(p_raw, None if features is None else features.astype(np.float64))
+        if features is None:
+            return ForwardPass(p_raw, None)
+        features = features.astype(np.float64)
+        p_viral = None
+        if self.subtype is not None:
+            p_viral = p_viral_from_features(self.subtype, features)
+        return ForwardPass(p_raw, features, p_viral)
 
     def calibrate(self, p_raw: np.ndarray) -> np.ndarray:
         """Apply the model's calibration (temperature and logit bias) to raw probabilities."""

@@ -46,6 +46,9 @@ class Recipe:
         frozen_blocks: The stem and this many first blocks keep their pretrained weights (0:
             none): low-level filters learned on ImageNet stay generic instead of fitting one
             hospital's detector and processing.
+        subtype_weight: Weight of the bacterial-or-viral head's loss (0: no such head). The
+            head shares the backbone and sees only pneumonia images whose file names name the
+            cause (:mod:`pneumoscan.models.subtype`).
     """
 
     optimizer: str = "rmsprop"
@@ -62,6 +65,7 @@ class Recipe:
     batchnorm: str = "trainable"
     select_on: str = "val_auc"
     frozen_blocks: int = 0
+    subtype_weight: float = 0.0
 
     def validate(self) -> None:
         """Refuse values no training step understands.
@@ -79,6 +83,8 @@ class Recipe:
                 raise ValueError(f"recipe {name}={getattr(self, name)!r}; choose one of {allowed}")
         if self.frozen_blocks < 0:
             raise ValueError(f"recipe frozen_blocks={self.frozen_blocks}; must be 0 or more")
+        if not self.subtype_weight >= 0.0:
+            raise ValueError(f"recipe subtype_weight={self.subtype_weight}; must be 0 or more")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""

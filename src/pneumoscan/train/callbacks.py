@@ -9,24 +9,34 @@ from typing import Any
 import keras
 import numpy as np
 import pandas as pd
-from sklearn.metrics import log_loss
+from sklearn.metrics import log_loss, roc_auc_score
 
 from pneumoscan.constants import DEFAULT_THRESHOLD, POSITIVE_INDEX
 from pneumoscan.inference.scorer import keras_probabilities
 from pneumoscan.jsonio import atomic_write, write_json
 from pneumoscan.metrics import binary_metrics
+from pneumoscan.models.subtype import subtype_targets
 from pneumoscan.progress import Reporter
 
 _HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_auc", "seconds"]
 
 
+def predict_outputs(
+    network: keras.Model, pixels: np.ndarray, batch_size: int = 64
+) -> list[np.ndarray]:
+    """Every output of ``network`` for uint8 images held in memory, in batches."""
+    batches = []
+    for i in range(0, len(pixels), batch_size):
+        outputs = keras_probabilities(network, pixels[i : i + batch_size])
+        batches.append(outputs if isinstance(outputs, list) else [outputs])
+    if not batches:
+        return [np.zeros((0, int(out.shape[-1]))) for out in network.outputs]
+    return [np.concatenate(parts) for parts in zip(*batches, strict=True)]
+
+
 def predict_pixels(network: keras.Model, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """P(pneumonia) for uint8 images held in memory, in batches."""
-    scores = [
-        keras_probabilities(network, pixels[i : i + batch_size])
-        for i in range(0, len(pixels), batch_size)
-    ]
-    return np.concatenate(scores)[:, POSITIVE_INDEX] if scores else np.zeros(0)
+    """P(pneumonia) (the first output) for uint8 images held in memory, in batches."""
+    return predict_outputs(network, pixels, batch_size)[0][:, POSITIVE_INDEX]
 
 
 def _atomic_save(network: keras.Model, path: Path) -> None:
@@ -47,6 +57,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
         state: Saved state when resuming.
         select_on: ``val_auc`` (keep the highest) or ``val_loss`` (keep the lowest).
         keep_all: Also keep every epoch as ``epoch-N.keras``.
+        val_subtypes: File-name subtypes of the validation images, for a network with a
+            subtype head: its AUC (viral against bacterial) joins the history.
     """
 
     def __init__(
@@ -58,8 +70,10 @@ class EpochCheckpoint(keras.callbacks.Callback):
         state: dict[str, Any] | None = None,
         select_on: str = "val_auc",
         keep_all: bool = False,
+        val_subtypes: np.ndarray | None = None,
     ) -> None:
         super().__init__()
+        self.val_subtypes = val_subtypes
         self.select_on = select_on
         self.keep_all = keep_all
         self.run = run
@@ -78,17 +92,24 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs or {}
-        p_val = predict_pixels(self.model, self.val_x)
+        outputs = predict_outputs(self.model, self.val_x)
+        p_val = outputs[0][:, POSITIVE_INDEX]
         scores = binary_metrics(self.val_y, p_val, DEFAULT_THRESHOLD)
+        subtype = ""
         row = {
             "epoch": epoch + 1,
             "loss": logs.get("loss"),
-            "accuracy": logs.get("accuracy"),
+            # A two-output network names its metrics after the output.
+            "accuracy": next((v for k, v in logs.items() if k.endswith("accuracy")), None),
             "val_loss": log_loss(self.val_y, np.clip(p_val, 1e-7, 1 - 1e-7), labels=[0, 1]),
             "val_accuracy": scores["accuracy"],
             "val_auc": scores["auc"],
             "seconds": round(time.perf_counter() - self.epoch_started, 1),
         }
+        if self.val_subtypes is not None and len(outputs) > 1:
+            viral, known = subtype_targets(self.val_subtypes)
+            row["val_subtype_auc"] = roc_auc_score(viral[known], outputs[1][known, 0])
+            subtype = f"  val_subtype_auc {row['val_subtype_auc']:.4f}"
         self._append_history(row)
         self.run.checkpoints.mkdir(parents=True, exist_ok=True)
         _atomic_save(self.model, self.run.last)
@@ -108,7 +129,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.reporter.info(
             f"epoch {epoch + 1}: loss {row['loss']:.4f}  val_loss {row['val_loss']:.4f}  "
             f"val_auc {row['val_auc']:.4f}  val_sens {scores['sensitivity']:.3f}  "
-            f"val_spec {scores['specificity']:.3f}  ({row['seconds']} s)"
+            f"val_spec {scores['specificity']:.3f}{subtype}  ({row['seconds']} s)"
         )
 
     def _append_history(self, row: dict[str, Any]) -> None:

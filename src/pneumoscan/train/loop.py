@@ -34,7 +34,7 @@ from pneumoscan.data.dataset import (
     patients_in_several_splits,
     scan_dataset,
 )
-from pneumoscan.data.pipeline import decode_all, make_tf_dataset, steps_per_epoch
+from pneumoscan.data.pipeline import SecondTask, decode_all, make_tf_dataset, steps_per_epoch
 from pneumoscan.data.preprocess import PreprocessConfig
 from pneumoscan.errors import (
     DatasetError,
@@ -52,6 +52,13 @@ from pneumoscan.models.modelfile import (
     load_model,
     now_utc,
     save_model,
+)
+from pneumoscan.models.subtype import (
+    DEFAULT_BACTERIAL_SENSITIVITY,
+    SUBTYPE_HEAD,
+    SubtypeHead,
+    subtype_targets,
+    with_subtype_head,
 )
 from pneumoscan.progress import Reporter
 
@@ -89,6 +96,7 @@ class TrainOptions:
     batchnorm: str | None = None
     select_on: str | None = None
     frozen_blocks: int | None = None
+    subtype_weight: float | None = None
     teacher: str | None = None
     distill_weight: float = 0.5
     keep_checkpoints: bool = False
@@ -120,6 +128,7 @@ def resolve_recipe(options: TrainOptions) -> Recipe:
         "batchnorm": options.batchnorm,
         "select_on": options.select_on,
         "frozen_blocks": options.frozen_blocks,
+        "subtype_weight": options.subtype_weight,
     }
     recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
     try:
@@ -375,6 +384,8 @@ def train(
     is_train = (table["split"] == "train").to_numpy()
     train_x, train_y = _rows(pixels, is_train), labels[is_train]
     val_x, val_y = _rows(pixels, ~is_train), labels[~is_train]
+    subtypes = table["subtype"].to_numpy()
+    second = _subtype_task(recipe, train_y, subtypes[is_train])
     reporter.info(
         f"train {len(train_y)} images ({int(train_y.sum())} pneumonia), "
         f"val {len(val_y)} ({int(val_y.sum())} pneumonia), {table['patient_id'].nunique()} patients"
@@ -395,9 +406,19 @@ def train(
                 freeze_batch_norm(backbone)
             if recipe.frozen_blocks:
                 freeze_early_blocks(backbone, recipe.frozen_blocks)
+            if second is not None:
+                backbone = with_subtype_head(backbone)
             network = wrap_for_training(backbone, augmenter)
             optimizer = _build_optimizer(recipe, recipe.epochs * steps)
-            network.compile(optimizer=optimizer, loss=_build_loss(recipe), metrics=["accuracy"])
+            if second is None:
+                network.compile(optimizer, loss=_build_loss(recipe), metrics=["accuracy"])
+            else:
+                network.compile(
+                    optimizer,
+                    loss=[_build_loss(recipe), "binary_crossentropy"],
+                    loss_weights=[1.0, recipe.subtype_weight],
+                    metrics=[["accuracy"], []],
+                )
             start_epoch = 0
         else:
             network = keras.saving.load_model(run.last)
@@ -407,20 +428,22 @@ def train(
         from pneumoscan.train.callbacks import EpochCheckpoint  # lazy: loads TensorFlow
 
         checkpoint = EpochCheckpoint(
-            run, val_x, val_y, reporter, state, recipe.select_on, options.keep_checkpoints
-        )
+            run, val_x, val_y, reporter, state, recipe.select_on, options.keep_checkpoints,
+            val_subtypes=None if second is None else subtypes[~is_train],
+        )  # fmt: skip
         if start_epoch < recipe.epochs:
             targets = _distillation_targets(options, train_x, train_y, reporter)
             dataset = make_tf_dataset(
                 train_x, train_y, recipe.batch_size, options.seed, start_epoch, recipe.epochs,
-                targets=targets,
+                targets=targets, second=second,
             )  # fmt: skip
             network.fit(
                 dataset,
                 epochs=recipe.epochs,
                 initial_epoch=start_epoch,
                 steps_per_epoch=steps,
-                class_weight=_class_weights(train_y, recipe.class_weight),
+                # A two-output network carries the class weights as per-image weights.
+                class_weight=None if second else _class_weights(train_y, recipe.class_weight),
                 callbacks=[reporter.keras_callback(len(train_y), recipe.batch_size), checkpoint],
                 shuffle=False,  # the dataset is already shuffled, reproducibly per epoch
                 verbose=0,
@@ -431,7 +454,9 @@ def train(
             reporter.info(f"restored the best ({best})")
         network = unwrap(network)
 
-    final = _finish(network, run, options, recipe, config, val_x, val_y, started)
+    final = _finish(
+        network, run, options, recipe, config, (val_x, val_y, subtypes[~is_train]), started
+    )
     return TrainResult(
         model_path=run.model,
         validation=final,
@@ -439,6 +464,31 @@ def train(
         seconds=time.perf_counter() - started,
         skipped=skipped,
     )
+
+
+def _subtype_task(
+    recipe: Recipe, labels: np.ndarray, subtypes: np.ndarray
+) -> SecondTask | None:
+    """The subtype head's targets and weights (pneumonia images of named cause only, the two
+    causes balanced), or ``None`` when the recipe has no subtype head.
+
+    Raises:
+        DatasetError: The training split names no bacterial or no viral pneumonia.
+    """
+    if not recipe.subtype_weight:
+        return None
+    viral, known = subtype_targets(subtypes)
+    counts = [int((known & (viral == k)).sum()) for k in (0, 1)]
+    if min(counts) == 0:
+        raise DatasetError(
+            "a subtype head needs bacterial and viral pneumonias named in the file names "
+            f"(found {counts[0]} bacterial, {counts[1]} viral)"
+        )
+    balanced = np.where(viral == 1, known.sum() / (2 * counts[1]), known.sum() / (2 * counts[0]))
+    weights = np.where(known, balanced, 0.0).astype(np.float32)
+    classes = _class_weights(labels, recipe.class_weight) or {0: 1.0, 1: 1.0}
+    first = np.array([classes[int(y)] for y in labels], dtype=np.float32)
+    return SecondTask(viral, weights, first)
 
 
 def freeze_batch_norm(network: Any) -> int:
@@ -576,8 +626,7 @@ def _finish(
     options: TrainOptions,
     recipe: Recipe,
     config: dict[str, Any],
-    val_x: np.ndarray,
-    val_y: np.ndarray,
+    validation_data: tuple[np.ndarray, np.ndarray, np.ndarray],
     started: float,
 ) -> dict[str, Any]:
     """Score validation, write the metadata-carrying model, metrics and curves."""
@@ -587,8 +636,16 @@ def _finish(
     # A fresh, never-compiled float32 copy drops the optimizer state (half the file size), any
     # augmentation layers and a mixed-precision policy; the operating point is fitted on what
     # ships.
+    val_x, val_y, val_subtypes = validation_data
     shipped = create_model(options.arch)
-    shipped.set_weights(network.get_weights())
+    subtype: dict[str, Any] = {}
+    if len(network.outputs) == 2:
+        # The pneumonia network ships alone; the subtype head travels as numbers.
+        two = with_subtype_head(shipped)
+        two.set_weights(network.get_weights())
+        subtype = _fit_subtype(two, val_x, val_subtypes)
+    else:
+        shipped.set_weights(network.get_weights())
     fitted = fit_operating_point(
         val_y,
         predict_pixels(shipped, val_x),
@@ -618,10 +675,45 @@ def _finish(
         "versions": config["versions"],
         "command": options_to_command(options),
         "validation_metrics": validation,
+        **subtype,
         "training_seconds": round(time.perf_counter() - started, 1),
     }
     save_model(shipped, run.model, metadata)
-    write_json(run.metrics, {"validation": validation})
+    found = {"validation": validation}
+    if subtype:
+        found["subtype_validation"] = subtype["subtype"]["validation_metrics"]
+    write_json(run.metrics, found)
     if run.history.exists():
         plot_training_curves(pd.read_csv(run.history), run.curves)
     return validation
+
+
+def _fit_subtype(
+    network: Any, val_x: np.ndarray, val_subtypes: np.ndarray
+) -> dict[str, Any]:
+    """The ``subtype`` metadata entry: the head's weights, with its calibration and the
+    threshold for the target bacterial sensitivity fitted on the validation pneumonias."""
+    from pneumoscan.train.callbacks import predict_outputs  # lazy: loads TensorFlow
+
+    viral, known = subtype_targets(val_subtypes)
+    if len(np.unique(viral[known])) < 2:
+        raise DatasetError("the validation split lacks bacterial or viral pneumonias")
+    p_viral = predict_outputs(network, _rows(val_x, known))[1][:, 0]
+    target = DEFAULT_BACTERIAL_SENSITIVITY
+    fitted = fit_operating_point(
+        1 - viral[known].astype(int),
+        1.0 - p_viral.astype(np.float64),
+        target,
+        split="val pneumonias of named cause (patient-grouped, from the training data)",
+        fitted_on="validation split",
+        threshold_rule=f"highest threshold with validation bacterial sensitivity >= {target}",
+    )
+    kernel, bias = network.get_layer(SUBTYPE_HEAD).get_weights()
+    head = SubtypeHead(
+        weights=np.asarray(kernel, dtype=np.float64)[:, 0],
+        bias=float(np.asarray(bias).ravel()[0]),
+        point=OperatingPoint.from_metadata(fitted),
+        calibration=fitted["calibration"],
+        validation_metrics=fitted["validation_metrics"],
+    )
+    return {"subtype": head.to_metadata()}
