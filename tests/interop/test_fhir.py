@@ -6,9 +6,11 @@ import pydicom
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 from studies import make_studies
-from test_sr import HAND, MODEL, SCORED
+from test_sr import HAND, MODEL, NORMAL, SCORED, SUBTYPED
 
 from pneumoscan.interop.fhir import study_bundle
+from pneumoscan.interop.records import ImageResult
+from pneumoscan.models.subtype import SUBTYPE_LABEL
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +63,46 @@ def test_one_study_per_bundle(tmp_path_factory: pytest.TempPathFactory) -> None:
         study_bundle(two, MODEL)
     with pytest.raises(ValueError, match="at least one"):
         study_bundle([], MODEL)
+
+
+def _component(observation: dict, code: str) -> list[dict]:
+    return [c for c in observation.get("component", []) if c["code"]["coding"][0]["code"] == code]
+
+
+def test_a_pneumonia_with_a_subtype_gets_p_viral_and_the_call(
+    sources: list[pydicom.Dataset],
+) -> None:
+    chest, hand = sources
+    bundle = study_bundle([(SUBTYPED, chest), (HAND, hand)], MODEL, issued="2026-01-02T10:00:00Z")
+    Bundle.model_validate(bundle)
+    subtyped, refused = _resources(bundle)["Observation"]
+    (p_viral,) = _component(subtyped, "p-viral")
+    assert p_viral["valueQuantity"]["value"] == pytest.approx(0.71)
+    assert p_viral["valueQuantity"]["system"] == "http://unitsofmeasure.org"
+    (call,) = _component(subtyped, "subtype-estimate")
+    assert call["valueCodeableConcept"]["coding"] == [
+        {"system": "http://snomed.info/sct", "code": "75570004", "display": "Viral pneumonia"}
+    ]
+    assert SUBTYPE_LABEL in call["valueCodeableConcept"]["text"]
+    notes = [n["text"] for n in subtyped["note"]]
+    assert any(SUBTYPE_LABEL in n and "subtype threshold 0.350000" in n for n in notes)
+    assert any(MODEL.subtype_rule in n for n in notes if MODEL.subtype_rule)
+    # The pneumonia finding and its value are unchanged.
+    assert subtyped["valueQuantity"]["value"] == pytest.approx(SUBTYPED.probability)
+    assert _component(subtyped, "233604007")[0]["valueCodeableConcept"]["coding"][0]["code"] == (
+        "52101004"
+    )
+    assert "component" not in refused and "subtype" not in str(refused)
+
+
+@pytest.mark.parametrize("result", [SCORED, NORMAL], ids=["no-subtype", "normal"])
+def test_no_subtype_without_a_subtyped_pneumonia(
+    sources: list[pydicom.Dataset], result: ImageResult
+) -> None:
+    bundle = study_bundle([(result, sources[0])], MODEL, issued="2026-01-02T10:00:00Z")
+    (observation,) = _resources(bundle)["Observation"]
+    assert not _component(observation, "p-viral") and not _component(
+        observation, "subtype-estimate"
+    )
+    assert len(observation["component"]) == 2 and len(observation["note"]) == 1
+    assert SUBTYPE_LABEL not in str(bundle) and "75570004" not in str(bundle)

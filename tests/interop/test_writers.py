@@ -73,3 +73,41 @@ def test_writers_take_predict_rows_too(
     writer = SrWriter(tmp_path / "sr", model)
     writer.write(rows[0].as_row())
     assert read_sr(pydicom.dcmread(writer.written[0])).probability == rows[0].probability
+
+
+@pytest.fixture(scope="module")
+def subtyped(
+    tmp_path_factory: pytest.TempPathFactory, subtype_model: Path
+) -> tuple[list[Prediction], ReportedModel]:
+    made = make_studies(tmp_path_factory.mktemp("subtype-studies"))
+    predictor = Predictor.open(subtype_model)
+    return list(predictor.predict_files([str(i.path) for i in made])), ReportedModel.of(predictor)
+
+
+def test_writers_carry_the_subtype_of_pneumonia_decisions(
+    subtyped: tuple[list[Prediction], ReportedModel], tmp_path: Path
+) -> None:
+    rows, model = subtyped
+    assert model.subtype_threshold is not None
+    pneumonias = [r for r in rows if r.decision == "PNEUMONIA"]
+    assert pneumonias and all(r.subtype_estimate in ("bacterial", "viral") for r in pneumonias)
+    sr, fhir = SrWriter(tmp_path / "sr", model), FhirWriter(tmp_path / "fhir.ndjson", model)
+    for row in rows:
+        sr.write(row)
+        fhir.write(row)
+    sr.close()
+    fhir.close()
+    for row, path in zip(rows, sr.written, strict=True):
+        result = read_sr(pydicom.dcmread(path))
+        assert result.subtype_estimate == row.subtype_estimate
+        assert result.p_viral == (None if row.p_viral is None else pytest.approx(row.p_viral))
+    by_instance = {
+        entry["resource"]["identifier"][0]["value"]: entry["resource"]
+        for line in fhir.path.read_text(encoding="utf-8").splitlines()
+        for entry in json.loads(line)["entry"]
+        if entry["resource"]["resourceType"] == "Observation"
+    }
+    for row in rows:
+        observation = by_instance[f"urn:oid:{row.sop_instance_uid}"]
+        codes = [c["code"]["coding"][0]["code"] for c in observation.get("component", [])]
+        assert ("subtype-estimate" in codes) == (row.decision == "PNEUMONIA")

@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pneumoscan.constants import CLASSES
 from pneumoscan.interop.records import ImageResult, ReportedModel
 from pneumoscan.models.modelfile import now_utc
+from pneumoscan.models.subtype import BACTERIAL, SUBTYPE_LABEL, VIRAL
 
 #: The project's code system, for concepts no LOINC or SNOMED CT code fits.
 PNEUMOSCAN_SYSTEM = "urn:pneumoscan:fhir:codes"
@@ -41,6 +42,16 @@ PNEUMONIA = {"system": SNOMED, "code": "233604007", "display": "Pneumonia"}
 PRESENT = {"system": SNOMED, "code": "52101004", "display": "Present"}
 ABSENT = {"system": SNOMED, "code": "2667000", "display": "Absent"}
 NOTICE = "pneumoscan: AI triage support, not a diagnosis; a radiologist reads every image."
+P_VIRAL = {"system": PNEUMOSCAN_SYSTEM, "code": "p-viral", "display": "P(viral pneumonia)"}
+SUBTYPE = {
+    "system": PNEUMOSCAN_SYSTEM,
+    "code": "subtype-estimate",
+    "display": "Pneumonia subtype estimate",
+}
+SUBTYPE_CODES = {
+    BACTERIAL: {"system": SNOMED, "code": "53084003", "display": "Bacterial pneumonia"},
+    VIRAL: {"system": SNOMED, "code": "75570004", "display": "Viral pneumonia"},
+}
 
 
 def _uuid(*parts: str) -> str:
@@ -124,7 +135,8 @@ def observation(
 ) -> dict[str, Any]:
     """One image's result as an ``Observation``: P(pneumonia) as its value, the decision
     (Pneumonia present or absent) and the threshold as components; or, for an image that was
-    not scored, no value and the reason."""
+    not scored, no value and the reason. A PNEUMONIA decision with a subtype estimate also
+    gets P(viral) and the call as components, and a note saying what the call is."""
     instance = str(source.SOPInstanceUID)
     resource: dict[str, Any] = {
         "resourceType": "Observation",
@@ -163,6 +175,9 @@ def observation(
             },
             {"code": {"coding": [THRESHOLD]}, "valueQuantity": _quantity(threshold)},
         ]
+        if result.has_subtype:
+            resource["component"].extend(_subtype_components(result))
+            resource["note"].append({"text": _subtype_note(model)})
     else:
         code = "error" if result.status == "error" else "not-applicable"
         resource["dataAbsentReason"] = {
@@ -170,6 +185,26 @@ def observation(
             "text": result.reason or "not scored",
         }
     return resource
+
+
+def _subtype_components(result: ImageResult) -> list[dict[str, Any]]:
+    assert result.p_viral is not None and result.subtype_estimate is not None
+    return [
+        {"code": {"coding": [P_VIRAL]}, "valueQuantity": _quantity(result.p_viral)},
+        {
+            "code": {"coding": [SUBTYPE], "text": f"Pneumonia subtype: {SUBTYPE_LABEL}"},
+            "valueCodeableConcept": {
+                "coding": [SUBTYPE_CODES[result.subtype_estimate]],
+                "text": f"{result.subtype_estimate} ({SUBTYPE_LABEL})",
+            },
+        },
+    ]
+
+
+def _subtype_note(model: ReportedModel) -> str:
+    """The note beside a subtype call: what it is not, and the rule that made it."""
+    rule = "; ".join(model.subtype_parameters())
+    return f"Bacterial-or-viral subtype: {SUBTYPE_LABEL}." + (f" {rule}." if rule else "")
 
 
 def _conclusion(results: Sequence[ImageResult], model: ReportedModel) -> str:

@@ -10,7 +10,12 @@ attributes (highdicom does, from the evidence), and holds
   of the measurement group (TID 4019: name, pneumoscan version, and the SHA-256, threshold and
   threshold rule as parameters);
 - for an image that was not scored: the qualitative evaluation *indeterminate*, no
-  probability, and the reason as text (refused, or unreadable).
+  probability, and the reason as text (refused, or unreadable);
+- for a PNEUMONIA decision of a model with a bacterial-or-viral head, beside the pneumonia
+  finding: P(viral) as a numeric measurement, the call as a qualitative evaluation (Bacterial
+  pneumonia, SCT 53084003, or Viral pneumonia, SCT 75570004), a comment saying it is an
+  estimate, not a microbiological diagnosis, and the head's threshold and rule as algorithm
+  parameters. NORMAL, refused and unreadable images carry none of it.
 
 Its Series and SOP Instance UIDs are derived from the study, the source instance and the
 model's hash (:func:`sr_uids`), so the same result always has the same UIDs: storing it twice
@@ -26,6 +31,7 @@ from pydicom.uid import generate_uid
 
 from pneumoscan.constants import CLASSES
 from pneumoscan.interop.records import UID_PREFIX, ImageResult, ReportedModel
+from pneumoscan.models.subtype import BACTERIAL, SUBTYPE_LABEL, VIRAL
 
 #: The project's own coding scheme, for concepts no public code fits (DICOM reserves scheme
 #: designators starting with 99 for local schemes).
@@ -41,6 +47,16 @@ ABSENT = hd.sr.CodedConcept("2667000", "SCT", "Absent")
 INDETERMINATE = hd.sr.CodedConcept("82334004", "SCT", "Indeterminate")
 CHEST_XRAY = hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
 UNITLESS = hd.sr.CodedConcept("1", "UCUM", "no units")
+P_VIRAL = hd.sr.CodedConcept("P-VIRAL", CODING_SCHEME, "Probability of viral pneumonia")
+#: The call's concept name is local: SNOMED CT has no "bacterial or viral" observable, and
+#: naming it Pneumonia would clash with the present/absent evaluation readers look up.
+SUBTYPE = hd.sr.CodedConcept("SUBTYPE", CODING_SCHEME, "Pneumonia subtype estimate")
+SUBTYPE_CODES = {
+    BACTERIAL: hd.sr.CodedConcept("53084003", "SCT", "Bacterial pneumonia"),
+    VIRAL: hd.sr.CodedConcept("75570004", "SCT", "Viral pneumonia"),
+}
+#: What the comment beside the call says (SUBTYPE_LABEL, with what it is about).
+SUBTYPE_NOTE = f"Bacterial-or-viral subtype: {SUBTYPE_LABEL}"
 
 MANUFACTURER = "pneumoscan"
 #: Series number and description of the results series each study gets.
@@ -96,10 +112,14 @@ def device_uid(model: ReportedModel) -> str:
     return str(generate_uid(UID_PREFIX, entropy_srcs=["pneumoscan-device", model.sha256]))
 
 
-def _algorithm(model: ReportedModel, threshold: float) -> hd.sr.AlgorithmIdentification:
+def _algorithm(
+    model: ReportedModel, threshold: float, subtype: bool
+) -> hd.sr.AlgorithmIdentification:
     parameters = [f"model SHA-256 {model.sha256}", f"threshold {threshold:.6f}"]
     if model.threshold_rule:
         parameters.append(f"threshold rule: {model.threshold_rule}")
+    if subtype:
+        parameters.extend(model.subtype_parameters())
     return hd.sr.AlgorithmIdentification(
         name=f"pneumoscan {model.name}",
         version=model.version,
@@ -128,6 +148,7 @@ def _measurement_group(
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     threshold = model.threshold if result.threshold is None else result.threshold
     measurements: list[hd.sr.Measurement] = []
+    evaluations: list[hd.sr.QualitativeEvaluation] = []
     if result.scored:
         assert result.probability is not None  # scored implies a probability
         measurements = [
@@ -138,6 +159,15 @@ def _measurement_group(
         evaluation = PRESENT if present else ABSENT
     else:
         evaluation = INDETERMINATE
+    evaluations.append(hd.sr.QualitativeEvaluation(PNEUMONIA, evaluation))
+    if result.has_subtype:
+        assert result.p_viral is not None and result.subtype_estimate is not None
+        measurements.append(
+            hd.sr.Measurement(name=P_VIRAL, value=float(result.p_viral), unit=UNITLESS)
+        )
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(SUBTYPE, SUBTYPE_CODES[result.subtype_estimate])
+        )
     instance = str(source.SOPInstanceUID)
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
@@ -145,9 +175,9 @@ def _measurement_group(
             identifier=TRACKING_IDENTIFIER,
         ),
         finding_type=PNEUMONIA,
-        algorithm_id=_algorithm(model, threshold),
+        algorithm_id=_algorithm(model, threshold, result.has_subtype),
         measurements=measurements or None,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(PNEUMONIA, evaluation)],
+        qualitative_evaluations=evaluations,
         # From the UIDs, not from_source_image: an image whose pixel attributes are damaged
         # still gets its SR (saying why it was not scored).
         source_images=[hd.sr.SourceImageForMeasurementGroup(str(source.SOPClassUID), instance)],
@@ -157,6 +187,15 @@ def _measurement_group(
             hd.sr.TextContentItem(
                 name=UNREADABLE if result.status == "error" else REFUSED,
                 value=result.reason or "not scored",
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    if result.has_subtype:
+        # Said in the report itself, so no reader of the SR sees the call without it.
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=codes.DCM.Comment,
+                value=SUBTYPE_NOTE,
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )
@@ -231,11 +270,16 @@ def read_sr(ds: Dataset) -> ImageResult:
     evaluations = group.get_qualitative_evaluations(name=PNEUMONIA)
     if probability:
         present = bool(evaluations) and evaluations[0].value == PRESENT
+        p_viral = group.get_measurements(name=P_VIRAL)
+        calls = group.get_qualitative_evaluations(name=SUBTYPE)
+        call = next((k for k, c in SUBTYPE_CODES.items() if calls and calls[0].value == c), None)
         return ImageResult(
             status="ok",
             probability=float(probability[0].value),
             decision=CLASSES[1] if present else CLASSES[0],
             threshold=float(threshold[0].value) if threshold else None,
+            p_viral=float(p_viral[0].value) if p_viral and call else None,
+            subtype_estimate=call if p_viral else None,
         )
     for item in group[0].ContentSequence:
         code = item.ConceptNameCodeSequence[0].CodeValue
