@@ -31,8 +31,9 @@ from pneumoscan.errors import ImageReadError
 from conftest import FIXTURES, REPO, SITE_SAMPLE, fixture_images
 
 COLUMNS = [
-    "path", "status", "probability", "decision", "near_threshold", "op_score", "reason",
-    "ood_score", "threshold", "model_sha256", "pneumoscan_version", "scored_at",
+    "path", "status", "probability", "decision", "near_threshold", "op_score", "p_viral",
+    "subtype_estimate", "reason", "ood_score", "threshold", "model_sha256", "pneumoscan_version",
+    "scored_at",
     "study_instance_uid", "series_instance_uid", "sop_instance_uid", "accession_number",
     "patient_id",
 ]  # fmt: skip
@@ -73,6 +74,7 @@ def test_samples_are_the_cli_samples() -> None:
 
 def test_model_properties(model: pneumoscan.Model) -> None:
     assert model.backend == "onnx" and model.path.name.endswith(".int8.onnx")
+    assert model.has_subtype is ("subtype" in model.metadata)
     assert model.classes == ("NORMAL", "PNEUMONIA")
     assert model.threshold == model.metadata["threshold"] and 0 < model.threshold < 1
     assert "onnx" in repr(model)
@@ -284,3 +286,34 @@ def test_a_failed_in_memory_image_is_named_by_its_own_index(model: pneumoscan.Mo
     failed = table.iloc[2]
     assert failed["status"] == "error" and "image 2" in failed["reason"]
     assert "image 0" not in failed["reason"]
+
+
+def test_a_subtype_head_fills_p_viral_and_the_estimate_for_pneumonia_only(
+    model: pneumoscan.Model, subtype_model: Path, tmp_path: Path
+) -> None:
+    from pneumoscan.models.subtype import BACTERIAL, VIRAL
+
+    subtyped = pneumoscan.load(subtype_model)
+    assert subtyped.has_subtype
+    junk = tmp_path / "notes.jpeg"
+    junk.write_text("not an image")
+    files = [*fixture_images("PNEUMONIA")[:3], *fixture_images("NORMAL")[:3], junk]
+    table = subtyped.predict(files)
+    assert list(table.columns) == COLUMNS and table["p_viral"].dtype == np.float64
+    pneumonia = table[table["decision"] == "PNEUMONIA"]
+    others = table[table["decision"] != "PNEUMONIA"]
+    assert len(pneumonia) >= 2 and (others["decision"] == "NORMAL").sum() >= 2
+    assert others["status"].tolist()[-1] == "error"
+    assert pneumonia["p_viral"].between(0.0, 1.0).all()
+    assert set(pneumonia["subtype_estimate"]) <= {BACTERIAL, VIRAL}
+    # NORMAL decisions and unreadable files carry no estimate.
+    assert others["p_viral"].isna().all() and others["subtype_estimate"].isna().all()
+    # In-memory images get the same estimate as their files.
+    arrays = [np.asarray(Image.open(p)) for p in files[:3]]
+    np.testing.assert_allclose(
+        subtyped.predict(arrays)["p_viral"], table["p_viral"].iloc[:3], atol=1e-6
+    )
+    # A model without a head has the columns, empty.
+    if not model.has_subtype:
+        plain = model.predict(files[:1])
+        assert plain["p_viral"].isna().all() and plain["subtype_estimate"].isna().all()

@@ -47,6 +47,7 @@ from pneumoscan.inference.explain import gradcam, heatmap_title, overlay_png
 from pneumoscan.inference.predict import check_batching, display_at_original_aspect, list_inputs
 from pneumoscan.inference.prediction import IDENTIFIER_FIELDS, Prediction
 from pneumoscan.inference.predictor import Predictor
+from pneumoscan.inference.scorer import subtype_head
 from pneumoscan.jsonio import atomic_write, jsonable
 from pneumoscan.models.modelfile import now_utc
 
@@ -69,6 +70,8 @@ COLUMNS = (
     "decision",
     "near_threshold",
     "op_score",
+    "p_viral",
+    "subtype_estimate",
     "reason",
     "ood_score",
     "threshold",
@@ -268,6 +271,13 @@ class Model:
         return self.predictor.model.classes
 
     @property
+    def has_subtype(self) -> bool:
+        """Whether the model carries a bacterial-or-viral head, so that :meth:`predict` fills
+        ``p_viral`` and ``subtype_estimate`` for PNEUMONIA decisions (an estimate, not a
+        microbiological diagnosis; :mod:`pneumoscan.models.subtype`)."""
+        return subtype_head(self.predictor.model) is not None
+
+    @property
     def metadata(self) -> dict[str, Any]:
         """The model's metadata: preprocessing, threshold, calibration, data, metrics..."""
         return self.predictor.model.metadata
@@ -346,7 +356,12 @@ class Model:
             chest X-ray, ``error``: unreadable),
             ``probability`` (P(pneumonia), NaN unless ok), ``decision`` (NORMAL or
             PNEUMONIA at :attr:`threshold`), ``near_threshold`` (close to the threshold:
-            read with care), ``op_score`` (the score with the threshold at 0.5), ``reason``
+            read with care), ``op_score`` (the score with the threshold at 0.5),
+            ``p_viral`` and ``subtype_estimate`` (for a PNEUMONIA decision of a model with
+            a subtype head, :attr:`has_subtype`: the calibrated probability that the
+            pneumonia is viral, and ``bacterial`` or ``viral`` at the head's threshold; an
+            estimate, not a microbiological diagnosis; NaN and empty for NORMAL, rejected
+            and unreadable inputs, and for every input of a model without a head), ``reason``
             (why rejected or unreadable), ``ood_score`` (above 1 is rejected; NaN when not
             computed), the model's identity: ``threshold``, ``model_sha256``,
             ``pneumoscan_version``, ``scored_at``, and for a DICOM file its
@@ -387,7 +402,7 @@ class Model:
             key: Any = index if first == "index" else row["path"]
             rows.append({first: key} | {column: row[column] for column in COLUMNS})
         table = Predictions(rows, columns=[first, *COLUMNS])
-        for column in ("probability", "op_score", "ood_score", "threshold"):
+        for column in ("probability", "op_score", "p_viral", "ood_score", "threshold"):
             table[column] = table[column].astype(float)
         table.attrs.update(
             model=self.name,

@@ -23,7 +23,11 @@ from typer.testing import CliRunner
 
 import nonxray
 from pneumoscan.cli import app as cli_app
+from pneumoscan.inference.scorer import subtype_head
+from pneumoscan.models.modelfile import read_metadata
+from pneumoscan.models.subtype import BACTERIAL, SUBTYPE_LABEL, VIRAL
 from pneumoscan.serve.app import API_KEY_HEADER, WEB_DIR, Engine, create_app
+from pneumoscan.serve.schemas import PredictResponse
 
 from conftest import SITE_SAMPLE, fixture_images
 
@@ -42,6 +46,18 @@ def engine() -> Iterator[Engine]:
 @pytest.fixture(scope="module")
 def client(engine: Engine) -> Iterator[TestClient]:
     with TestClient(create_app(engine=engine)) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def subtype_client(subtype_model: Path) -> Iterator[TestClient]:
+    """A model with a bacterial-or-viral head, opened as ``pneumoscan serve --model`` opens it."""
+    with TestClient(create_app(model_path=subtype_model)) as test_client:
+        deadline = time.monotonic() + 300
+        while test_client.get("/health").status_code != 200:
+            assert test_client.get("/health").json()["status"] == "loading"
+            assert time.monotonic() < deadline, "the subtype model did not load"
+            time.sleep(0.2)
         yield test_client
 
 
@@ -101,6 +117,9 @@ def test_real_xrays_are_scored_in_upload_order(client: TestClient, engine: Engin
         assert result["decision"] == expected and result["threshold"] == threshold
         assert result["reason"] is None and result["heatmap"] is None and result["image"] is None
         assert result["format"] == "JPEG"
+        if subtype_head(engine.model) is None:  # a model without a head gives no estimate
+            assert result["p_viral"] is None and result["subtype_estimate"] is None
+    PredictResponse.model_validate(body)
     # The model separates these images well: most pneumonia above the threshold, normals below.
     decisions = [r["decision"] for r in results]
     assert decisions[:3].count("PNEUMONIA") >= 2 and decisions[3:].count("NORMAL") >= 2
@@ -406,3 +425,53 @@ def test_page_shows_thresholds_with_enough_digits() -> None:
     assert shown[:2] == ["0.9996", "0.99996"] and "toFixed(3)" not in script.replace(
         "p.toFixed(threshold == null ? 3", ""
     )
+
+
+def test_a_subtype_head_adds_its_estimate_to_pneumonia_results_only(
+    subtype_client: TestClient, subtype_model: Path
+) -> None:
+    pneumonia, normal = fixture_images("PNEUMONIA")[:3], fixture_images("NORMAL")[:3]
+    files = [upload(p) for p in [*pneumonia, *normal]]
+    files += [upload_bytes("astronaut.png", natural_png("astronaut"))]
+    files += [upload_bytes("notes.txt", b"not an image")]
+    response = subtype_client.post("/v1/predict", files=files)
+    assert response.status_code == 200
+    body = response.json()
+    PredictResponse.model_validate(body)
+    results = body["results"]
+    assert [r["status"] for r in results[-2:]] == ["rejected", "error"]
+    decisions = [r["decision"] for r in results[:-2]]
+    assert "PNEUMONIA" in decisions[:3] and "NORMAL" in decisions[3:], decisions
+    threshold = read_metadata(subtype_model)["subtype"]["operating_point"]["threshold"]
+    for result in results:
+        if result["decision"] == "PNEUMONIA":
+            assert 0.0 <= result["p_viral"] <= 1.0, result
+            assert result["subtype_estimate"] in {BACTERIAL, VIRAL}
+            # The call sits at the head's threshold on P(bacterial) = 1 - P(viral).
+            bacterial = 1.0 - result["p_viral"] >= threshold
+            assert result["subtype_estimate"] == (BACTERIAL if bacterial else VIRAL)
+        else:  # NORMAL, rejected and unreadable files carry no estimate
+            assert result["p_viral"] is None and result["subtype_estimate"] is None, result
+
+
+def test_model_endpoint_says_whether_there_is_a_subtype_head(
+    client: TestClient, engine: Engine, subtype_client: TestClient, subtype_model: Path
+) -> None:
+    body = subtype_client.get("/v1/model").json()
+    head = read_metadata(subtype_model)["subtype"]
+    assert body["subtype_head"] is True
+    assert body["subtype_threshold"] == head["operating_point"]["threshold"]
+    shipped = client.get("/v1/model").json()
+    has_head = subtype_head(engine.model) is not None
+    assert shipped["subtype_head"] is has_head
+    assert (shipped["subtype_threshold"] is None) is not has_head
+
+
+def test_openapi_labels_the_subtype_as_an_estimate(client: TestClient) -> None:
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    result = schemas["FileResult"]["properties"]
+    for field in ("p_viral", "subtype_estimate"):
+        assert SUBTYPE_LABEL in result[field]["description"], field
+    assert SUBTYPE_LABEL in schemas["ModelInfo"]["properties"]["subtype_head"]["description"]
+    # The page shows the estimate with the same words.
+    assert f'"{SUBTYPE_LABEL}"' in (WEB_DIR / "app.js").read_text(encoding="utf-8")

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +21,7 @@ import pytest
 
 from pneumoscan.constants import DEFAULT_ONNX_PATH
 from pneumoscan.inference.scorer import read_onnx_metadata
+from pneumoscan.models.subtype import SUBTYPE_LABEL
 from pneumoscan.serve.app import Engine, create_app
 
 from conftest import CHROMIUM, CHROMIUM_ARGS, SITE_SAMPLE, fixture_images
@@ -46,12 +49,11 @@ def free_port() -> int:
         return port
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[str]:
+@contextmanager
+def serving(engine: Engine) -> Iterator[str]:
     """uvicorn serving the app on a free loopback port, in a thread; its base URL."""
     import uvicorn
 
-    engine = Engine.load()
     port = free_port()
     config = uvicorn.Config(
         create_app(engine=engine), host="127.0.0.1", port=port, log_level="warning"
@@ -63,10 +65,27 @@ def server() -> Iterator[str]:
     while not instance.started:
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    instance.should_exit = True
-    thread.join(timeout=10)
-    engine.close()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        instance.should_exit = True
+        thread.join(timeout=10)
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    """The shipped model's service; its base URL."""
+    with serving(Engine.load()) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def subtype_server(subtype_model: Path) -> Iterator[str]:
+    """The service of a model with a bacterial-or-viral head; its base URL."""
+    # Warming up traces every batch size on Keras; this test uploads two images.
+    with serving(Engine.load(subtype_model, warm_up=False)) as url:
+        yield url
 
 
 def test_page_triages_xrays_with_bars_relative_to_the_threshold(
@@ -96,6 +115,7 @@ def test_page_triages_xrays_with_bars_relative_to_the_threshold(
             names = items.locator(".filename").all_inner_texts()
             decisions = items.locator(".decision").all_inner_texts()
             texts = items.locator(".meter-text").all_inner_texts()
+            subtype_lines = items.locator(".subtype:visible").count()
             widths = page.eval_on_selector_all(
                 "#worklist .fill", "els => els.map(e => e.getBoundingClientRect().width)"
             )
@@ -136,6 +156,8 @@ def test_page_triages_xrays_with_bars_relative_to_the_threshold(
     assert [float(m.rstrip("%")) for m in marks] == pytest.approx([50.0] * len(uploads))
     threshold = read_onnx_metadata(DEFAULT_ONNX_PATH)["threshold"]
     assert all(f"threshold {threshold:.4f}" in text for text in texts)
+    if "subtype" not in read_onnx_metadata(DEFAULT_ONNX_PATH):
+        assert subtype_lines == 0  # no head, no subtype line
     if near:
         assert decisions[1] == "Close to the threshold: read with care (just below it)"
         assert 0.45 < values[1] < 0.5
@@ -146,6 +168,33 @@ def test_page_triages_xrays_with_bars_relative_to_the_threshold(
     outside = [u for u in requested if not u.startswith((server, "data:"))]
     assert outside == []
     assert screenshot.stat().st_size > 10_000
+
+
+def test_page_shows_the_subtype_estimate_for_pneumonia_only(subtype_server: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    normal, pneumonia = fixture_images("NORMAL")[0], fixture_images("PNEUMONIA")[0]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 1000})
+            page.goto(subtype_server + "/")
+            page.wait_for_selector("#model:has-text('threshold')")
+            page.set_input_files("#files", [str(normal), str(pneumonia)])
+            page.wait_for_selector("#worklist > li.result >> nth=1", timeout=120_000)
+            items = page.locator("#worklist > li.result")
+            names = items.locator(".filename").all_inner_texts()
+            decisions = items.locator(".decision").all_inner_texts()
+            first_line = items.nth(0).locator(".subtype")
+            shown = first_line.is_visible(), items.nth(1).locator(".subtype").is_visible()
+            line = first_line.inner_text()
+        finally:
+            browser.close()
+    assert names == [pneumonia.name, normal.name]
+    assert decisions == ["Pneumonia suspected — review first", "No pneumonia detected"]
+    assert shown == (True, False)  # the NORMAL result has no subtype line
+    pattern = r"Subtype estimate: (bacterial|viral) \(P\(viral\) [01]\.\d\d\) — "
+    assert re.fullmatch(pattern + re.escape(SUBTYPE_LABEL), line), line
 
 
 def _docs_title(page: Page, server: str) -> str:

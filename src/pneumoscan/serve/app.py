@@ -244,6 +244,9 @@ async def _predict_uploads(
 def describe_model(engine: Engine, limits: UploadLimits) -> ModelInfo:
     """``GET /v1/model``'s answer from the loaded model's metadata."""
     model = engine.model
+    # The head reads the forward pass's pooled features: an export without them gives no
+    # estimate, so the page and clients are not told to expect one.
+    subtype = engine.scorer.subtype if engine.scorer.with_features else None
     validation = model.validation_metrics
     card = {
         "intended_use": INTENDED_USE,
@@ -267,6 +270,8 @@ def describe_model(engine: Engine, limits: UploadLimits) -> ModelInfo:
         input_size=list(engine.model.preprocess.image_size),
         heatmaps=engine.network is not None,
         ood_detector=engine.detector is not None,
+        subtype_head=subtype is not None,
+        subtype_threshold=None if subtype is None else subtype.point.threshold,
         intended_use=INTENDED_USE,
         limits={
             "max_upload_bytes": limits.max_file_bytes,

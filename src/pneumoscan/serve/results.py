@@ -130,6 +130,8 @@ def _file_result(
         decision=prediction.decision,  # type: ignore[arg-type]  # NORMAL or PNEUMONIA
         near_threshold=prediction.near_threshold,
         op_score=prediction.op_score,
+        p_viral=prediction.p_viral,
+        subtype_estimate=prediction.subtype_estimate,  # type: ignore[arg-type]  # the head's classes
         threshold=float(prediction.threshold or 0.0),
         reason=prediction.reason,
         ood_score=prediction.ood_score,

@@ -9,6 +9,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from pneumoscan.constants import VERSION as __version__
+from pneumoscan.models.subtype import BACTERIAL, SUBTYPE_LABEL, VIRAL
 
 if TYPE_CHECKING:
     from pneumoscan.inference.prediction import Prediction
@@ -35,6 +36,18 @@ class FileResult(BaseModel):
         default=None,
         description="The score relative to the operating point: the threshold at 0.5 "
         "(piecewise linear, order kept), when ok.",
+    )
+    p_viral: float | None = Field(
+        default=None,
+        description="Calibrated probability that the pneumonia is viral rather than bacterial: "
+        f"an {SUBTYPE_LABEL}. Only for a PNEUMONIA decision of a model with a subtype head "
+        "(see subtype_head in /v1/model); null for NORMAL, rejected and unreadable files.",
+    )
+    subtype_estimate: Literal["bacterial", "viral"] | None = Field(
+        default=None,
+        description=f"{BACTERIAL} or {VIRAL} at the subtype head's own threshold: an "
+        f"{SUBTYPE_LABEL}. Only for a PNEUMONIA decision of a model with a subtype head; "
+        "null for NORMAL, rejected and unreadable files.",
     )
     threshold: float = Field(description="The model's operating threshold on P(pneumonia).")
     reason: str | None = Field(default=None, description="Why the file was rejected or not read.")
@@ -112,6 +125,16 @@ class ModelInfo(BaseModel):
     input_size: list[int]
     heatmaps: bool
     ood_detector: bool
+    subtype_head: bool = Field(
+        default=False,
+        description="The model carries a bacterial-or-viral head: PNEUMONIA results then have "
+        f"p_viral and subtype_estimate, an {SUBTYPE_LABEL}.",
+    )
+    subtype_threshold: float | None = Field(
+        default=None,
+        description="The subtype head's operating threshold, on P(bacterial) = 1 - p_viral: "
+        "bacterial at or above it, viral below (null without a subtype head).",
+    )
     intended_use: str
     limits: dict[str, int]
     model_card: dict[str, Any]

@@ -100,6 +100,8 @@
       status: "error",
       probability: null,
       decision: null,
+      p_viral: null,
+      subtype_estimate: null,
       threshold: state.model ? state.model.threshold : null,
       reason,
       heatmap: null,
@@ -230,6 +232,24 @@
       `threshold ${formatThreshold(result.threshold)}`;
   }
 
+  // The service sends a subtype only for PNEUMONIA decisions of a model with a subtype
+  // head; the label travels with the number so it never reads as a diagnosis.
+  const SUBTYPE_LABEL = "estimate, not a microbiological diagnosis";
+
+  function renderSubtype(item, result) {
+    const line = item.querySelector(".subtype");
+    const shown =
+      result.status === "ok" &&
+      result.decision === "PNEUMONIA" &&
+      result.subtype_estimate != null &&
+      result.p_viral != null;
+    line.hidden = !shown;
+    if (!shown) return;
+    line.textContent =
+      `Subtype estimate: ${result.subtype_estimate} ` +
+      `(P(viral) ${result.p_viral.toFixed(2)}) — ${SUBTYPE_LABEL}`;
+  }
+
   function renderPicture(item, result) {
     const picture = item.querySelector(".picture");
     const toggle = item.querySelector(".heatmap-toggle");
@@ -266,6 +286,7 @@
     reason.textContent = result.reason || "";
     reason.hidden = !result.reason;
     renderMeter(item, result);
+    renderSubtype(item, result);
     renderPicture(item, result);
     return item;
   }
