@@ -27,6 +27,7 @@ from pneumoscan.metrics import (
     sensitivity_by_subtype,
     specificity_at_sensitivity,
     specificity_by_source,
+    subtype_metrics,
     threshold_sweep,
     weighted_average_precision,
     weighted_f1,
@@ -309,3 +310,58 @@ def test_specificity_at_sensitivity_reads_the_roc_curve() -> None:
     assert specificity_at_sensitivity(y, p, 1.0) == 0.75
     assert specificity_at_sensitivity(y, p, 0.75) == 0.75
     assert specificity_at_sensitivity(y, p, 0.5) == 1.0
+
+
+def _wilson_by_hand(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return centre - half, centre + half
+
+
+def test_subtype_metrics_hand_worked() -> None:
+    # 3 bacterial, 2 viral pneumonias. The calls (threshold 0.5 on P(bacterial) = 1 - P(viral))
+    # are bacterial for P(viral) 0.1 and 0.3 only: 2 of 3 bacterial called bacterial, 2 of 2
+    # viral called viral. Of the 6 (viral, bacterial) pairs, P(viral) 0.6 is above 0.1 and 0.3,
+    # 0.9 above all three: 5/6. ECE, one image per bin: (0.1 + 0.3 + 0.7 + 0.4 + 0.1) / 5.
+    is_viral = np.array([0, 0, 0, 1, 1])
+    p_viral = np.array([0.1, 0.3, 0.7, 0.6, 0.9])
+    called = (1 - p_viral) >= 0.5
+    result = subtype_metrics(is_viral, p_viral, called, 0.5, n_resamples=200)
+    assert (result["n"], result["n_bacterial"], result["n_viral"]) == (5, 3, 2)
+    assert math.isclose(result["auc"], 5 / 6)
+    assert result["bacterial_sensitivity"] == 2 / 3
+    assert result["bacterial_sensitivity_fraction"] == [2, 3]
+    assert result["viral_specificity"] == 1.0 and result["viral_specificity_fraction"] == [2, 2]
+    np.testing.assert_allclose(result["bacterial_sensitivity_ci"], _wilson_by_hand(2, 3))
+    low, high = result["viral_specificity_ci"]
+    assert math.isclose(low, _wilson_by_hand(2, 2)[0]) and high == 1.0
+    assert math.isclose(result["ece"], 1.6 / 5)
+    assert result["threshold"] == 0.5
+    # Rows: true viral, true bacterial; columns: called viral, called bacterial.
+    assert result["confusion_matrix"] == [[2, 0], [1, 2]]
+    low, high = result["auc_ci"]
+    assert low <= result["auc"] <= high
+    assert result["n_patients"] is None and result["bootstrap"]["unit"] == "image"
+    json.dumps(result)  # plain JSON values
+
+
+def test_subtype_metrics_takes_the_calls_as_given_and_resamples_patients() -> None:
+    # The rates follow the calls passed in, not a threshold of their own.
+    is_viral = np.array([0, 0, 1, 1])
+    p_viral = np.array([0.2, 0.4, 0.6, 0.8])
+    everything_bacterial = np.ones(4, dtype=bool)
+    result = subtype_metrics(
+        is_viral, p_viral, everything_bacterial, 0.1, groups=np.array(["a", "a", "b", "c"]),
+        n_resamples=300,
+    )  # fmt: skip
+    assert result["bacterial_sensitivity"] == 1.0 and result["viral_specificity"] == 0.0
+    assert result["auc"] == 1.0 and result["auc_ci"] == [1.0, 1.0]
+    assert result["n_patients"] == 3 and result["bootstrap"]["n_units"] == 3
+    assert result["bootstrap"]["unit"] == "patient"
+    # Resamples drawing only bacterial (or only viral) patients leave the AUC undefined.
+    assert result["bootstrap"]["undefined_resamples"] > 0
+    # One cause only: the AUC and the other cause's rate are undefined.
+    bacterial_only = subtype_metrics(np.zeros(3), np.array([0.1, 0.2, 0.9]), np.ones(3), 0.5)
+    assert math.isnan(bacterial_only["auc"]) and math.isnan(bacterial_only["viral_specificity"])
+    assert bacterial_only["n_viral"] == 0 and bacterial_only["bacterial_sensitivity"] == 1.0

@@ -423,6 +423,86 @@ def specificity_by_source(
     )
 
 
+def subtype_metrics(
+    is_viral: np.ndarray,
+    p_viral: np.ndarray,
+    called_bacterial: np.ndarray,
+    threshold: float,
+    groups: np.ndarray | None = None,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> dict[str, Any]:
+    """How well a bacterial-or-viral estimate tells the two causes apart, on pneumonias whose
+    cause is known, each figure with its uncertainty.
+
+    Bacterial is the positive class, as in the estimate's operating point: calling a bacterial
+    pneumonia viral is the costly error, so its sensitivity is what a threshold guarantees.
+
+    Args:
+        is_viral: 1 for viral, 0 for bacterial pneumonia.
+        p_viral: Calibrated P(viral) per image.
+        called_bacterial: The call the model made per image (True: bacterial); taken as given
+            so that the figures are those of the model's own rule, not a copy of it.
+        threshold: The threshold of that call on P(bacterial) = 1 - P(viral), reported.
+        groups: Patient id per image: the AUC bootstrap then resamples patients. ``None``
+            resamples images.
+        n_resamples: Bootstrap resamples for the AUC interval.
+        seed: Bootstrap seed.
+        confidence: Coverage of every interval.
+
+    Returns:
+        ``n``, ``n_bacterial``, ``n_viral``, ``n_patients``; ``auc`` (P(viral) ranking viral
+        above bacterial, equal to P(bacterial) ranking bacterial above viral) and ``auc_ci``
+        (percentile bootstrap, as :func:`evaluation_metrics`); ``bacterial_sensitivity``
+        (bacterial called bacterial) and ``viral_specificity`` (viral called viral), each with
+        ``_ci`` (Wilson) and ``_fraction`` ``[successes, total]``; ``ece`` of P(viral)
+        (:func:`expected_calibration_error`, 10 bins); ``threshold``; ``confusion_matrix``
+        ``[[viral called viral, viral called bacterial], [bacterial called viral, bacterial
+        called bacterial]]``; and ``bootstrap``. Undefined figures are NaN.
+    """
+    is_viral = np.asarray(is_viral).astype(int)
+    p_viral = np.asarray(p_viral, dtype=float)
+    is_bacterial = 1 - is_viral
+    called = np.asarray(called_bacterial).astype(bool).astype(int)
+    matrix = confusion_matrix(is_bacterial, called, labels=[0, 1])
+    tn, fp, fn, tp = (int(v) for v in matrix.ravel())
+    fractions = rate_fractions(tn, fp, fn, tp)
+    replicates = bootstrap_replicates(
+        is_viral, [p_viral], [weighted_roc_auc], groups, n_resamples, seed
+    )[0, 0]
+    _, n_units = _resample_units(groups, len(is_viral))
+    result: dict[str, Any] = {
+        "n": len(is_viral),
+        "n_bacterial": int(is_bacterial.sum()),
+        "n_viral": int(is_viral.sum()),
+        "n_patients": n_units if groups is not None else None,
+        "auc": safe_roc_auc(is_viral, p_viral),
+        "auc_ci": list(percentile_interval(replicates, confidence)),
+    }
+    named = {"bacterial_sensitivity": "sensitivity", "viral_specificity": "specificity"}
+    for name, rate in named.items():
+        k, total = fractions[rate]
+        result |= {
+            name: _ratio(k, total),
+            f"{name}_ci": list(wilson_interval(k, total, confidence)),
+            f"{name}_fraction": [k, total],
+        }
+    return result | {
+        "ece": expected_calibration_error(is_viral, p_viral, CALIBRATION_BINS),
+        "threshold": float(threshold),
+        "confusion_matrix": [[tn, fp], [fn, tp]],
+        "bootstrap": {
+            "n_resamples": n_resamples,
+            "seed": seed,
+            "confidence": confidence,
+            "unit": "patient" if groups is not None else "image",
+            "n_units": n_units,
+            "undefined_resamples": int(np.isnan(replicates).sum()),
+        },
+    }
+
+
 def specificity_at_sensitivity(y_true: np.ndarray, p_pneumonia: np.ndarray, target: float) -> float:
     """The best specificity among thresholds whose sensitivity on these images is >= target
     (the ROC curve read at one sensitivity; an optimistic, threshold-free summary)."""

@@ -125,6 +125,57 @@ def _ci_text(interval: Sequence[float] | None) -> str:
     return f" (95% CI {interval[0]:.3f}–{interval[1]:.3f})"
 
 
+def _roc_panel(
+    ax: plt.Axes,
+    y_true: np.ndarray,
+    score: np.ndarray,
+    threshold: float,
+    intervals: dict[str, Sequence[float]],
+    positive: str,
+    negative: str,
+) -> dict[str, float] | None:
+    """One ROC curve on ``ax``, the operating point marked with its 95% intervals and the AUC
+    with its interval in the legend; the main report's and the subtype estimate's.
+
+    Returns:
+        The operating rates (:func:`pneumoscan.metrics.operating_rates`), or ``None`` when
+        only one class is present (the panel then says so).
+    """
+    from sklearn.metrics import roc_auc_score, roc_curve  # lazy: loads scikit-learn
+
+    ax.set_xlabel(f"1 − specificity (false-positive rate, share of {negative} images)")
+    ax.set_ylabel(f"Sensitivity (true-positive rate, share of {positive} images)")
+    ax.set_title("ROC curve")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    if len(np.unique(y_true)) < 2:
+        ax.text(0.5, 0.5, "undefined: only one class present", ha="center", va="center")
+        return None
+    rates = operating_rates(y_true, score, threshold)
+    sensitivity, specificity = rates["sensitivity"], rates["specificity"]
+    fpr, tpr, _ = roc_curve(y_true, score)
+    auc = float(roc_auc_score(y_true, score))
+    ax.plot(fpr, tpr, color="#4C72B0", label=f"ROC AUC {auc:.3f}{_ci_text(intervals.get('auc'))}")
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="chance")
+    spec_ci = intervals.get("specificity")
+    ax.errorbar(
+        1 - specificity,
+        sensitivity,
+        xerr=_interval_error(
+            1 - specificity, None if spec_ci is None else [1 - spec_ci[1], 1 - spec_ci[0]]
+        ),
+        yerr=_interval_error(sensitivity, intervals.get("sensitivity")),
+        fmt="o",
+        color="#C44E52",
+        capsize=4,
+        label=f"threshold {format_threshold(threshold)}: sensitivity {sensitivity:.3f}, "
+        f"specificity {specificity:.3f}",
+    )
+    ax.legend(loc="lower right", fontsize=8)
+    return rates
+
+
 def plot_roc_pr(
     y_true: np.ndarray,
     p_pneumonia: np.ndarray,
@@ -148,55 +199,25 @@ def plot_roc_pr(
     from sklearn.metrics import (  # lazy: loads scikit-learn
         average_precision_score,
         precision_recall_curve,
-        roc_auc_score,
-        roc_curve,
     )
 
     intervals = intervals or {}
     y_true = np.asarray(y_true).astype(int)
     p_pneumonia = np.asarray(p_pneumonia, dtype=float)
     fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(11, 4.8))
-    roc_ax.set_xlabel("1 − specificity (false-positive rate, share of NORMAL images)")
-    roc_ax.set_ylabel("Sensitivity (true-positive rate, share of PNEUMONIA images)")
-    roc_ax.set_title("ROC curve")
+    rates = _roc_panel(roc_ax, y_true, p_pneumonia, threshold, intervals, CLASSES[1], CLASSES[0])
     pr_ax.set_xlabel("Sensitivity (recall, share of PNEUMONIA images)")
     pr_ax.set_ylabel("PPV (precision, share of flagged images with pneumonia)")
     pr_ax.set_title("Precision-recall curve")
-    for ax in (roc_ax, pr_ax):
-        ax.set_xlim(-0.02, 1.02)
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-    if len(np.unique(y_true)) < 2:
-        for ax in (roc_ax, pr_ax):
-            ax.text(0.5, 0.5, "undefined: only one class present", ha="center", va="center")
+    pr_ax.set_xlim(-0.02, 1.02)
+    pr_ax.set_ylim(-0.02, 1.02)
+    pr_ax.grid(alpha=0.3)
+    if rates is None:
+        pr_ax.text(0.5, 0.5, "undefined: only one class present", ha="center", va="center")
         fig.suptitle(title)
         return _save(fig, path)
 
-    rates = operating_rates(y_true, p_pneumonia, threshold)
-    sensitivity, specificity, ppv = rates["sensitivity"], rates["specificity"], rates["ppv"]
-
-    fpr, tpr, _ = roc_curve(y_true, p_pneumonia)
-    auc = float(roc_auc_score(y_true, p_pneumonia))
-    roc_ax.plot(
-        fpr, tpr, color="#4C72B0", label=f"ROC AUC {auc:.3f}{_ci_text(intervals.get('auc'))}"
-    )
-    roc_ax.plot([0, 1], [0, 1], ":", color="grey", label="chance")
-    spec_ci = intervals.get("specificity")
-    roc_ax.errorbar(
-        1 - specificity,
-        sensitivity,
-        xerr=_interval_error(
-            1 - specificity, None if spec_ci is None else [1 - spec_ci[1], 1 - spec_ci[0]]
-        ),
-        yerr=_interval_error(sensitivity, intervals.get("sensitivity")),
-        fmt="o",
-        color="#C44E52",
-        capsize=4,
-        label=f"threshold {format_threshold(threshold)}: sensitivity {sensitivity:.3f}, "
-        f"specificity {specificity:.3f}",
-    )
-    roc_ax.legend(loc="lower right", fontsize=8)
-
+    sensitivity, ppv = rates["sensitivity"], rates["ppv"]
     precision, recall, _ = precision_recall_curve(y_true, p_pneumonia)
     pr_auc = float(average_precision_score(y_true, p_pneumonia))
     pr_ax.step(
@@ -222,6 +243,42 @@ def plot_roc_pr(
     pr_ax.legend(loc="lower left", fontsize=8)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_subtype_roc(
+    is_bacterial: np.ndarray,
+    p_bacterial: np.ndarray,
+    threshold: float,
+    path: str | Path,
+    intervals: dict[str, Sequence[float]] | None = None,
+    title: str = "",
+) -> Path:
+    """ROC curve of the bacterial-or-viral estimate on pneumonias of known cause, bacterial
+    as the positive class (the class its threshold is set for), the call marked.
+
+    Args:
+        is_bacterial: 1 for bacterial, 0 for viral pneumonia.
+        p_bacterial: P(bacterial) = 1 - P(viral).
+        threshold: The call's threshold on P(bacterial).
+        path: Where to write the PNG.
+        intervals: Optional ``[low, high]`` for ``auc``, ``sensitivity`` (bacterial called
+            bacterial) and ``specificity`` (viral called viral).
+        title: Figure title.
+    """
+    fig, ax = plt.subplots(figsize=(5.8, 5.2))
+    _roc_panel(
+        ax,
+        np.asarray(is_bacterial).astype(int),
+        np.asarray(p_bacterial, dtype=float),
+        threshold,
+        intervals or {},
+        "bacterial",
+        "viral",
+    )
+    if title:
+        ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 

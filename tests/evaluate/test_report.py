@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -27,8 +28,12 @@ from pneumoscan.evaluate.report import (
     training_history,
     worst_errors,
 )
+from pneumoscan.evaluate.scoring import ScoredImages, subtype_in_sample
 from pneumoscan.formatting import format_threshold
 from pneumoscan.inference.export import file_sha256
+from pneumoscan.models import modelfile
+from pneumoscan.models.modelfile import OperatingPoint
+from pneumoscan.models.subtype import SubtypeHead
 
 from conftest import CHROMIUM, CHROMIUM_ARGS, FIXTURES, SITE_SAMPLE
 
@@ -284,3 +289,75 @@ def test_a_site_calibrated_model_on_its_own_sample_says_so(
             flipped = Image.open(path).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             flipped.save(other / label / path.name)
     assert evaluate(other, model=site, n_resamples=100)["calibration_sample"] is None
+
+
+def _subtype_subset(folder: Path) -> Path:
+    """A few real normals and bacterial and viral pneumonias of the report's data."""
+    for label, patterns in (("NORMAL", ["*.jpeg"]), ("PNEUMONIA", ["*bacteria*", "*virus*"])):
+        (folder / label).mkdir(parents=True)
+        for pattern in patterns:
+            for path in sorted((REPORT_DATA / label).glob(pattern))[:4]:
+                shutil.copy(path, folder / label / path.name)
+    return folder
+
+
+def test_report_of_a_subtype_model_shows_the_head_with_its_limits(
+    subtype_model: Path, tmp_path: Path
+) -> None:
+    data = _subtype_subset(tmp_path / "named")
+    result = build_report(
+        tmp_path / "r.html", data, model=subtype_model, n_resamples=100, max_errors=1
+    )
+    page = result.path.read_text(encoding="utf-8")
+    block = result.metrics["subtype"]
+    assert (block["n_bacterial"], block["n_viral"]) == (4, 4) and block["in_sample"] is None
+    section = page[page.index('<section id="subtype-estimate">') :]
+    section = section[: section.index("</section>")]
+    assert "estimate, not a microbiological diagnosis" in section
+    assert "whatever the pneumonia decision" in section and "In-sample" not in section
+    figure = re.search(r'<img id="fig-subtype-roc" src="([^"]+)"', section)
+    assert figure is not None and figure.group(1).startswith("data:image/png;base64,")
+    shown = dict(re.findall(r'data-key="(subtype\.[^"]+)" data-value="([^"]*)"', section))
+    for key in ("auc", "auc_ci.0", "bacterial_sensitivity", "viral_specificity_ci.1", "ece"):
+        assert json.loads(html.unescape(shown[f"subtype.{key}"])) == _lookup(
+            result.metrics, f"subtype.{key}"
+        ), key
+    assert shown["subtype.confusion_matrix.1.1"] == str(block["confusion_matrix"][1][1])
+    card = page[page.index('<section id="model-card">') :]
+    limits = card[card.index('<div id="subtype-limits">') :]
+    for words in ("not a microbiological diagnosis", "file names", "Co-infection", "one hospital"):
+        assert words in limits, words
+    assert "subtype estimate" in card and "on P(bacterial)" in card
+
+
+def _named_scored(split: str, head: SubtypeHead) -> ScoredImages:
+    table = pd.DataFrame(
+        {"path": ["a/person1_bacteria_1.jpeg", "a/person2_virus_1.jpeg"],
+         "label": ["PNEUMONIA"] * 2, "patient_id": ["person1", "person2"],
+         "subtype": ["bacteria", "virus"], "p_viral": [0.2, 0.7]}
+    )  # fmt: skip
+    return ScoredImages(table, np.array([0.9, 0.9]), [], "a", split, "m.keras", 0.5, subtype=head)
+
+
+def test_subtype_figures_are_flagged_in_sample_where_the_head_was_fitted() -> None:
+    from pneumoscan.evaluate.report import _subtype_estimate
+    from pneumoscan.evaluate.scoring import summarise
+
+    validation = SubtypeHead(
+        np.zeros(2), 0.0, OperatingPoint(0.5, fitted_on=modelfile.VALIDATION_SPLIT), {}, {}
+    )
+    site = SubtypeHead(
+        np.zeros(2), 0.0, OperatingPoint(0.5, fitted_on=modelfile.SITE_SAMPLE), {}, {}
+    )
+    found = {"overlap": 2, "n": 2}
+    # The head's own validation pneumonias, or the site sample it was calibrated on.
+    assert "validation" in str(subtype_in_sample(_named_scored("val", validation), None))
+    assert "site-calibration" in str(subtype_in_sample(_named_scored("all", site), found))
+    # A site sample the head was not calibrated on, or a test split: out of sample.
+    assert subtype_in_sample(_named_scored("all", validation), found) is None
+    assert subtype_in_sample(_named_scored("test", validation), None) is None
+    scored = _named_scored("val", validation)
+    metrics = summarise(scored, n_resamples=20)
+    metrics["subtype"]["in_sample"] = subtype_in_sample(scored, None)
+    section = _subtype_estimate(metrics, scored, {"subtype": {}}, {})
+    assert 'id="subtype-in-sample"' in section and "in-sample and optimistic" in section

@@ -50,7 +50,8 @@ def evaluate(
     ] = DEFAULT_RESAMPLES,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = DEFAULT_SEED,
 ) -> None:
-    """Classification report, confusion matrix, ROC AUC and every rate with its 95% CI."""
+    """Classification report, confusion matrix, ROC AUC and every rate with its 95% CI; for a
+    model with a subtype head, its bacterial-or-viral figures on the named pneumonias."""
     from pneumoscan.evaluate.scoring import evaluate as run_evaluation  # lazy: loads pandas
 
     if (data is None) == (data_option is None):
@@ -75,6 +76,7 @@ def evaluate(
         f"specificity {_fmt(metrics['specificity'])}  accuracy {_fmt(metrics['accuracy'])}"
     )
     _print_uncertainty(metrics)
+    _print_subtype(metrics)
     if metrics["skipped"]:
         stdout.print(f"{len(metrics['skipped'])} unreadable images skipped")
     if plot is not None:
@@ -124,6 +126,34 @@ def _print_uncertainty(metrics: dict[str, Any]) -> None:
         f"AUC, PR AUC and F1 intervals: {boot['n_resamples']} bootstrap resamples of "
         f"{boot['unit']}s (seed {boot['seed']}); rates: Wilson intervals on image counts"
     )
+
+
+def _print_subtype(metrics: dict[str, Any]) -> None:
+    """The subtype head's figures on the named pneumonias, when they were measured."""
+    block = metrics.get("subtype")
+    if not block:
+        return
+    stdout.print(
+        f"Subtype (bacterial vs viral; {block['label']}): "
+        f"AUC {_fmt(block['auc'])} ({_fmt_ci(block['auc_ci'])}), "
+        f"bacterial sensitivity {_fmt(block['bacterial_sensitivity'])} "
+        f"({_fmt_ci(block['bacterial_sensitivity_ci'])}), "
+        f"viral specificity {_fmt(block['viral_specificity'])} "
+        f"({_fmt_ci(block['viral_specificity_ci'])}), "
+        f"ECE {_fmt(block['ece'])}, on {block['n']} pneumonias",
+        highlight=False,
+    )
+    stdout.print(
+        f"  {block['n_bacterial']} bacterial, {block['n_viral']} viral, every named pneumonia "
+        f"whatever the pneumonia decision; threshold "
+        f"{format_threshold(block['threshold'])} on {block['threshold_applies_to']}; AUC "
+        f"interval: bootstrap over {block['bootstrap']['n_units']} "
+        f"{block['bootstrap']['unit']}s, rates: Wilson",
+        highlight=False,
+    )
+    if block.get("in_sample"):
+        # Beside the figures it qualifies, where a reader of the output cannot miss it.
+        stdout.print(f"  in-sample: {block['in_sample']}", highlight=False)
 
 
 def compare(

@@ -28,7 +28,8 @@ from pneumoscan.constants import ASSETS_DIR, CLASSES, DEFAULT_SEED
 from pneumoscan.data.preprocess import decode_to_uint8, load_image
 from pneumoscan.evaluate.scoring import (
     ScoredImages,
-    flag_calibration_sample,
+    flag_in_sample,
+    named_pneumonias,
     score_images,
     summarise,
 )
@@ -39,6 +40,7 @@ from pneumoscan.inference.predictor import Predictor
 from pneumoscan.jsonio import jsonable
 from pneumoscan.metrics import DEFAULT_RESAMPLES, reliability_table
 from pneumoscan.models.modelfile import MetadataView, OperatingPoint
+from pneumoscan.models.subtype import SUBTYPE_LABEL, subtype_targets
 from pneumoscan.progress import Reporter
 
 if TYPE_CHECKING:
@@ -443,6 +445,77 @@ def _subtypes(metrics: dict[str, Any]) -> str:
     return f'<section id="subtypes"><h2>Sensitivity per pneumonia subtype</h2>{content}</section>'
 
 
+def _subtype_estimate(
+    metrics: dict[str, Any],
+    scored: ScoredImages,
+    metadata: dict[str, Any],
+    figures: dict[str, str | None],
+) -> str:
+    """The bacterial-or-viral head's figures on the named pneumonias, with their ROC curve;
+    nothing for a model without a head."""
+    if "subtype" not in metadata:
+        return ""
+    heading = (
+        '<section id="subtype-estimate"><h2>Subtype estimate: bacterial or viral '
+        f"({html.escape(SUBTYPE_LABEL)})</h2>"
+    )
+    block = metrics.get("subtype")
+    if not block:
+        reason = (
+            "no PNEUMONIA image here names its cause (bacteria or virus) in its file name"
+            if "p_viral" in scored.table
+            else "the scoring file gives no subtype estimate (an export without the pooled "
+            "features the head reads)"
+        )
+        return heading + f'<p class="muted">Not measured: {html.escape(reason)}.</p></section>'
+    boot = block["bootstrap"]
+    resampled = f"bootstrap over {boot['n_units']} {boot['unit']}s ({boot['n_resamples']})"
+    rows = [
+        ["ROC AUC (bacterial against viral)", "auc", "auc_ci", resampled],
+        ["Bacterial sensitivity (bacterial called bacterial)", "bacterial_sensitivity",
+         "bacterial_sensitivity_ci", "Wilson"],
+        ["Viral specificity (viral called viral)", "viral_specificity", "viral_specificity_ci",
+         "Wilson"],
+    ]  # fmt: skip
+    cells = [
+        [html.escape(label), number(metrics, f"subtype.{key}"),
+         interval(metrics, f"subtype.{ci}"), html.escape(method)]
+        for label, key, ci, method in rows
+    ]  # fmt: skip
+    cells.append(
+        ["Expected calibration error of P(viral) (10 bins)", number(metrics, "subtype.ece"), "",
+         "lower is better"]
+    )  # fmt: skip
+    cm = "subtype.confusion_matrix"
+    counts = _table(
+        ["", "called viral", "called bacterial"],
+        [
+            ["viral", number(metrics, f"{cm}.0.0"), number(metrics, f"{cm}.0.1")],
+            ["bacterial", number(metrics, f"{cm}.1.0"), number(metrics, f"{cm}.1.1")],
+        ],
+    )
+    in_sample = (
+        f'<p class="warning" id="subtype-in-sample">In-sample: {html.escape(block["in_sample"])}.'
+        "</p>"
+        if block.get("in_sample")
+        else ""
+    )
+    return (
+        heading + in_sample + f"<p>Measured on {html.escape(block['population'])}: "
+        f"{number(metrics, 'subtype.n_bacterial')} bacterial and "
+        f"{number(metrics, 'subtype.n_viral')} viral pneumonias "
+        f"({number(metrics, 'subtype.n_unnamed')} of unnamed cause left out). The call is "
+        f"bacterial when {html.escape(block['threshold_applies_to'])} reaches "
+        f"{number(metrics, 'subtype.threshold')}. The causes are the file names' words, not "
+        "microbiology.</p>"
+        + f'<div id="subtype-metrics">{_table(["metric", "value", "95% CI", "interval"], cells)}'
+        "</div>"
+        + counts
+        + _figure(figures.get("subtype_roc"), "Subtype estimate ROC curve", "fig-subtype-roc")
+        + "</section>"
+    )
+
+
 def _sources(metrics: dict[str, Any]) -> str:
     rows = _group_rows(metrics, "per_source", "cleared", "specificity")
     if not rows:
@@ -599,6 +672,48 @@ def _site_calibration_fact(metadata: dict[str, Any]) -> str | None:
     return line
 
 
+#: What the bacterial-or-viral estimate is not, on the model card of a model that gives it.
+SUBTYPE_LIMITS = (
+    "An estimate from the X-ray, not a microbiological diagnosis: it does not replace "
+    "cultures, PCR or clinical judgement, and is no basis for choosing an antibiotic.",
+    "Its labels are the words of the training images' file names (bacteria, virus), as the "
+    "data set was published, not checked against microbiology; pneumonias of unnamed cause "
+    "were left out of its training and of its figures.",
+    "Co-infection (bacterial and viral at once) is not modelled: it gives one probability, "
+    "viral against bacterial.",
+    "Trained on one hospital's images of young children: at another hospital "
+    "its figures are unknown until measured on that site's pneumonias of known cause.",
+    "Given only for images decided PNEUMONIA; the figures in this report are measured on every "
+    "named pneumonia, whatever the pneumonia decision.",
+)
+
+
+def _subtype_card(metadata: dict[str, Any]) -> str:
+    """The model card's limits of the subtype estimate (nothing for a model without one)."""
+    if "subtype" not in metadata:
+        return ""
+    items = "".join(f"<li>{html.escape(item)}</li>" for item in SUBTYPE_LIMITS)
+    return (
+        '<div id="subtype-limits"><h3>Subtype estimate (bacterial or viral): limits</h3>'
+        f"<ul>{items}</ul></div>"
+    )
+
+
+def _subtype_fact(metadata: dict[str, Any]) -> str | None:
+    """One line on the subtype head: its threshold, the rule and what it was fitted on."""
+    entry = metadata.get("subtype")
+    if not entry:
+        return None
+    # Scoring read the same entry first (SubtypeHead.from_metadata), so it is whole here.
+    point = OperatingPoint.from_metadata(entry["operating_point"])
+    line = f"threshold {format_threshold(point.threshold)} on P(bacterial)"
+    if point.threshold_rule:
+        line += f" ({point.threshold_rule})"
+    if point.fitted_on:
+        line += f"; fitted on the {point.fitted_on}"
+    return line
+
+
 def _model_card(metadata: dict[str, Any], metrics: dict[str, Any] | None = None) -> str:
     metrics = metrics or {}
     view = MetadataView(metadata)
@@ -620,6 +735,7 @@ def _model_card(metadata: dict[str, Any], metrics: dict[str, Any] | None = None)
         ("threshold rule", point and point.threshold_rule),
         ("site calibration", _site_calibration_fact(metadata)),
         ("temperature", view.stored_temperature),
+        ("subtype estimate", _subtype_fact(metadata)),
         (
             "validation metrics",
             ", ".join(
@@ -639,6 +755,7 @@ def _model_card(metadata: dict[str, Any], metrics: dict[str, Any] | None = None)
     return (
         '<section id="model-card"><h2>Model card</h2>'
         + intended_use_html()
+        + _subtype_card(metadata)
         + text
         + _table(["fact", "value"], rows, text=True)
         + "</section>"
@@ -678,6 +795,7 @@ def render_report(
             _calibration(metrics, figures),
             _sweep(metrics),
             _subtypes(metrics),
+            _subtype_estimate(metrics, scored, metadata, figures),
             _sources(metrics),
             _shortcuts(shortcuts),
             _gallery(scored, missed, alarms, figures),
@@ -740,6 +858,7 @@ def _draw_figures(
         plot_reliability,
         plot_roc_pr,
         plot_sample_grid,
+        plot_subtype_roc,
         plot_training_curves,
     )
 
@@ -778,6 +897,25 @@ def _draw_figures(
     }
     if history is not None:
         draw["training_curves"] = lambda path: plot_training_curves(history, path)
+    subtype = metrics.get("subtype")
+    if subtype:
+        named = named_pneumonias(table)
+        is_bacterial = 1 - subtype_targets(table["subtype"].to_numpy()[named])[0].astype(int)
+        p_bacterial = 1.0 - table["p_viral"].to_numpy(dtype=float)[named]
+        subtype_intervals = {
+            "auc": subtype["auc_ci"],
+            "sensitivity": subtype["bacterial_sensitivity_ci"],
+            "specificity": subtype["viral_specificity_ci"],
+        }
+        draw["subtype_roc"] = lambda path: plot_subtype_roc(
+            is_bacterial,
+            p_bacterial,
+            subtype["threshold"],
+            path,
+            subtype_intervals,
+            title=f"Bacterial or viral, {name}: {subtype['n_bacterial']} bacterial, "
+            f"{subtype['n_viral']} viral pneumonias\n({SUBTYPE_LABEL})",
+        )
     for key, rows, label in (
         ("false_negatives", missed, "Missed pneumonia (false negatives)"),
         ("false_positives", alarms, "False alarms (false positives)"),
@@ -856,7 +994,7 @@ def build_report(
     loaded = predictor.model
     scored = score_images(data, loaded, split, batch_size, reporter)
     metrics = summarise(scored, n_resamples, seed)
-    metrics["calibration_sample"] = flag_calibration_sample(loaded.metadata, scored, reporter)
+    flag_in_sample(metrics, loaded.metadata, scored, reporter)
     missed, alarms = worst_errors(scored.y_true, scored.p_pneumonia, scored.threshold, max_errors)
     with tempfile.TemporaryDirectory(prefix="pneumoscan-report-") as folder:
         figures = _draw_figures(Path(folder), scored, metrics, predictor, missed, alarms, seed)

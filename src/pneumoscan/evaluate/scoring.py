@@ -1,8 +1,9 @@
 """Evaluate a model on a labelled folder: every figure with its uncertainty.
 
 Scoring streams images in batches and keeps only one probability, label, patient id, subtype
-and path per image, so memory does not grow with the images held; the metrics are then pure
-functions of those columns (:func:`pneumoscan.metrics.evaluation_metrics`).
+and path per image (and P(viral) for a model with a subtype head), so memory does not grow
+with the images held; the metrics are then pure functions of those columns
+(:func:`pneumoscan.metrics.evaluation_metrics`, :func:`pneumoscan.metrics.subtype_metrics`).
 """
 
 from __future__ import annotations
@@ -22,20 +23,39 @@ from pneumoscan.data.dataset import (
     select_split,
     source_from_name,
 )
+from pneumoscan.data.pipeline import iter_decoded_batches
 from pneumoscan.errors import DatasetError
 from pneumoscan.formatting import format_threshold
 from pneumoscan.inference.predict import model_identity
 from pneumoscan.inference.predictor import Predictor
-from pneumoscan.inference.scorer import score_files
-from pneumoscan.metrics import DEFAULT_RESAMPLES, evaluation_metrics, report_text
+from pneumoscan.inference.scorer import Scorer, subtype_head
+from pneumoscan.metrics import (
+    DEFAULT_RESAMPLES,
+    evaluation_metrics,
+    report_text,
+    subtype_metrics,
+)
+from pneumoscan.models.subtype import (
+    BACTERIAL,
+    SUBTYPE_LABEL,
+    SUBTYPE_TARGETS,
+    SubtypeHead,
+    subtype_targets,
+)
 from pneumoscan.progress import Reporter
 from pneumoscan.train.site import calibration_sample_overlap
 
 if TYPE_CHECKING:
     from pneumoscan.inference.scorer import AnyModel
 
-#: Columns kept per scored image.
+#: Columns kept per scored image (plus ``p_viral`` for a model with a subtype head).
 SCORED_COLUMNS = ["path", "label", "patient_id", "subtype"]
+#: Which images the subtype figures are measured on, in words.
+SUBTYPE_POPULATION = (
+    "PNEUMONIA images whose file names name the cause (bacteria or virus), whatever the "
+    "pneumonia decision: the figures measure the subtype head, not the pipeline (which gives "
+    "an estimate only for images it decides PNEUMONIA)"
+)
 
 
 @dataclass
@@ -43,7 +63,8 @@ class ScoredImages:
     """The outcome of scoring one labelled split: a few columns per readable image.
 
     Attributes:
-        table: ``path, label, patient_id, subtype`` of each scored image, in scoring order.
+        table: ``path, label, patient_id, subtype`` of each scored image, in scoring order,
+            and ``p_viral`` (calibrated P(viral)) when the model has a subtype head.
         p_pneumonia: P(pneumonia) per row of ``table``.
         skipped: Unreadable files with the reason.
         data: The dataset given.
@@ -52,6 +73,8 @@ class ScoredImages:
         threshold: The model's operating threshold.
         model_sha256: SHA-256 of the model file that scored.
         backend: ``onnx`` or ``keras``.
+        subtype: The model's bacterial-or-viral head, when it has one and the scoring file
+            gives its estimate.
     """
 
     table: pd.DataFrame
@@ -63,6 +86,7 @@ class ScoredImages:
     threshold: float
     model_sha256: str | None = None
     backend: str | None = None
+    subtype: SubtypeHead | None = None
 
     @property
     def y_true(self) -> np.ndarray:
@@ -80,25 +104,36 @@ def score_table(
     table: pd.DataFrame,
     batch_size: int = 32,
     reporter: Reporter | None = None,
-) -> tuple[np.ndarray, list[dict[str, str]]]:
-    """P(pneumonia) for every row of a table, streaming; NaN for unreadable files.
+) -> tuple[np.ndarray, np.ndarray | None, list[dict[str, str]]]:
+    """P(pneumonia), and P(viral) for a model with a subtype head, for every row of a table,
+    streaming; NaN for unreadable files.
+
+    One :class:`~pneumoscan.inference.scorer.Scorer` for the whole table: both estimates come
+    from the same forward pass, and a Keras model's feature network is built once.
 
     Returns:
-        ``(p_pneumonia, skipped)``: one score per row and the unreadable files with reasons.
+        ``(p_pneumonia, p_viral, skipped)``: one score per row (``p_viral`` is ``None`` when
+        the scoring file gives no subtype estimate) and the unreadable files with reasons.
     """
     reporter = reporter or Reporter(quiet=True)
     paths = table["path"].tolist()
+    scorer = Scorer(loaded)
     p_pneumonia = np.full(len(paths), np.nan)
+    with_subtype = scorer.subtype is not None and scorer.with_features
+    p_viral = np.full(len(paths), np.nan) if with_subtype else None
     skipped: list[dict[str, str]] = []
     with reporter.task(f"scoring ({loaded.name})", total=len(paths)) as advance:
-        for score in score_files(loaded, paths, batch_size=batch_size):
-            if score.probability is None:
-                skipped.append({"path": score.path, "error": str(score.error)})
-                reporter.warn(f"skipped {score.error}")
-            else:
-                p_pneumonia[score.position] = score.probability
-            advance(1)
-    return p_pneumonia, skipped
+        for batch in iter_decoded_batches(paths, loaded.preprocess, batch_size=batch_size):
+            if batch.indices:
+                forward = scorer.forward(batch.pixels)
+                p_pneumonia[batch.indices] = scorer.calibrate(forward.p_raw)
+                if p_viral is not None and forward.p_viral is not None:
+                    p_viral[batch.indices] = forward.p_viral
+            for position, failure in batch.errors:
+                skipped.append({"path": paths[position], "error": failure.message})
+                reporter.warn(f"skipped {failure.message}")
+            advance(len(batch.indices) + len(batch.errors))
+    return p_pneumonia, p_viral, skipped
 
 
 def score_images(
@@ -128,7 +163,7 @@ def score_images(
         scanned = scan_dataset(data)
         table = select_split(scanned, split, loaded.metadata)
         split = split_name(scanned, split)
-    p_pneumonia, skipped = score_table(loaded, table, batch_size, reporter)
+    p_pneumonia, p_viral, skipped = score_table(loaded, table, batch_size, reporter)
     scored = ~np.isnan(p_pneumonia)
     if not scored.any():
         raise DatasetError(f"{data}: none of the {len(table)} images could be read")
@@ -136,8 +171,11 @@ def score_images(
     if missing:
         reporter.warn(f"no {missing} images: AUC and the missing class's rates are undefined (NaN)")
     identity = model_identity(loaded)
+    kept = table.loc[scored, SCORED_COLUMNS].reset_index(drop=True)
+    if p_viral is not None:
+        kept["p_viral"] = p_viral[scored]
     return ScoredImages(
-        table=table.loc[scored, SCORED_COLUMNS].reset_index(drop=True),
+        table=kept,
         p_pneumonia=p_pneumonia[scored],
         skipped=skipped,
         data=str(data),
@@ -146,34 +184,87 @@ def score_images(
         threshold=loaded.threshold,
         model_sha256=identity.model_sha256,
         backend=identity.backend,
+        subtype=subtype_head(loaded) if p_viral is not None else None,
     )
 
 
 def image_scores(scored: ScoredImages) -> list[dict[str, Any]]:
     """Every scored image as a record: ``path``, ``label``, ``p_pneumonia``, ``patient_id``
-    (in scoring order), so a JSON reader can redo any figure or look at single images."""
-    return [
-        {
+    (in scoring order), and ``p_viral`` for a model with a subtype head, so a JSON reader can
+    redo any figure or look at single images."""
+    table = scored.table
+    p_viral = table["p_viral"] if "p_viral" in table else [None] * len(table)
+    records = []
+    for path, label, patient, p, viral in zip(
+        table["path"], table["label"], table["patient_id"], scored.p_pneumonia, p_viral,
+        strict=True,
+    ):  # fmt: skip
+        record = {
             "path": str(path),
             "label": str(label),
             "p_pneumonia": float(p),
             "patient_id": str(patient),
         }
-        for path, label, patient, p in zip(
-            scored.table["path"],
-            scored.table["label"],
-            scored.table["patient_id"],
-            scored.p_pneumonia,
-            strict=True,
-        )
-    ]
+        if viral is not None:
+            record["p_viral"] = float(viral)
+        records.append(record)
+    return records
+
+
+def named_pneumonias(table: pd.DataFrame) -> np.ndarray:
+    """Rows of a scored table that the subtype figures count: PNEUMONIA images whose file
+    name names the cause (``bacteria`` or ``virus``)."""
+    pneumonia = (table["label"] == CLASSES[1]).to_numpy()
+    return np.asarray(pneumonia & table["subtype"].isin(list(SUBTYPE_TARGETS)).to_numpy())
+
+
+def subtype_summary(
+    scored: ScoredImages, n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED
+) -> dict[str, Any] | None:
+    """The subtype head's figures (:func:`pneumoscan.metrics.subtype_metrics`, bootstrap over
+    patients) on every PNEUMONIA image whose file name names its cause, whatever the pneumonia
+    decision, plus ``population``, ``label``, ``threshold_applies_to``, ``n_unnamed``
+    (pneumonias of unnamed cause, left out), ``fitted_on`` (what the head's calibration was
+    fitted on) and ``in_sample`` (``None`` here; :func:`flag_in_sample` sets it).
+
+    Returns:
+        ``None`` when the model gives no subtype estimate or no image names its cause.
+    """
+    table = scored.table
+    if scored.subtype is None or "p_viral" not in table:
+        return None
+    pneumonia = (table["label"] == CLASSES[1]).to_numpy()
+    named = named_pneumonias(table)
+    if not named.any():
+        return None
+    is_viral, _ = subtype_targets(table["subtype"].to_numpy()[named])
+    p_viral = table["p_viral"].to_numpy(dtype=float)[named]
+    head = scored.subtype
+    figures = subtype_metrics(
+        is_viral,
+        p_viral,
+        np.array([head.call(p) == BACTERIAL for p in p_viral], dtype=bool),
+        head.point.threshold,
+        groups=table["patient_id"].to_numpy()[named],
+        n_resamples=n_resamples,
+        seed=seed,
+    )
+    return figures | {
+        "population": SUBTYPE_POPULATION,
+        "label": SUBTYPE_LABEL,
+        "threshold_applies_to": "P(bacterial) = 1 - P(viral)",
+        "n_unnamed": int((pneumonia & ~named).sum()),
+        "fitted_on": head.point.fitted_on,
+        "in_sample": None,
+    }
 
 
 def summarise(
     scored: ScoredImages, n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED
 ) -> dict[str, Any]:
     """The metrics of scored images: :func:`pneumoscan.metrics.evaluation_metrics` (bootstrap
-    over patients) plus ``model``, ``data``, ``split``, ``report`` (text) and ``skipped``."""
+    over patients) plus ``model``, ``data``, ``split``, ``report`` (text) and ``skipped``, and
+    ``subtype`` (:func:`subtype_summary`) when the model's subtype estimate can be measured."""
     y_true = scored.y_true
     metrics = evaluation_metrics(
         y_true,
@@ -185,16 +276,21 @@ def summarise(
         seed=seed,
         sources=[source_from_name(Path(path).name) for path in scored.table["path"]],
     )
-    return metrics | {
-        "model": scored.model,
-        "model_sha256": scored.model_sha256,
-        "backend": scored.backend,
-        "pneumoscan_version": __version__,
-        "data": scored.data,
-        "split": scored.split,
-        "report": report_text(y_true, scored.p_pneumonia, scored.threshold),
-        "skipped": scored.skipped,
-    }
+    subtype = subtype_summary(scored, n_resamples, seed)
+    return (
+        metrics
+        | ({} if subtype is None else {"subtype": subtype})
+        | {
+            "model": scored.model,
+            "model_sha256": scored.model_sha256,
+            "backend": scored.backend,
+            "pneumoscan_version": __version__,
+            "data": scored.data,
+            "split": scored.split,
+            "report": report_text(y_true, scored.p_pneumonia, scored.threshold),
+            "skipped": scored.skipped,
+        }
+    )
 
 
 def flag_calibration_sample(
@@ -206,6 +302,48 @@ def flag_calibration_sample(
     if found and reporter is not None:
         reporter.warn(found["warning"])
     return found
+
+
+def subtype_in_sample(
+    scored: ScoredImages, calibration_sample: dict[str, Any] | None
+) -> str | None:
+    """Why the subtype figures are in-sample, or ``None``: they are when these images are the
+    ones its calibration and threshold were fitted on (the model's validation split, or the
+    site-calibration sample of a head calibrated at the site).
+
+    Args:
+        scored: The scored images (their split and the model's head).
+        calibration_sample: :func:`flag_calibration_sample`'s finding.
+    """
+    head = scored.subtype
+    if head is None:
+        return None
+    fitted = "the subtype head's calibration and threshold were fitted on them"
+    if scored.split == "val" and not head.point.site_calibrated:
+        return (
+            f"these are the model's own validation pneumonias and {fitted}: the subtype "
+            "figures are in-sample and optimistic"
+        )
+    if calibration_sample and head.point.site_calibrated:
+        return (
+            f"{calibration_sample['overlap']} of {calibration_sample['n']} images are this "
+            f"model's site-calibration sample and {fitted}: the subtype figures are in-sample "
+            "and optimistic"
+        )
+    return None
+
+
+def flag_in_sample(
+    metrics: dict[str, Any],
+    metadata: dict[str, Any],
+    scored: ScoredImages,
+    reporter: Reporter | None,
+) -> None:
+    """Set ``calibration_sample`` (:func:`flag_calibration_sample`) and the subtype block's
+    ``in_sample`` (:func:`subtype_in_sample`) in ``metrics``."""
+    metrics["calibration_sample"] = flag_calibration_sample(metadata, scored, reporter)
+    if "subtype" in metrics:
+        metrics["subtype"]["in_sample"] = subtype_in_sample(scored, metrics["calibration_sample"])
 
 
 def evaluate(
@@ -238,7 +376,9 @@ def evaluate(
         See :func:`summarise`, plus ``scores``: every image's record (:func:`image_scores`),
         and ``calibration_sample``: for a site-calibrated model scored on images of its own
         calibration sample, how many and the cross-validated figures to expect instead
-        (:func:`pneumoscan.train.site.calibration_sample_overlap`; else ``None``).
+        (:func:`pneumoscan.train.site.calibration_sample_overlap`; else ``None``). For a model
+        with a subtype head on images whose file names name the cause, ``subtype``
+        (:func:`subtype_summary`), its ``in_sample`` set by :func:`subtype_in_sample`.
 
     Raises:
         DatasetError: No readable labelled image is left.
@@ -246,7 +386,7 @@ def evaluate(
     loaded = (model if isinstance(model, Predictor) else Predictor.open(model)).model
     scored = score_images(data, loaded, split, batch_size, reporter)
     metrics = summarise(scored, n_resamples, seed) | {"scores": image_scores(scored)}
-    metrics["calibration_sample"] = flag_calibration_sample(loaded.metadata, scored, reporter)
+    flag_in_sample(metrics, loaded.metadata, scored, reporter)
     if plot_path is not None:
         from pneumoscan.plots import plot_confusion_matrix  # lazy: loads matplotlib
 
