@@ -120,8 +120,8 @@ def train(
         learning_rate=learning_rate, seed=seed, val_fraction=val_fraction,
         max_images=max_images, augment=augment, label_smoothing=label_smoothing,
         precision=precision, intensity=intensity, batchnorm=batchnorm, select_on=select_on,
-        frozen_blocks=frozen_blocks, subtype_weight=subtype_weight, teacher=teacher, distill_weight=distill_weight,
-        keep_checkpoints=keep_checkpoints,
+        frozen_blocks=frozen_blocks, subtype_weight=subtype_weight, teacher=teacher,
+        distill_weight=distill_weight, keep_checkpoints=keep_checkpoints,
         target_sensitivity=target_sensitivity, resume=resume,
     )  # fmt: skip
     result = run_training(options, Reporter(stderr), cache_dir=cache_dir, use_cache=not no_cache)

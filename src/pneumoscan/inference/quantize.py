@@ -23,7 +23,8 @@ from pneumoscan.constants import CLASSES, DEFAULT_CALIBRATION_IMAGES, DEFAULT_SE
 from pneumoscan.data.pipeline import iter_decoded_batches
 from pneumoscan.data.preprocess import PreprocessConfig, to_model_input
 from pneumoscan.errors import DatasetError
-from pneumoscan.models.modelfile import MetadataView, OperatingPoint
+from pneumoscan.models.modelfile import VALIDATION_SPLIT, MetadataView, OperatingPoint
+from pneumoscan.models.subtype import DEFAULT_BACTERIAL_SENSITIVITY, subtype_targets
 
 QUANTIZE_CHOICES = ("int8",)
 #: Operators quantised; everything else (pooling head, Gemm, Softmax) stays float32.
@@ -145,14 +146,16 @@ def refit_operating_point(
 
     Returns:
         Metadata entries to replace (``threshold``, ``temperature``, ``logit_bias``,
-        ``calibration``, ``validation_metrics``), or ``{}`` when the model records no target
-        sensitivity or ``data`` has no validation split for it.
+        ``calibration``, ``validation_metrics``, and ``subtype`` for a model with a subtype
+        head, whose threshold is refitted the same way on its int8 features), or ``{}`` when
+        the model records no target sensitivity or ``data`` has no validation split for it.
     """
     from pneumoscan.data.dataset import scan_dataset, select_split  # lazy: loads pandas
     from pneumoscan.inference.calibration import fit_operating_point  # lazy: loads SciPy
 
     # lazy: loads SciPy
-    from pneumoscan.inference.scorer import OnnxModel, OnnxNetwork, onnx_session, score_files
+    from pneumoscan.inference.scorer import OnnxModel, OnnxNetwork, Scorer, onnx_session
+    from pneumoscan.inference.subtype import fit_subtype_point  # lazy: loads SciPy
 
     point = OperatingPoint.from_metadata(metadata)
     target = point.target_sensitivity
@@ -164,11 +167,17 @@ def refit_operating_point(
         return {}
     # The file has no pneumoscan metadata yet: the model's own goes alongside its session.
     model = OnnxModel(OnnxNetwork(onnx_session(onnx_file)), metadata, Path(onnx_file))
-    scores = score_files(model, table["path"].tolist(), calibrated=False)
-    p_raw = np.array([np.nan if s.probability is None else s.probability for s in scores])
+    scorer = Scorer(model)
+    p_raw = np.full(len(table), np.nan)
+    features: dict[int, np.ndarray] = {}
+    for batch in iter_decoded_batches(table["path"].tolist(), model.preprocess, batch_size=32):
+        forward = scorer.forward(batch.pixels)
+        p_raw[batch.indices] = forward.p_raw
+        if forward.features is not None:
+            features.update(zip(batch.indices, forward.features, strict=True))
     y_true = (table["label"] == CLASSES[POSITIVE_INDEX]).to_numpy().astype(int)
     kept = ~np.isnan(p_raw)
-    return fit_operating_point(
+    refitted = fit_operating_point(
         y_true[kept],
         p_raw[kept],
         target,
@@ -176,3 +185,18 @@ def refit_operating_point(
         fitted_on="validation split, int8 model",
         threshold_rule=point.threshold_rule,
     )
+    head = scorer.subtype
+    if head is not None and features and not head.point.site_calibrated:
+        # Int8 rounding moves the pooled features too, and with them P(bacterial).
+        viral, known = subtype_targets(table["subtype"].to_numpy())
+        rows = [int(i) for i in np.flatnonzero(known) if int(i) in features]
+        refitted["subtype"] = fit_subtype_point(
+            head,
+            1 - viral[rows].astype(int),
+            head.raw_bacterial(np.stack([features[i] for i in rows])),
+            head.point.target_sensitivity or DEFAULT_BACTERIAL_SENSITIVITY,
+            split="val pneumonias of named cause (patient-grouped); int8 model",
+            fitted_on=VALIDATION_SPLIT,
+            threshold_rule=head.point.threshold_rule or "",
+        ).to_metadata()
+    return refitted

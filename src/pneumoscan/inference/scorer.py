@@ -221,7 +221,7 @@ def p_pneumonia(model: AnyModel, pixels: np.ndarray, calibrated: bool = True) ->
     """
     if len(pixels) == 0:
         return np.zeros(0, dtype=np.float64)
-    raw = Scorer(model).forward(as_uint8(pixels, "pixels")).p_raw
+    raw = Scorer(model, with_subtype=False).forward(as_uint8(pixels, "pixels")).p_raw
     return calibrate_scores(model, raw) if calibrated else raw
 
 
@@ -320,13 +320,17 @@ class Scorer:
         feature_layers: Layers whose pooled outputs the OOD detector uses (Keras); an ONNX
             graph exported with features outputs them itself. Empty: probabilities only, or
             the subtype head's features when the model has one.
+        with_subtype: Score the subtype head when the model has one (``False``: P(pneumonia)
+            alone, without building a feature network for it).
     """
 
-    def __init__(self, model: AnyModel, feature_layers: Sequence[str] = ()) -> None:
+    def __init__(
+        self, model: AnyModel, feature_layers: Sequence[str] = (), with_subtype: bool = True
+    ) -> None:
         self.model = model
         self.backend = "onnx" if isinstance(model, OnnxModel) else "keras"
         self._keras: Any = None
-        self.subtype = subtype_head(model)
+        self.subtype = subtype_head(model) if with_subtype else None
         if self.subtype is not None and not feature_layers:
             # The head reads the pooled last feature map, which the forward pass then returns.
             feature_layers = [TOP_ACTIVATION]

@@ -44,9 +44,11 @@ from pneumoscan.errors import (
     PneumoscanError,
 )
 from pneumoscan.inference.calibration import fit_operating_point
+from pneumoscan.inference.subtype import fit_subtype_point
 from pneumoscan.jsonio import write_json
 from pneumoscan.models import Recipe, create_model, get_spec
 from pneumoscan.models.modelfile import (
+    VALIDATION_SPLIT,
     OperatingPoint,
     library_versions,
     load_model,
@@ -466,9 +468,7 @@ def train(
     )
 
 
-def _subtype_task(
-    recipe: Recipe, labels: np.ndarray, subtypes: np.ndarray
-) -> SecondTask | None:
+def _subtype_task(recipe: Recipe, labels: np.ndarray, subtypes: np.ndarray) -> SecondTask | None:
     """The subtype head's targets and weights (pneumonia images of named cause only, the two
     causes balanced), or ``None`` when the recipe has no subtype head.
 
@@ -688,9 +688,7 @@ def _finish(
     return validation
 
 
-def _fit_subtype(
-    network: Any, val_x: np.ndarray, val_subtypes: np.ndarray
-) -> dict[str, Any]:
+def _fit_subtype(network: Any, val_x: np.ndarray, val_subtypes: np.ndarray) -> dict[str, Any]:
     """The ``subtype`` metadata entry: the head's weights, with its calibration and the
     threshold for the target bacterial sensitivity fitted on the validation pneumonias."""
     from pneumoscan.train.callbacks import predict_outputs  # lazy: loads TensorFlow
@@ -698,22 +696,23 @@ def _fit_subtype(
     viral, known = subtype_targets(val_subtypes)
     if len(np.unique(viral[known])) < 2:
         raise DatasetError("the validation split lacks bacterial or viral pneumonias")
-    p_viral = predict_outputs(network, _rows(val_x, known))[1][:, 0]
-    target = DEFAULT_BACTERIAL_SENSITIVITY
-    fitted = fit_operating_point(
-        1 - viral[known].astype(int),
-        1.0 - p_viral.astype(np.float64),
-        target,
-        split="val pneumonias of named cause (patient-grouped, from the training data)",
-        fitted_on="validation split",
-        threshold_rule=f"highest threshold with validation bacterial sensitivity >= {target}",
-    )
+    p_viral = predict_outputs(network, _rows(val_x, known))[1][:, 0].astype(np.float64)
     kernel, bias = network.get_layer(SUBTYPE_HEAD).get_weights()
     head = SubtypeHead(
         weights=np.asarray(kernel, dtype=np.float64)[:, 0],
         bias=float(np.asarray(bias).ravel()[0]),
-        point=OperatingPoint.from_metadata(fitted),
-        calibration=fitted["calibration"],
-        validation_metrics=fitted["validation_metrics"],
+        point=OperatingPoint(threshold=0.5),
+        calibration={},
+        validation_metrics={},
+    )
+    target = DEFAULT_BACTERIAL_SENSITIVITY
+    head = fit_subtype_point(
+        head,
+        1 - viral[known].astype(int),
+        1.0 - p_viral,
+        target,
+        split="val pneumonias of named cause (patient-grouped, from the training data)",
+        fitted_on=VALIDATION_SPLIT,
+        threshold_rule=f"highest threshold with validation bacterial sensitivity >= {target}",
     )
     return {"subtype": head.to_metadata()}
