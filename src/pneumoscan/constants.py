@@ -31,6 +31,9 @@ DEFAULT_TARGET_SENSITIVITY = 0.97
 #: the refit delivered about 0.965 on held-out patients of the site sample (cross-validated;
 #: MODEL_CARD.md), against 0.94 for the old margin-free 0.97 target.
 DEFAULT_SITE_TARGET_SENSITIVITY = 0.95
+#: Bacterial sensitivity the subtype call's threshold is set for: calling a bacterial
+#: pneumonia viral (no antibiotics) is the costly error (issue 21's target).
+DEFAULT_BACTERIAL_SENSITIVITY = 0.90
 #: One-sided confidence of a site threshold's sensitivity bound when none is given to the
 #: cross-validation helpers. ``pneumoscan calibrate`` itself chooses it per sample, by the
 #: split check of ``pneumoscan.train.promise`` (MODEL_CARD.md).

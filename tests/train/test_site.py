@@ -304,3 +304,31 @@ def test_evaluating_on_the_calibration_sample_is_flagged(tmp_path: Path) -> None
     assert "in-sample" in found["warning"] and "0.970 (0.930-0.990)" in found["warning"]
     assert calibration_sample_overlap(metadata, sample[10:]) is None
     assert calibration_sample_overlap({"threshold": 0.5}, sample) is None
+
+
+def test_calibrate_refits_the_subtype_estimate_under_the_promise_rules(
+    subtype_model: Path, trained_run: Path, tmp_path: Path
+) -> None:
+    from pneumoscan.data.dataset import scan_dataset
+
+    site = _site()
+    out = tmp_path / "site.keras"
+    result = calibrate_to_site(
+        subtype_model, site, out, refit_head=False, export=False, subtype=True, confidence=0.8
+    )
+    found = result["subtype"]
+    table = scan_dataset(site, read_headers=False)
+    assert found["n_bacterial"] == int((table["subtype"] == "bacteria").sum())
+    assert found["n_viral"] == int((table["subtype"] == "virus").sum())
+    # At a one-sided 80% bound of 0.9, the sample's own bacterial sensitivity is above 0.9.
+    assert found["after"]["sensitivity"] >= 0.9
+    assert found["cross_validated"]["folds"] >= 2
+    entry = read_metadata(out)["subtype"]
+    point = entry["operating_point"]
+    assert point["threshold_fitted_on"] == "site sample"
+    assert point["threshold_confidence"] == 0.8
+    assert point["threshold"] == found["threshold"]
+    assert entry["head"] == read_metadata(subtype_model)["subtype"]["head"]  # weights kept
+    assert read_metadata(out)["site_calibration"]["subtype"]["n_viral"] == found["n_viral"]
+    with pytest.raises(DatasetError, match="no subtype head"):
+        calibrate_to_site(trained_run, site, tmp_path / "x.keras", export=False, subtype=True)

@@ -16,6 +16,7 @@ from pneumoscan.cli.common import (
     stdout,
 )
 from pneumoscan.constants import (
+    DEFAULT_BACTERIAL_SENSITIVITY,
     DEFAULT_SEED,
     DEFAULT_SITE_TARGET_SENSITIVITY,
     DEFAULT_TARGET_SENSITIVITY,
@@ -225,6 +226,16 @@ def calibrate(
     overwrite: Annotated[
         bool, typer.Option(help="Replace --out and its ONNX export if they exist.")
     ] = False,
+    subtype: Annotated[
+        bool,
+        typer.Option(
+            help="Also refit the bacterial-or-viral estimate's calibration and threshold on the "
+            "sample's pneumonias whose file names say bacteria or virus."
+        ),
+    ] = False,
+    subtype_target: Annotated[
+        float, typer.Option(help="Bacterial sensitivity the subtype call should keep.")
+    ] = DEFAULT_BACTERIAL_SENSITIVITY,
 ) -> None:
     """Adapt a model to a site's labelled sample: final layer, calibration, threshold.
 
@@ -237,6 +248,7 @@ def calibrate(
         model, data, out, target_sensitivity, reporter=Reporter(stderr),
         unlabelled=unlabelled, confidence=confidence, export=onnx,
         refit_head=refit_head, train_data=train_data, overwrite=overwrite,
+        subtype=subtype, subtype_target=subtype_target,
     )  # fmt: skip
     table = Table(
         title=f"Site calibration on {data} (n={result['n']}, {result['n_pneumonia']} pneumonia)"
@@ -267,9 +279,7 @@ def calibrate(
         f": one-sided {result['confidence']:.0%} bound) fell short in "
         f"{chosen['failure_rate']:.1%} of {chosen['splits']} splits (allowed: "
         f"{result['promise']['max_failure_rate']:.0%}); per subtype: "
-        + ", ".join(
-            f"{kind} {f['failure_rate']:.1%}" for kind, f in chosen["per_subtype"].items()
-        ),
+        + ", ".join(f"{kind} {f['failure_rate']:.1%}" for kind, f in chosen["per_subtype"].items()),
         highlight=False,
     )
     head = result["head_refit"]
@@ -282,6 +292,8 @@ def calibrate(
         f"threshold {format_threshold(result['threshold'])}; wrote {written}",
         highlight=False,
     )
+    if result.get("subtype"):
+        _print_subtype(result["subtype"])
     stdout.print(
         "The 'on the sample itself' row is optimistic: the threshold was chosen on those images "
         "(scored here as predict scores them). The 'expected' row estimates how the same "
@@ -289,3 +301,27 @@ def calibrate(
     )
     if json_out:
         write_json(json_out, result)
+
+
+def _print_subtype(found: dict[str, Any]) -> None:
+    """The subtype refit's promise: bacterial sensitivity and viral specificity."""
+    table = Table(
+        title=f"Subtype estimate (estimate, not a microbiological diagnosis): "
+        f"{found['n_bacterial']} bacterial, {found['n_viral']} viral pneumonias"
+    )
+    for column in ("", "threshold", "bacterial sensitivity (95% CI)", "viral specificity", "ECE"):
+        table.add_column(column)
+    table.add_row(*_figures_row("after, on the sample itself", found["after"]))
+    cv = found["cross_validated"]
+    if cv:
+        name = f"expected on new images ({cv['repeats']}x {cv['folds']}-fold cross-validated)"
+        table.add_row(*_figures_row(name, cv))
+    stdout.print(table)
+    chosen = found["promise"]["chosen"]
+    stdout.print(
+        f"subtype promise: bacterial sensitivity >= {found['target_bacterial_sensitivity']}; "
+        f"this rule ({found['confidence_rule']}: one-sided {found['confidence']:.0%} bound) "
+        f"fell short in {chosen['failure_rate']:.1%} of {chosen['splits']} patient splits; "
+        f"threshold {format_threshold(found['threshold'])} on P(bacterial) = 1 - P(viral)",
+        highlight=False,
+    )

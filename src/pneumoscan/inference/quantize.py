@@ -19,12 +19,18 @@ from typing import Any
 
 import numpy as np
 
-from pneumoscan.constants import CLASSES, DEFAULT_CALIBRATION_IMAGES, DEFAULT_SEED, POSITIVE_INDEX
+from pneumoscan.constants import (
+    CLASSES,
+    DEFAULT_BACTERIAL_SENSITIVITY,
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_SEED,
+    POSITIVE_INDEX,
+)
 from pneumoscan.data.pipeline import iter_decoded_batches
 from pneumoscan.data.preprocess import PreprocessConfig, to_model_input
 from pneumoscan.errors import DatasetError
 from pneumoscan.models.modelfile import VALIDATION_SPLIT, MetadataView, OperatingPoint
-from pneumoscan.models.subtype import DEFAULT_BACTERIAL_SENSITIVITY, subtype_targets
+from pneumoscan.models.subtype import subtype_targets
 
 QUANTIZE_CHOICES = ("int8",)
 #: Operators quantised; everything else (pooling head, Gemm, Softmax) stays float32.

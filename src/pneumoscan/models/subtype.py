@@ -27,7 +27,6 @@ BACTERIAL, VIRAL = "bacterial", "viral"
 # File-name subtypes (pneumoscan.data.dataset.subtype_from_name) -> the head's target.
 SUBTYPE_TARGETS = {"bacteria": 0, "virus": 1}
 SUBTYPE_LABEL = "estimate, not a microbiological diagnosis"
-DEFAULT_BACTERIAL_SENSITIVITY = 0.90
 
 
 def subtype_targets(subtypes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

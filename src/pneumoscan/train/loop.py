@@ -22,6 +22,7 @@ import pandas as pd
 
 from pneumoscan.constants import (
     CLASSES,
+    DEFAULT_BACTERIAL_SENSITIVITY,
     DEFAULT_SEED,
     DEFAULT_TARGET_SENSITIVITY,
     DEFAULT_VAL_FRACTION,
@@ -56,7 +57,6 @@ from pneumoscan.models.modelfile import (
     save_model,
 )
 from pneumoscan.models.subtype import (
-    DEFAULT_BACTERIAL_SENSITIVITY,
     SUBTYPE_HEAD,
     SubtypeHead,
     subtype_targets,

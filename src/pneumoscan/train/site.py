@@ -22,6 +22,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from pneumoscan.constants import (
     CLASSES,
+    DEFAULT_BACTERIAL_SENSITIVITY,
     DEFAULT_CONFIDENCE,
     DEFAULT_HEAD_TRAIN_IMAGES,
     DEFAULT_SITE_TARGET_SENSITIVITY,
@@ -44,7 +45,8 @@ from pneumoscan.inference.calibration import (
 )
 from pneumoscan.inference.export import export_onnx
 from pneumoscan.inference.predict import expand_inputs
-from pneumoscan.inference.scorer import score_files
+from pneumoscan.inference.scorer import Scorer, score_files, subtype_head
+from pneumoscan.inference.subtype import fit_subtype_point
 from pneumoscan.metrics import binary_metrics, expected_calibration_error, wilson_interval
 from pneumoscan.models.head_prior import read_head_prior
 from pneumoscan.models.modelfile import (
@@ -56,6 +58,7 @@ from pneumoscan.models.modelfile import (
     save_model,
     write_metadata,
 )
+from pneumoscan.models.subtype import subtype_targets
 from pneumoscan.progress import Reporter
 from pneumoscan.train.promise import (
     CONFIDENCES,
@@ -256,6 +259,8 @@ def calibrate_to_site(
     train_data: str | Path | None = None,
     train_images: int = DEFAULT_HEAD_TRAIN_IMAGES,
     overwrite: bool = False,
+    subtype: bool = False,
+    subtype_target: float = DEFAULT_BACTERIAL_SENSITIVITY,
 ) -> dict[str, Any]:
     """Adapt a model to a site's labelled sample and save it as a new model file.
 
@@ -286,15 +291,22 @@ def calibrate_to_site(
         train_data: Training data for the head refit when the model carries no features.
         train_images: How many training images (a seeded sample) that fallback uses.
         overwrite: Replace ``out`` (and its ONNX export) when they exist.
+        subtype: Also refit the subtype head's calibration and threshold on the sample's
+            pneumonias whose file names name the cause, by the same split check
+            (:func:`refit_subtype_on_site`).
+        subtype_target: Bacterial sensitivity the subtype call should keep.
 
     Returns:
         ``before``, ``after`` (on the sample itself, as ``predict`` scores it),
         ``cross_validated`` (expected figures on new images of the site, per subtype too),
         ``promise`` (the split check of the chosen rule), the new ``temperature``,
-        ``logit_bias`` and ``threshold``, and warnings (or ``None``).
+        ``logit_bias`` and ``threshold``, warnings (or ``None``), and with ``subtype`` the
+        subtype refit's record (``subtype``).
 
     Raises:
-        DatasetError: A class has no readable image, or ``out`` is the input model.
+        DatasetError: A class has no readable image, ``out`` is the input model, or the
+            subtype refit was asked of a model without a subtype head or a sample without
+            named bacterial and viral pneumonias.
         OutputExistsError: ``out`` or its export exists and ``overwrite`` is off.
     """
 
@@ -302,6 +314,8 @@ def calibrate_to_site(
     out = Path(out)
     loaded = load_model(model)
     _check_outputs(loaded.path, out, export, overwrite)
+    if subtype and subtype_head(loaded) is None:
+        raise DatasetError(f"{loaded.path} has no subtype head to calibrate (--subtype)")
     if unlabelled and loaded.recipe.get("batchnorm") == "frozen":
         # Measured (MODEL_CARD.md): cross-fitted AdaBN took the site AUC of a frozen-BN
         # Lite0 from 0.982 to 0.932; its layers only ever saw the ImageNet statistics.
@@ -383,6 +397,10 @@ def calibrate_to_site(
         "batch_norm_adaptation": adapted,
         "head_refit": head,
     }
+    if subtype:
+        result["subtype"] = refit_subtype_on_site(
+            loaded, table, subtype_target, confidence, batch_size, reporter
+        )
     for message in (warning, short, support):
         if message:
             reporter.warn(message)
@@ -393,6 +411,100 @@ def calibrate_to_site(
             advance(1)
     result["after"] = _on_scoring_path(out, table, y_true, after, batch_size, reporter)
     return result
+
+
+def refit_subtype_on_site(
+    loaded: LoadedModel,
+    table: Any,
+    target: float,
+    confidence: float | None,
+    batch_size: int,
+    reporter: Reporter,
+) -> dict[str, Any]:
+    """The subtype head's calibration and threshold refitted on the sample's named pneumonias,
+    under the main promise's rules: the split check chooses the confidence (the least
+    conservative one whose check halves kept the bacterial sensitivity in 95% of patient
+    splits; ``confidence`` fixes it), and repeated patient-grouped cross-validation gives the
+    figures to expect. The head's weights are kept.
+
+    Returns:
+        The record (``head``: the new metadata entry, popped when saved).
+
+    Raises:
+        DatasetError: No bacterial or no viral pneumonia is named in the sample.
+    """
+    head = subtype_head(loaded)
+    if head is None:
+        raise DatasetError(f"{loaded.path} has no subtype head")
+    viral, known = subtype_targets(table["subtype"].to_numpy())
+    named = table[known]
+    is_bacterial = 1 - viral[known].astype(int)
+    if len(np.unique(is_bacterial)) < 2 or min(np.bincount(is_bacterial, minlength=2)) < 2:
+        raise DatasetError(
+            "the subtype refit needs bacterial and viral pneumonias named in the file names "
+            f"(found {int(is_bacterial.sum())} bacterial, {int((1 - is_bacterial).sum())} viral)"
+        )
+    scorer = Scorer(loaded)
+    features = np.full((len(named), len(head.weights)), np.nan)
+    paths = named["path"].tolist()
+    with reporter.task("subtype: features of the named pneumonias", total=len(paths)) as advance:
+        for batch in iter_decoded_batches(paths, loaded.preprocess, batch_size=batch_size):
+            forward = scorer.forward(batch.pixels)
+            if forward.features is not None:
+                features[batch.indices] = forward.features
+            advance(len(batch.indices) + len(batch.errors))
+    if np.isnan(features).any():
+        raise DatasetError("a site image became unreadable during calibration; run it again")
+    raw = head.raw_bacterial(features)
+    patients = named["patient_id"].to_numpy()
+    kinds = np.where(is_bacterial == 1, "bacteria", "virus")
+    checks = split_check(
+        is_bacterial, raw, patients, kinds, target,
+        confidences=CONFIDENCES if confidence is None else (confidence,),
+    )  # fmt: skip
+    chosen, supported = choose_rule(checks)
+    rule = "chosen by the split check" if confidence is None else "given"
+    refitted = fit_subtype_point(
+        head,
+        is_bacterial,
+        raw,
+        target,
+        split="site sample pneumonias of named cause",
+        fitted_on=SITE_SAMPLE,
+        threshold_rule=(
+            f"highest threshold whose site-sample bacterial sensitivity has a one-sided "
+            f"{chosen.confidence:.0%} lower bound >= {target} ({rule})"
+        ),
+        confidence=chosen.confidence,
+    )
+    expected = cross_validated_figures(
+        is_bacterial, raw, patients, target, confidence=chosen.confidence
+    )
+    warning = None
+    if not supported:
+        warning = (
+            f"subtype: no rule kept a bacterial sensitivity of {target:.0%} in "
+            f"{1 - MAX_FAILURE_RATE:.0%} of patient splits of this sample (the most careful "
+            f"fell short in {chosen.failure_rate:.0%}); label more bacterial and viral pneumonias"
+        )
+        reporter.warn(warning)
+    return {
+        "n_bacterial": int(is_bacterial.sum()),
+        "n_viral": int((1 - is_bacterial).sum()),
+        "target_bacterial_sensitivity": target,
+        "confidence": chosen.confidence,
+        "confidence_rule": rule,
+        "threshold": refitted.point.threshold,
+        "after": operating_figures(
+            is_bacterial,
+            apply_temperature(raw, refitted.point.temperature, refitted.point.logit_bias),
+            refitted.point.threshold,
+        ),
+        "cross_validated": expected,
+        "promise": {"supported": supported, "chosen": chosen.to_dict()},
+        "warning": warning,
+        "head": refitted.to_metadata(),
+    }
 
 
 def _check_outputs(source: Path, out: Path, export: bool, overwrite: bool) -> None:
@@ -565,7 +677,10 @@ def _save_calibrated(loaded: LoadedModel, out: Path, result: dict[str, Any], tab
     else:
         shutil.copyfile(source, out)
     keys = ("data", "n", "n_pneumonia", "confidence", "before", "after", "cross_validated")
+    # The new head entry replaces the model's; its record stays in the site calibration.
+    subtype_entry = result["subtype"].pop("head") if result.get("subtype") else None
     site = {k: result[k] for k in keys} | {
+        "subtype": result.get("subtype"),
         "batch_norm_adaptation": result["batch_norm_adaptation"],
         "head_refit": result.get("head_refit"),
         "promise": {k: result["promise"][k] for k in ("max_failure_rate", "supported", "chosen")},
@@ -595,4 +710,6 @@ def _save_calibrated(loaded: LoadedModel, out: Path, result: dict[str, Any], tab
             | {"fingerprint": data_fingerprint(table), "date": now_utc(), "source": str(source)},
         }
     )
+    if subtype_entry is not None:
+        updated["subtype"] = subtype_entry
     write_metadata(out, updated)
