@@ -98,7 +98,8 @@ def test_cli_evaluate_prints_intervals_and_writes_them(tmp_path: Path) -> None:
     # Per-image scores: one record per scored image, the same numbers the metrics came from.
     scores = metrics["scores"]
     assert len(scores) == metrics["n"]
-    assert set(scores[0]) == {"path", "label", "p_pneumonia", "patient_id"}
+    # The shipped model has a subtype head: its P(viral) travels with each record.
+    assert set(scores[0]) == {"path", "label", "p_pneumonia", "patient_id", "p_viral"}
     assert {Path(s["path"]).parent.name for s in scores} == {s["label"] for s in scores}
     assert {s["label"] for s in scores} == {"NORMAL", "PNEUMONIA"}
     assert all(0.0 <= s["p_pneumonia"] <= 1.0 for s in scores)

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 
 from pneumoscan.errors import DatasetError, OutputExistsError, PneumoscanError
-from pneumoscan.models.modelfile import read_metadata
+from pneumoscan.models.modelfile import load_model, read_metadata
 from pneumoscan.progress import Reporter
 from pneumoscan.train.loop import TrainOptions, options_to_command, small_validation_warning, train
 
-from conftest import FIXTURES
+from conftest import FIXTURES, SHARED_TRAIN
 
 
 def test_run_folder_holds_everything_to_reproduce(trained_run: Path) -> None:
@@ -223,3 +223,49 @@ def test_frozen_blocks_keep_their_pretrained_weights() -> None:
     assert "block5_project_conv" in trainable and not trainable & set(frozen)
     with pytest.raises(InvalidInputError, match="block99"):
         freeze_early_blocks(create_model("efficientnet_lite0"), 100)
+
+
+def test_a_subtype_head_trains_beside_the_pneumonia_head_and_ships_as_numbers(
+    tmp_path: Path,
+) -> None:
+    import pandas as pd
+
+    from pneumoscan.api import load
+
+    out = tmp_path / "run"
+    data = SHARED_TRAIN.parent if SHARED_TRAIN.is_dir() else FIXTURES
+    result = train(
+        TrainOptions(
+            data=str(data), out=str(out), arch="efficientnet_lite0", epochs=1,
+            max_images=160 if SHARED_TRAIN.is_dir() else None, val_fraction=0.3, subtype_weight=1.0,
+        )
+    )  # fmt: skip
+    metadata = read_metadata(result.model_path)
+    entry = metadata["subtype"]
+    assert len(entry["head"]["weights"]) == 1280
+    assert entry["operating_point"]["threshold_fitted_on"] == "validation split"
+    assert entry["validation_metrics"]["sensitivity"] >= 0.9  # the bacterial target
+    assert "val_subtype_auc" in pd.read_csv(out / "history.csv").columns
+    # The shipped network has one output: the decision is the pneumonia head's alone.
+    assert len(load_model(result.model_path).network.outputs) == 1
+    rows = load(result.model_path).predict(sorted(FIXTURES.glob("*/*.jpeg")))
+    pneumonia = rows["decision"] == "PNEUMONIA"
+    assert rows.loc[pneumonia, "subtype_estimate"].isin(["bacterial", "viral"]).all()
+    assert rows.loc[~pneumonia, "p_viral"].isna().all()
+
+
+def test_without_named_causes_the_subtype_head_is_left_out_with_a_warning(
+    class_folder: Path, tmp_path: Path
+) -> None:
+    for path in (class_folder / "PNEUMONIA").glob("*"):
+        path.rename(path.with_name(path.name.replace("bacteria", "x").replace("virus", "x")))
+    reporter = Reporter(quiet=True)
+    result = train(
+        TrainOptions(
+            data=str(class_folder), out=str(tmp_path / "run"), arch="efficientnet_lite0",
+            epochs=1, val_fraction=0.3,
+        ),
+        reporter,
+    )  # fmt: skip
+    assert "subtype" not in read_metadata(result.model_path)
+    assert any("no subtype head" in message for message in reporter.warnings)

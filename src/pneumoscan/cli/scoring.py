@@ -318,6 +318,7 @@ def _print_predictions(
     order: str = "probability",
 ) -> None:
     from pneumoscan.inference.prediction import NEAR_THRESHOLD_TEXT, printable_path  # lazy: SciPy
+    from pneumoscan.models.subtype import SUBTYPE_LABEL  # lazy: SciPy
 
     if len(results) > MAX_TABLE_ROWS:
         stderr.print(
@@ -338,12 +339,16 @@ def _print_predictions(
             probability = format_probability(result.probability, threshold)
             near = f" ({NEAR_THRESHOLD_TEXT})" if result.near_threshold else ""
             decision = f"{result.decision}{near}"
+            if result.subtype_estimate is not None and result.p_viral is not None:
+                decision += f"; {result.subtype_estimate}* (P(viral) {result.p_viral:.2f})"
             table.add_row(name, "ok", probability, Text(decision))
         elif result.status == "rejected":
             table.add_row(name, "[yellow]rejected[/yellow]", "", Text(str(result.reason)))
         else:
             table.add_row(name, "[red]error[/red]", "", Text(printable_path(str(result.error))))
     stdout.print(table)
+    if any(result.subtype_estimate for result in results):
+        stdout.print(f"* bacterial or viral: {SUBTYPE_LABEL}", highlight=False)
 
 
 def export_model(

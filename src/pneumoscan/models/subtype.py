@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from scipy.special import expit
 
-from pneumoscan.errors import ModelFileError
+from pneumoscan.errors import InvalidInputError, ModelFileError
 from pneumoscan.models.modelfile import OperatingPoint
 
 SUBTYPE_HEAD = "subtype"
@@ -42,10 +42,19 @@ def with_subtype_head(network: Any, dropout_layer: str = "top_dropout") -> Any:
     """``network`` with a second output, P(viral), read from the (dropped-out) pooled features.
 
     The layers are shared: training the returned model trains ``network``.
+
+    Raises:
+        InvalidInputError: ``network`` has no such layer (not an EfficientNet-Lite).
     """
     import keras  # lazy: loads TensorFlow
 
-    pooled = network.get_layer(dropout_layer).output
+    try:
+        pooled = network.get_layer(dropout_layer).output
+    except ValueError:
+        raise InvalidInputError(
+            f"{network.name} has no {dropout_layer!r} layer to put a subtype head on; "
+            "train it with --subtype-weight 0"
+        ) from None
     viral = keras.layers.Dense(1, activation="sigmoid", name=SUBTYPE_HEAD)(pooled)
     return keras.Model(network.inputs, [network.outputs[0], viral], name=network.name)
 

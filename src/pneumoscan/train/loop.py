@@ -387,7 +387,7 @@ def train(
     train_x, train_y = _rows(pixels, is_train), labels[is_train]
     val_x, val_y = _rows(pixels, ~is_train), labels[~is_train]
     subtypes = table["subtype"].to_numpy()
-    second = _subtype_task(recipe, train_y, subtypes[is_train])
+    second = _subtype_task(recipe, train_y, subtypes[is_train], reporter)
     reporter.info(
         f"train {len(train_y)} images ({int(train_y.sum())} pneumonia), "
         f"val {len(val_y)} ({int(val_y.sum())} pneumonia), {table['patient_id'].nunique()} patients"
@@ -457,8 +457,9 @@ def train(
         network = unwrap(network)
 
     final = _finish(
-        network, run, options, recipe, config, (val_x, val_y, subtypes[~is_train]), started
-    )
+        network, run, options, recipe, config, (val_x, val_y, subtypes[~is_train]), started,
+        reporter,
+    )  # fmt: skip
     return TrainResult(
         model_path=run.model,
         validation=final,
@@ -468,22 +469,22 @@ def train(
     )
 
 
-def _subtype_task(recipe: Recipe, labels: np.ndarray, subtypes: np.ndarray) -> SecondTask | None:
+def _subtype_task(
+    recipe: Recipe, labels: np.ndarray, subtypes: np.ndarray, reporter: Reporter
+) -> SecondTask | None:
     """The subtype head's targets and weights (pneumonia images of named cause only, the two
-    causes balanced), or ``None`` when the recipe has no subtype head.
-
-    Raises:
-        DatasetError: The training split names no bacterial or no viral pneumonia.
-    """
+    causes balanced), or ``None`` when the recipe has no subtype head or, with a warning, when
+    the file names name no bacterial or no viral pneumonia (another hospital's data)."""
     if not recipe.subtype_weight:
         return None
     viral, known = subtype_targets(subtypes)
     counts = [int((known & (viral == k)).sum()) for k in (0, 1)]
     if min(counts) == 0:
-        raise DatasetError(
-            "a subtype head needs bacterial and viral pneumonias named in the file names "
-            f"(found {counts[0]} bacterial, {counts[1]} viral)"
+        reporter.warn(
+            "no subtype head: it learns from file names that say bacteria or virus, and the "
+            f"training split names {counts[0]} bacterial and {counts[1]} viral pneumonias"
         )
+        return None
     balanced = np.where(viral == 1, known.sum() / (2 * counts[1]), known.sum() / (2 * counts[0]))
     weights = np.where(known, balanced, 0.0).astype(np.float32)
     classes = _class_weights(labels, recipe.class_weight) or {0: 1.0, 1: 1.0}
@@ -628,6 +629,7 @@ def _finish(
     config: dict[str, Any],
     validation_data: tuple[np.ndarray, np.ndarray, np.ndarray],
     started: float,
+    reporter: Reporter,
 ) -> dict[str, Any]:
     """Score validation, write the metadata-carrying model, metrics and curves."""
     from pneumoscan.plots import plot_training_curves  # lazy: loads matplotlib
@@ -643,7 +645,7 @@ def _finish(
         # The pneumonia network ships alone; the subtype head travels as numbers.
         two = with_subtype_head(shipped)
         two.set_weights(network.get_weights())
-        subtype = _fit_subtype(two, val_x, val_subtypes)
+        subtype = _fit_subtype(two, val_x, val_subtypes, reporter)
     else:
         shipped.set_weights(network.get_weights())
     fitted = fit_operating_point(
@@ -688,14 +690,21 @@ def _finish(
     return validation
 
 
-def _fit_subtype(network: Any, val_x: np.ndarray, val_subtypes: np.ndarray) -> dict[str, Any]:
+def _fit_subtype(
+    network: Any, val_x: np.ndarray, val_subtypes: np.ndarray, reporter: Reporter
+) -> dict[str, Any]:
     """The ``subtype`` metadata entry: the head's weights, with its calibration and the
-    threshold for the target bacterial sensitivity fitted on the validation pneumonias."""
+    threshold for the target bacterial sensitivity fitted on the validation pneumonias
+    (nothing, with a warning, when the validation split lacks one of the causes)."""
     from pneumoscan.train.callbacks import predict_outputs  # lazy: loads TensorFlow
 
     viral, known = subtype_targets(val_subtypes)
     if len(np.unique(viral[known])) < 2:
-        raise DatasetError("the validation split lacks bacterial or viral pneumonias")
+        reporter.warn(
+            "the model ships without its subtype head: the validation split has no "
+            "bacterial or no viral pneumonia to set its threshold on"
+        )
+        return {}
     p_viral = predict_outputs(network, _rows(val_x, known))[1][:, 0].astype(np.float64)
     kernel, bias = network.get_layer(SUBTYPE_HEAD).get_weights()
     head = SubtypeHead(
