@@ -183,8 +183,8 @@ def test_evaluate_reports_the_subtype_head_from_the_one_forward_pass(
     subtype_model: Path, tmp_path: Path
 ) -> None:
     from pneumoscan.data.preprocess import decode_to_uint8
+    from pneumoscan.inference.backends import open_model
     from pneumoscan.inference.scorer import Scorer, score_files
-    from pneumoscan.models.modelfile import load_model
 
     data = _named_subset(tmp_path / "named")
     out_json = tmp_path / "eval.json"
@@ -204,7 +204,8 @@ def test_evaluate_reports_the_subtype_head_from_the_one_forward_pass(
     assert [Path(s["path"]).name for s in metrics["skipped"]] == ["person9998_bacteria_1.jpeg"]
     # Every scored image carries its P(viral), the one the forward pass gave for that file.
     scores = metrics["scores"]
-    model = load_model(subtype_model)
+    # evaluate scores on the file predict uses (the int8 export beside a shipped model).
+    model = open_model(subtype_model, "auto")[0]
     pixels = np.stack([decode_to_uint8(s["path"], model.preprocess) for s in scores])
     forward = Scorer(model).forward(pixels)
     assert forward.p_viral is not None

@@ -24,7 +24,6 @@ from typer.testing import CliRunner
 import nonxray
 from pneumoscan.cli import app as cli_app
 from pneumoscan.inference.scorer import subtype_head
-from pneumoscan.models.modelfile import read_metadata
 from pneumoscan.models.subtype import BACTERIAL, SUBTYPE_LABEL, VIRAL
 from pneumoscan.serve.app import API_KEY_HEADER, WEB_DIR, Engine, create_app
 from pneumoscan.serve.schemas import PredictResponse
@@ -59,6 +58,14 @@ def subtype_client(subtype_model: Path) -> Iterator[TestClient]:
             assert time.monotonic() < deadline, "the subtype model did not load"
             time.sleep(0.2)
         yield test_client
+
+
+def _scoring_subtype(model: Path) -> dict[str, Any]:
+    """The subtype entry of the file that scores for ``model`` (its int8 export when it has
+    one, whose threshold was refitted on the int8 features)."""
+    from pneumoscan.inference.backends import open_model
+
+    return dict(open_model(model, "auto")[0].metadata["subtype"])
 
 
 def upload(path: Path, name: str | None = None) -> tuple[str, tuple[str, bytes, str]]:
@@ -442,7 +449,7 @@ def test_a_subtype_head_adds_its_estimate_to_pneumonia_results_only(
     assert [r["status"] for r in results[-2:]] == ["rejected", "error"]
     decisions = [r["decision"] for r in results[:-2]]
     assert "PNEUMONIA" in decisions[:3] and "NORMAL" in decisions[3:], decisions
-    threshold = read_metadata(subtype_model)["subtype"]["operating_point"]["threshold"]
+    threshold = _scoring_subtype(subtype_model)["operating_point"]["threshold"]
     for result in results:
         if result["decision"] == "PNEUMONIA":
             assert 0.0 <= result["p_viral"] <= 1.0, result
@@ -458,7 +465,7 @@ def test_model_endpoint_says_whether_there_is_a_subtype_head(
     client: TestClient, engine: Engine, subtype_client: TestClient, subtype_model: Path
 ) -> None:
     body = subtype_client.get("/v1/model").json()
-    head = read_metadata(subtype_model)["subtype"]
+    head = _scoring_subtype(subtype_model)
     assert body["subtype_head"] is True
     assert body["subtype_threshold"] == head["operating_point"]["threshold"]
     shipped = client.get("/v1/model").json()

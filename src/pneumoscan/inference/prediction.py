@@ -247,11 +247,12 @@ IDENTIFIER_FIELDS = (
     "patient_id",
 )
 
-_FLOATS = frozenset({"probability", "op_score", "p_viral", "threshold", "ood_score"})
+#: The fields that hold numbers (every results file's float columns).
+FLOAT_FIELDS = frozenset({"probability", "op_score", "p_viral", "threshold", "ood_score"})
 
 
 def _typed(name: str, value: Any) -> Any:
-    if name in _FLOATS:
+    if name in FLOAT_FIELDS:
         return float(value)
     if name == "near_threshold":
         return value if isinstance(value, bool) else str(value).lower() == "true"

@@ -24,14 +24,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pneumoscan.errors import InvalidInputError, OutputExistsError
-from pneumoscan.inference.prediction import RESULT_FIELDS, Prediction, printable_path
+from pneumoscan.inference.prediction import (
+    FLOAT_FIELDS,
+    RESULT_FIELDS,
+    Prediction,
+    printable_path,
+)
 from pneumoscan.jsonio import atomic_write, jsonable
 
 #: Statuses a resumed run does not redo (errors are retried: the file may be readable now).
 FINAL_STATUSES = frozenset({"ok", "rejected"})
 #: Columns every pneumoscan results file has had, in every version.
 _REQUIRED_COLUMNS = ("path", "status")
-_FLOAT_COLUMNS = frozenset({"probability", "op_score", "threshold", "ood_score"})
 
 
 class ResultWriter(Protocol):
@@ -160,7 +164,7 @@ def parquet_schema() -> Any:
     import pyarrow as pa  # lazy: loads pyarrow
 
     def kind(name: str) -> Any:
-        if name in _FLOAT_COLUMNS:
+        if name in FLOAT_FIELDS:
             return pa.float64()
         return pa.bool_() if name == "near_threshold" else pa.string()
 
@@ -170,7 +174,7 @@ def parquet_schema() -> Any:
 def _typed_cell(name: str, value: Any) -> Any:
     if value is None or value == "":
         return None
-    if name in _FLOAT_COLUMNS:
+    if name in FLOAT_FIELDS:
         number = float(value)
         return None if math.isnan(number) else number
     if name == "near_threshold":
