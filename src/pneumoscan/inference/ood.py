@@ -171,10 +171,15 @@ def appearance_features(pixels: np.ndarray) -> np.ndarray:
     spread = grey_spread(grey)[:, None] + 1.0
     layout = _block_means(grey, LAYOUT_GRID).reshape(n, -1)
     layout = (layout - layout.mean(axis=1, keepdims=True)) / spread
+    # |dx| + |dy| written in place into the border-padded array: the same float32 sums as two
+    # np.diff calls, without their full-size temporaries (this was 0.2 ms of predict's
+    # per-image time).
     edges = np.zeros_like(grey)
-    edges[:, :-1, :-1] = (
-        np.abs(np.diff(grey, axis=2))[:, :-1, :] + np.abs(np.diff(grey, axis=1))[:, :, :-1]
-    )
+    core = edges[:, :-1, :-1]
+    np.subtract(grey[:, :-1, 1:], grey[:, :-1, :-1], out=core)
+    np.abs(core, out=core)
+    dy = np.subtract(grey[:, 1:, :-1], grey[:, :-1, :-1])
+    core += np.abs(dy, out=dy)
     texture = _block_means(edges, TEXTURE_GRID).reshape(n, -1) / spread
     return np.concatenate([layout, np.log(texture + 1e-3)], axis=1).astype(np.float64)
 

@@ -282,10 +282,18 @@ def predict_decoded(
             [d.original_size for d in fit],
             detector,
             ood_check,
-            np.stack([d.display for d in fit]),
+            displays(fit),
         )
 
     return with_dicom_headers(decoded, score, scorer.model.threshold)
+
+
+def displays(decoded: Sequence[DecodedImage]) -> np.ndarray | None:
+    """The images before intensity normalisation, stacked; ``None`` when they are the model
+    inputs themselves (no normalisation: a second copy of the batch would be wasted)."""
+    if all(d.display is d.pixels for d in decoded):
+        return None
+    return np.stack([d.display for d in decoded])
 
 
 def decode_failed(path: str, failure: DecodeFailure) -> Prediction:

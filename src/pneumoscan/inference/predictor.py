@@ -26,6 +26,7 @@ from pneumoscan.inference.predict import (
     Entry,
     Problem,
     check_batching,
+    displays,
     load_detector,
     make_scorer,
     model_identity,
@@ -187,7 +188,7 @@ class Predictor:
                 [d.original_size for d in fit],
                 self.detector if ood_check else None,
                 ood_check,
-                np.stack([d.display for d in fit]),
+                displays(fit),
             )
 
         now = now_utc()
