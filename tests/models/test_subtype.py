@@ -37,6 +37,11 @@ def test_metadata_round_trip_keeps_every_number() -> None:
         lambda e: e["head"].update(weights=[]),
         lambda e: e["head"].update(weights=[1.0, float("nan")]),
         lambda e: e.pop("operating_point"),
+        lambda e: e.update(operating_point=[0.5]),
+        # Found by benchmarks/fuzz_subtype_metadata.py: JSON's NaN made every estimate NaN.
+        lambda e: e["head"].update(bias=float("nan")),
+        lambda e: e["operating_point"].update(threshold=1.5),
+        lambda e: e["operating_point"].update(temperature=0.0),
     ],
 )
 def test_a_damaged_entry_is_refused(damage) -> None:

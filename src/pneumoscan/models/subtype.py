@@ -119,10 +119,16 @@ class SubtypeHead:
             weights = np.asarray(entry["head"]["weights"], dtype=np.float64)
             bias = float(entry["head"]["bias"])
             point = OperatingPoint.from_metadata(entry["operating_point"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ModelFileError(f"{source}: damaged subtype metadata ({exc!r})") from exc
         if weights.ndim != 1 or not len(weights) or not np.all(np.isfinite(weights)):
             raise ModelFileError(f"{source}: the subtype head's weights are not a finite vector")
+        # A NaN here would turn every estimate into NaN, or every call into one class, silently.
+        numbers = (bias, point.temperature, point.logit_bias, point.threshold)
+        if not all(np.isfinite(numbers)) or point.temperature <= 0 or not 0 <= point.threshold <= 1:
+            raise ModelFileError(
+                f"{source}: the subtype head's bias, calibration or threshold is out of range"
+            )
         return cls(
             weights,
             bias,
