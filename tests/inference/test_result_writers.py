@@ -167,7 +167,9 @@ def test_predict_writes_parquet(tmp_path: Path) -> None:
     # The subtype estimate of the shipped model's PNEUMONIA rows is a number, not text (a
     # results file once failed to write when a float met the text column).
     assert str(table.schema.field("p_viral").type) == "double"
-    decided = dict(zip(table.column("decision").to_pylist(), table.column("p_viral").to_pylist()))
+    decided = dict(
+        zip(table.column("decision").to_pylist(), table.column("p_viral").to_pylist(), strict=True)
+    )
     assert decided["PNEUMONIA"] is not None and decided["NORMAL"] is None
     resumed = runner.invoke(app, ["predict", *samples, "--out", str(out), "--resume"])
     assert resumed.exit_code == 2 and ".csv or .jsonl" in _text(resumed.output)
