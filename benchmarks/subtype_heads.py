@@ -95,18 +95,24 @@ def main() -> None:
     patients = table["patient_id"].to_numpy()
     named = np.isin(subtype, ["bacteria", "virus"])
     not_bacterial = subtype != "bacteria"
-    print(f"{args.data}: {len(y)} images, {named.sum()} named pneumonias "
-          f"({(subtype == 'bacteria').sum()} bacterial, {(subtype == 'virus').sum()} viral)")
+    print(
+        f"{args.data}: {len(y)} images, {named.sum()} named pneumonias "
+        f"({(subtype == 'bacteria').sum()} bacterial, {(subtype == 'virus').sum()} viral)"
+    )
     for path in args.networks:
         p, viral = outputs(path, pixels)
-        line = (f"{path}: pneumonia AUC {auc_ci(y, p, patients)}, viral-vs-normal "
-                f"{auc_ci(y[not_bacterial], p[not_bacterial], patients[not_bacterial])}")
+        line = (
+            f"{path}: pneumonia AUC {auc_ci(y, p, patients)}, viral-vs-normal "
+            f"{auc_ci(y[not_bacterial], p[not_bacterial], patients[not_bacterial])}"
+        )
         if viral is not None:
             is_viral = (subtype[named] == "virus").astype(int)
             bacterial = 1.0 - viral[named]
             spec = specificity_at_sensitivity(1 - is_viral, bacterial, 0.90)
-            line += (f"; bacterial-vs-viral AUC {auc_ci(is_viral, viral[named], patients[named])}, "
-                     f"best viral specificity at 90% bacterial sensitivity {spec:.3f}")
+            line += (
+                f"; bacterial-vs-viral AUC {auc_ci(is_viral, viral[named], patients[named])}, "
+                f"best viral specificity at 90% bacterial sensitivity {spec:.3f}"
+            )
         print(line, flush=True)
 
 

@@ -48,7 +48,8 @@ def main() -> None:
     table = assign_validation_split(scan_dataset(SHARED_DATA / "chest_xray", read_headers=False))
     table = table[table["subtype"].isin(list(CAUSES)) & (table["split"] == "train")]
     table = table.reset_index(drop=True)
-    pixels, kept, _ = cached_decode(table["path"].tolist(), get_spec("efficientnet_lite0").preprocess)
+    preprocess = get_spec("efficientnet_lite0").preprocess
+    pixels, kept, _ = cached_decode(table["path"].tolist(), preprocess)
     labels = table["subtype"].map(CAUSES).to_numpy()[kept]
     counts = np.bincount(labels, minlength=3)
     class_weight = {k: float(len(labels) / (3 * counts[k])) for k in range(3)}
@@ -74,7 +75,8 @@ def main() -> None:
     class Save(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             network.save(args.out / f"epoch-{epoch + 1}.keras")
-            print(f"epoch {epoch + 1}: loss {(logs or {}).get('loss'):.4f} ({time.ctime()})", flush=True)
+            loss = (logs or {}).get("loss")
+            print(f"epoch {epoch + 1}: loss {loss:.4f} ({time.ctime()})", flush=True)
 
     model.fit(
         dataset, epochs=recipe.epochs, steps_per_epoch=steps, class_weight=class_weight,
