@@ -518,4 +518,10 @@ def info(model: ScoringModelOption = None) -> None:
         path = resolve_model_path(model)
         metadata = read_metadata(path)
     described = {"model_file": {"path": str(path), "sha256": file_sha256(path)}} | metadata
+    head = (metadata.get("subtype") or {}).get("head")
+    if isinstance(head, dict) and isinstance(head.get("weights"), list):
+        # 1,280 numbers, one per line, would bury everything a person reads info for.
+        described["subtype"] = metadata["subtype"] | {
+            "head": head | {"weights": f"{len(head['weights'])} numbers (in the file)"}
+        }
     stdout.print_json(json.dumps(described, default=str))
