@@ -23,12 +23,11 @@ from pneumoscan.data.dataset import (
     select_split,
     source_from_name,
 )
-from pneumoscan.data.pipeline import iter_decoded_batches
 from pneumoscan.errors import DatasetError
 from pneumoscan.formatting import format_threshold
 from pneumoscan.inference.predict import model_identity
 from pneumoscan.inference.predictor import Predictor
-from pneumoscan.inference.scorer import Scorer, subtype_head
+from pneumoscan.inference.scorer import Scorer, forward_paths, subtype_head
 from pneumoscan.metrics import (
     DEFAULT_RESAMPLES,
     evaluation_metrics,
@@ -118,21 +117,14 @@ def score_table(
     reporter = reporter or Reporter(quiet=True)
     paths = table["path"].tolist()
     scorer = Scorer(loaded)
-    p_pneumonia = np.full(len(paths), np.nan)
-    with_subtype = scorer.subtype is not None and scorer.with_features
-    p_viral = np.full(len(paths), np.nan) if with_subtype else None
-    skipped: list[dict[str, str]] = []
     with reporter.task(f"scoring ({loaded.name})", total=len(paths)) as advance:
-        for batch in iter_decoded_batches(paths, loaded.preprocess, batch_size=batch_size):
-            if batch.indices:
-                forward = scorer.forward(batch.pixels)
-                p_pneumonia[batch.indices] = scorer.calibrate(forward.p_raw)
-                if p_viral is not None and forward.p_viral is not None:
-                    p_viral[batch.indices] = forward.p_viral
-            for position, failure in batch.errors:
-                skipped.append({"path": paths[position], "error": failure.message})
-                reporter.warn(f"skipped {failure.message}")
-            advance(len(batch.indices) + len(batch.errors))
+        forward = forward_paths(scorer, paths, batch_size, advance)
+    skipped: list[dict[str, str]] = []
+    for position, message in forward.errors:
+        skipped.append({"path": paths[position], "error": message})
+        reporter.warn(f"skipped {message}")
+    p_pneumonia = scorer.calibrate(forward.p_raw)
+    p_viral = forward.p_viral
     return p_pneumonia, p_viral, skipped
 
 

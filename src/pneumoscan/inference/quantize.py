@@ -160,7 +160,13 @@ def refit_operating_point(
     from pneumoscan.inference.calibration import fit_operating_point  # lazy: loads SciPy
 
     # lazy: loads SciPy
-    from pneumoscan.inference.scorer import OnnxModel, OnnxNetwork, Scorer, onnx_session
+    from pneumoscan.inference.scorer import (
+        OnnxModel,
+        OnnxNetwork,
+        Scorer,
+        forward_paths,
+        onnx_session,
+    )
     from pneumoscan.inference.subtype import fit_subtype_point  # lazy: loads SciPy
 
     point = OperatingPoint.from_metadata(metadata)
@@ -174,13 +180,8 @@ def refit_operating_point(
     # The file has no pneumoscan metadata yet: the model's own goes alongside its session.
     model = OnnxModel(OnnxNetwork(onnx_session(onnx_file)), metadata, Path(onnx_file))
     scorer = Scorer(model)
-    p_raw = np.full(len(table), np.nan)
-    features: dict[int, np.ndarray] = {}
-    for batch in iter_decoded_batches(table["path"].tolist(), model.preprocess, batch_size=32):
-        forward = scorer.forward(batch.pixels)
-        p_raw[batch.indices] = forward.p_raw
-        if forward.features is not None:
-            features.update(zip(batch.indices, forward.features, strict=True))
+    forward = forward_paths(scorer, table["path"].tolist())
+    p_raw = forward.p_raw
     y_true = (table["label"] == CLASSES[POSITIVE_INDEX]).to_numpy().astype(int)
     kept = ~np.isnan(p_raw)
     refitted = fit_operating_point(
@@ -192,14 +193,14 @@ def refit_operating_point(
         threshold_rule=point.threshold_rule,
     )
     head = scorer.subtype
-    if head is not None and features and not head.point.site_calibrated:
+    if head is not None and forward.features is not None and not head.point.site_calibrated:
         # Int8 rounding moves the pooled features too, and with them P(bacterial).
         viral, known = subtype_targets(table["subtype"].to_numpy())
-        rows = [int(i) for i in np.flatnonzero(known) if int(i) in features]
+        rows = known & kept
         refitted["subtype"] = fit_subtype_point(
             head,
             1 - viral[rows].astype(int),
-            head.raw_bacterial(np.stack([features[i] for i in rows])),
+            head.raw_bacterial(forward.features[rows]),
             head.point.target_sensitivity or DEFAULT_BACTERIAL_SENSITIVITY,
             split="val pneumonias of named cause (patient-grouped); int8 model",
             fitted_on=VALIDATION_SPLIT,

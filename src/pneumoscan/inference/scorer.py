@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -369,6 +369,54 @@ class Scorer:
     def calibrate(self, p_raw: np.ndarray) -> np.ndarray:
         """Apply the model's calibration (temperature and logit bias) to raw probabilities."""
         return calibrate_scores(self.model, p_raw)
+
+
+@dataclass
+class PathsForward:
+    """One forward pass over files, in input order (:func:`forward_paths`).
+
+    Attributes:
+        p_raw: Uncalibrated P(pneumonia) per path; NaN where the file could not be read.
+        features: Pooled features per path (NaN rows where unreadable), or ``None``.
+        p_viral: Calibrated P(viral) per path (NaN where unreadable), or ``None`` (no head).
+        errors: ``(position, message)`` of each unreadable file.
+    """
+
+    p_raw: np.ndarray
+    features: np.ndarray | None
+    p_viral: np.ndarray | None
+    errors: list[tuple[int, str]]
+
+
+def forward_paths(
+    scorer: Scorer,
+    paths: Sequence[str],
+    batch_size: int = 32,
+    on_progress: Callable[[int], None] | None = None,
+) -> PathsForward:
+    """The scorer's outputs for every path, decoded in batches; unreadable files get NaN and
+    an error, never an exception. The one loop behind evaluation, the int8 export's refit and
+    site calibration's subtype refit."""
+    p_raw = np.full(len(paths), np.nan)
+    features: np.ndarray | None = None
+    p_viral: np.ndarray | None = None
+    errors: list[tuple[int, str]] = []
+    for batch in iter_decoded_batches(paths, scorer.model.preprocess, batch_size=batch_size):
+        if batch.indices:
+            forward = scorer.forward(batch.pixels)
+            p_raw[batch.indices] = forward.p_raw
+            if forward.features is not None:
+                if features is None:
+                    features = np.full((len(paths), forward.features.shape[1]), np.nan)
+                features[batch.indices] = forward.features
+            if forward.p_viral is not None:
+                if p_viral is None:
+                    p_viral = np.full(len(paths), np.nan)
+                p_viral[batch.indices] = forward.p_viral
+        errors.extend((position, failure.message) for position, failure in batch.errors)
+        if on_progress is not None:
+            on_progress(len(batch.indices) + len(batch.errors))
+    return PathsForward(p_raw, features, p_viral, errors)
 
 
 @dataclass

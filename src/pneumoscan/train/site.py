@@ -45,7 +45,7 @@ from pneumoscan.inference.calibration import (
 )
 from pneumoscan.inference.export import export_onnx
 from pneumoscan.inference.predict import expand_inputs
-from pneumoscan.inference.scorer import Scorer, score_files, subtype_head
+from pneumoscan.inference.scorer import Scorer, forward_paths, score_files, subtype_head
 from pneumoscan.inference.subtype import fit_subtype_point
 from pneumoscan.metrics import binary_metrics, expected_calibration_error, wilson_interval
 from pneumoscan.models.head_prior import read_head_prior
@@ -445,16 +445,10 @@ def refit_subtype_on_site(
             "the subtype refit needs bacterial and viral pneumonias named in the file names "
             f"(found {int(is_bacterial.sum())} bacterial, {int((1 - is_bacterial).sum())} viral)"
         )
-    scorer = Scorer(loaded)
-    features = np.full((len(named), len(head.weights)), np.nan)
     paths = named["path"].tolist()
     with reporter.task("subtype: features of the named pneumonias", total=len(paths)) as advance:
-        for batch in iter_decoded_batches(paths, loaded.preprocess, batch_size=batch_size):
-            forward = scorer.forward(batch.pixels)
-            if forward.features is not None:
-                features[batch.indices] = forward.features
-            advance(len(batch.indices) + len(batch.errors))
-    if np.isnan(features).any():
+        features = forward_paths(Scorer(loaded), paths, batch_size, advance).features
+    if features is None or np.isnan(features).any():
         raise DatasetError("a site image became unreadable during calibration; run it again")
     raw = head.raw_bacterial(features)
     patients = named["patient_id"].to_numpy()
