@@ -190,6 +190,9 @@ def fit_operating_point(
     split: str,
     fitted_on: str,
     threshold_rule: str | None = None,
+    confidence: float | None = None,
+    point_fitted_on: str = VALIDATION_SPLIT,
+    method: str = "Platt scaling of the logit (temperature and bias)",
 ) -> dict[str, Any]:
     """Platt scaling of raw scores, then the highest threshold reaching the target sensitivity.
 
@@ -202,6 +205,11 @@ def fit_operating_point(
         split: Description of the images, stored as ``validation_metrics["split"]``.
         fitted_on: Stored as ``calibration["fitted_on"]``.
         threshold_rule: The rule in words; given, it is stored with the target sensitivity.
+        confidence: One-sided confidence of the sensitivity bound the rule demands (``None``:
+            the plain rate; see :func:`threshold_with_confidence`).
+        point_fitted_on: What the operating point records it was fitted on
+            (:data:`VALIDATION_SPLIT` or ``SITE_SAMPLE``).
+        method: The calibration's description.
 
     Returns:
         The model metadata entries ``threshold``, ``temperature``, ``logit_bias``,
@@ -209,7 +217,9 @@ def fit_operating_point(
     """
     from pneumoscan.metrics import binary_metrics, expected_calibration_error  # lazy: loads pandas
 
-    temperature, bias, threshold = fit_scaling_and_threshold(y_true, p_raw, target_sensitivity)
+    temperature, bias, threshold = fit_scaling_and_threshold(
+        y_true, p_raw, target_sensitivity, 0.5 if confidence is None else confidence
+    )
     p_fitted = apply_temperature(p_raw, temperature, bias)
     validation = binary_metrics(y_true, p_fitted, threshold)
     validation["split"] = split
@@ -220,11 +230,12 @@ def fit_operating_point(
         logit_bias=bias,
         threshold_rule=threshold_rule,
         target_sensitivity=None if threshold_rule is None else target_sensitivity,
-        fitted_on=VALIDATION_SPLIT,
+        confidence=confidence,
+        fitted_on=point_fitted_on,
     )
     return point.to_metadata() | {
         "calibration": {
-            "method": "Platt scaling of the logit (temperature and bias)",
+            "method": method,
             "fitted_on": fitted_on,
             "n": len(y_true),
             "ece_before": expected_calibration_error(y_true, p_raw),

@@ -3,8 +3,8 @@ threshold whose bacterial sensitivity reaches the target.
 
 One fit behind training's (validation split), the int8 export's (refitted on the int8
 features) and ``calibrate --subtype``'s (a site's sample, with a confidence chosen by the split
-check). It is :func:`pneumoscan.inference.calibration.fit_scaling_and_threshold` with
-bacterial pneumonia as the positive class: calling a bacterial pneumonia viral is the costly
+check). It is :func:`pneumoscan.inference.calibration.fit_operating_point` with bacterial
+pneumonia as the positive class: calling a bacterial pneumonia viral is the costly
 error, so its sensitivity is what the threshold guarantees.
 """
 
@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from pneumoscan.inference.calibration import apply_temperature, fit_scaling_and_threshold
+from pneumoscan.inference.calibration import fit_operating_point
 from pneumoscan.models.modelfile import OperatingPoint
 from pneumoscan.models.subtype import SubtypeHead
 
@@ -44,34 +44,23 @@ def fit_subtype_point(
     Raises:
         ValueError: Bacterial or viral pneumonias are missing.
     """
-    from pneumoscan.metrics import binary_metrics, expected_calibration_error  # lazy: pandas
-
     y = np.asarray(is_bacterial).astype(int)
     if len(np.unique(y)) < 2:
         raise ValueError("fitting the subtype threshold needs bacterial and viral pneumonias")
-    temperature, bias, threshold = fit_scaling_and_threshold(
-        y, raw_bacterial, target, 0.5 if confidence is None else confidence
-    )
-    p_fitted = apply_temperature(raw_bacterial, temperature, bias)
-    figures = binary_metrics(y, p_fitted, threshold)
-    figures["split"] = split
-    figures["ece"] = expected_calibration_error(y, p_fitted)
-    point = OperatingPoint(
-        threshold=threshold,
-        temperature=temperature,
-        logit_bias=bias,
+    fitted = fit_operating_point(
+        y,
+        raw_bacterial,
+        target,
+        split=split,
+        fitted_on=split,
         threshold_rule=threshold_rule,
-        target_sensitivity=target,
         confidence=confidence,
-        fitted_on=fitted_on,
+        point_fitted_on=fitted_on,
+        method="Platt scaling of the logit of P(bacterial)",
     )
-    calibration = {
-        "method": "Platt scaling of the logit of P(bacterial)",
-        "fitted_on": split,
-        "n": len(y),
-        "ece_before": expected_calibration_error(y, raw_bacterial),
-        "ece_after": figures["ece"],
-    }
     return dataclasses.replace(
-        head, point=point, calibration=calibration, validation_metrics=figures
+        head,
+        point=OperatingPoint.from_metadata(fitted),
+        calibration=fitted["calibration"],
+        validation_metrics=fitted["validation_metrics"],
     )
