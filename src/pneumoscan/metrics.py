@@ -423,6 +423,25 @@ def specificity_by_source(
     )
 
 
+def _bootstrap_record(
+    n_resamples: int,
+    seed: int,
+    confidence: float,
+    groups: np.ndarray | None,
+    n_units: int,
+    auc_replicates: np.ndarray,
+) -> dict[str, Any]:
+    """How a result's bootstrap intervals were made (the ``bootstrap`` entry)."""
+    return {
+        "n_resamples": n_resamples,
+        "seed": seed,
+        "confidence": confidence,
+        "unit": "patient" if groups is not None else "image",
+        "n_units": n_units,
+        "undefined_resamples": int(np.isnan(auc_replicates).sum()),
+    }
+
+
 def subtype_metrics(
     is_viral: np.ndarray,
     p_viral: np.ndarray,
@@ -492,14 +511,7 @@ def subtype_metrics(
         "ece": expected_calibration_error(is_viral, p_viral, CALIBRATION_BINS),
         "threshold": float(threshold),
         "confusion_matrix": [[tn, fp], [fn, tp]],
-        "bootstrap": {
-            "n_resamples": n_resamples,
-            "seed": seed,
-            "confidence": confidence,
-            "unit": "patient" if groups is not None else "image",
-            "n_units": n_units,
-            "undefined_resamples": int(np.isnan(replicates).sum()),
-        },
+        "bootstrap": _bootstrap_record(n_resamples, seed, confidence, groups, n_units, replicates),
     }
 
 
@@ -697,13 +709,8 @@ def evaluation_metrics(
         "n_positive": int(y_true.sum()),
         "n_negative": int((1 - y_true).sum()),
         "n_patients": n_units if groups is not None else None,
-        "bootstrap": {
-            "n_resamples": n_resamples,
-            "seed": seed,
-            "confidence": confidence,
-            "unit": "patient" if groups is not None else "image",
-            "n_units": n_units,
-            "undefined_resamples": int(np.isnan(replicates[0]).sum()),
-        },
+        "bootstrap": _bootstrap_record(
+            n_resamples, seed, confidence, groups, n_units, replicates[0]
+        ),
     }
     return result
